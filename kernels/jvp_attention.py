@@ -1,0 +1,487 @@
+"""Triton kernels for ``jvp_attention``: fused primal + tangent forward, and FA2 backward.
+
+Math (DESIGN §3), per (batch, query head) and a block of BLOCK_M queries; s is the softmax
+scale, work is done in the base-2 domain (exp2) with S₂ = S·log2(e):
+
+    S  = s·Q Kᵀ + mask               Ṡ = s·(Q̇ Kᵀ + Q K̇ᵀ)
+    m  = running row max of S        P̃ = exp(S − m)      l = Σ P̃
+    Õ  = Σ P̃ V                        T̃ = Σ P̃ V̇ + (P̃ ⊙ Ṡ) V      r̃ = Σ P̃ ⊙ Ṡ
+
+Õ, T̃, r̃ and l are all rescaled by the same α = exp(m_old − m_new) when the max moves, since
+Ṡ does not enter the max. The two tangent products P̃V̇ and (P̃⊙Ṡ)V share one accumulator T̃
+(one MMA chain [P̃, P̃⊙Ṡ]·[V̇; V]), as do the two score tangents (Q̇Kᵀ + QK̇ᵀ). Epilogue:
+
+    O = Õ / l      μ = r̃ / l  (tangent of the log-sum-exp)      Ȯ = T̃ / l − μ·O
+    lse = m + log l   (+inf for a row with no visible key, so the backward's P is 0 there)
+
+The primal-only forward is the same kernel with every tangent flag off. The backward is
+FlashAttention-2's, from the saved lse: P = exp(S − lse), Δ = rowsum(dO ⊙ O),
+dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − Δ), dK = s·dSᵀ Q (one program per key block, looping over the
+query heads that share it, so GQA needs no atomics), dQ = s·dS K (one program per query block).
+
+Every kernel scores through ``_masked_scores``, which applies the sequence edge, the causal
+rule (top-left, as SDPA) and the mask (none, one row per key broadcast over queries for
+key-padding masks, or a full strided tile).
+
+Launchers take tensors and return tensors; there is no autograd here.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # = 1 / ln 2
+
+# Mask kinds (constexpr): no mask, one value per key (broadcast over queries: key padding),
+# a full (query, key) tile read through strides (stride 0 on broadcast dims).
+MASK_NONE, MASK_KEYS, MASK_FULL = 0, 1, 2
+
+
+def is_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+
+def _forward_configs() -> list[triton.Config]:
+    if is_interpreting():
+        # The interpreter cannot benchmark: exactly one configuration.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 8, 2),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),
+        ]
+    ]
+
+
+def _backward_configs() -> list[triton.Config]:
+    if is_interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (64, 128, 8, 2),
+            (32, 128, 4, 2),
+            (64, 64, 4, 2),
+            (32, 64, 4, 2),
+        ]
+    ]
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Drop tiles whose pipelined K/V(/tangent) buffers cannot fit an H100's 227 KiB."""
+    head_block = max(kwargs.get("BLOCK_D", 128), kwargs.get("BLOCK_DV", 128))
+    kept = []
+    for config in configs:
+        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        streamed = 4 * bn * head_block * 2 * max(config.num_stages, 1)
+        resident = 2 * bm * head_block * 2
+        if streamed + resident <= 227 * 1024 and not (head_block >= 256 and bm * bn > 64 * 64):
+            kept.append(config)
+    return kept or configs[-1:]
+
+
+_FORWARD_KEY = ["n_queries", "n_keys", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+                "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT"]
+_BACKWARD_KEY = ["n_queries", "n_keys", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared core
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _masked_scores(
+    q, k_t, mask_ptr, offs_m, offs_n, n_queries, n_keys, stride_mask_m, stride_mask_n, scale_log2,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Base-2 scores s·log2(e)·(q k_t) + mask·log2(e) of a (BLOCK_M, BLOCK_N) tile, −inf where hidden."""
+    scores = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
+    visible = (offs_n < n_keys)[None, :]
+    if IS_CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if MASK_KIND == 1:
+        mask_tile = tl.load(mask_ptr + offs_n * stride_mask_n, mask=offs_n < n_keys, other=0)[None, :]
+    elif MASK_KIND == 2:
+        mask_tile = tl.load(
+            mask_ptr + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n,
+            mask=(offs_m < n_queries)[:, None] & (offs_n < n_keys)[None, :],
+            other=0,
+        )
+    if MASK_KIND != 0:
+        if MASK_BOOL:
+            visible = visible & (mask_tile != 0)
+        else:
+            scores = scores + mask_tile.to(tl.float32) * 1.4426950408889634
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
+    """(rows, cols) tile with unit column stride, zero outside [0, n_rows) × [0, n_cols)."""
+    return tl.load(
+        ptr + offs_rows[:, None] * stride_rows + offs_cols[None, :],
+        mask=(offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
+    """The transpose (cols, rows) of the tile ``_load_tile`` would read."""
+    return tl.load(
+        ptr + offs_rows[None, :] * stride_rows + offs_cols[:, None],
+        mask=(offs_rows < n_rows)[None, :] & (offs_cols < n_cols)[:, None],
+        other=0.0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward (primal, or primal + tangent)
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_forward_configs(), key=_FORWARD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _jvp_attention_fwd_kernel(
+    Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_tqb, stride_tqh, stride_tqm, stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    HAS_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT or HAS_V_DOT
+    HAS_SCORE_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch, head = pid_bh // n_heads, pid_bh % n_heads
+    kv_head = head // group
+    scale_log2 = scale * 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    mask_base = Mask + batch * stride_mb + head * stride_mh
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, head_dim)
+    if HAS_Q_DOT:
+        q_dot = _load_tile(Q_dot + batch * stride_tqb + head * stride_tqh, offs_m, offs_d, stride_tqm,
+                           n_queries, head_dim)
+    if HAS_K_DOT:
+        k_dot_base = K_dot + batch * stride_tkb + kv_head * stride_tkh
+    if HAS_V_DOT:
+        v_dot_base = V_dot + batch * stride_tvb + kv_head * stride_tvh
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if HAS_TANGENT:
+        acc_dot = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        lse_dot = tl.zeros([BLOCK_M], tl.float32)
+
+    hi = n_keys
+    if IS_CAUSAL:
+        hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, head_dim)
+        scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
+                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # Rows with nothing visible yet keep max −inf: exponentiate against 0 there.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp2(row_max - safe_max)
+        p = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if HAS_TANGENT:
+            acc_dot = acc_dot * alpha[:, None]
+            if HAS_V_DOT:
+                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, value_dim)
+                acc_dot = tl.dot(p.to(v.dtype), v_dot, acc_dot, input_precision=PRECISION)
+            if HAS_SCORE_TANGENT:
+                score_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                if HAS_Q_DOT:
+                    score_dot = tl.dot(q_dot, k_t, score_dot, input_precision=PRECISION)
+                if HAS_K_DOT:
+                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, head_dim)
+                    score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
+                p_score_dot = p * (score_dot * scale)
+                lse_dot = lse_dot * alpha + tl.sum(p_score_dot, 1)
+                acc_dot = tl.dot(p_score_dot.to(v.dtype), v, acc_dot, input_precision=PRECISION)
+        row_max = new_max
+
+    empty = row_sum == 0.0
+    denom = tl.where(empty, 1.0, row_sum)
+    out = acc / denom[:, None]
+    # lse in natural units: (m₂ + log2 l)·ln 2.
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(denom)) * 0.6931471805599453)
+    row_ok = offs_m < n_queries
+    out_offsets = pid_bh * n_queries * value_dim + offs_m[:, None] * value_dim + offs_dv[None, :]
+    out_mask = row_ok[:, None] & (offs_dv < value_dim)[None, :]
+    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=out_mask)
+    tl.store(Lse + pid_bh * n_queries + offs_m, lse, mask=row_ok)
+    if HAS_TANGENT:
+        mu = lse_dot / denom
+        out_dot = acc_dot / denom[:, None] - mu[:, None] * out
+        tl.store(Out_dot + out_offsets, out_dot.to(Out_dot.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_backward_configs(), key=_BACKWARD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _jvp_attention_bwd_dkdv_kernel(
+    Q, K, V, Mask, Grad_out, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
+    n_heads, n_kv_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1).to(tl.int64)
+    batch, kv_head = pid_bhk // n_kv_heads, pid_bhk % n_kv_heads
+    scale_log2 = scale * 1.4426950408889634
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, head_dim)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+    k_t = tl.trans(k)
+    v_t = tl.trans(v)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, group):
+        head = kv_head * group + g
+        q_base = Q + batch * stride_qb + head * stride_qh
+        g_base = Grad_out + batch * stride_gb + head * stride_gh
+        mask_base = Mask + batch * stride_mb + head * stride_mh
+        row_base = (batch * n_heads + head) * n_queries
+        for start_m in range(lo, n_queries, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, head_dim)
+            grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, value_dim)
+            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
+            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
+            scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
+                                    stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+            p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+            dv = tl.dot(tl.trans(p.to(q.dtype)), grad_out, dv, input_precision=PRECISION)
+            dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+
+    offs_k = pid_bhk * n_keys * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
+    tl.store(DK + offs_k, (dk * scale).to(DK.dtype.element_ty),
+             mask=(offs_n < n_keys)[:, None] & (offs_d < head_dim)[None, :])
+    offs_v = pid_bhk * n_keys * value_dim + offs_n[:, None] * value_dim + offs_dv[None, :]
+    tl.store(DV + offs_v, dv.to(DV.dtype.element_ty),
+             mask=(offs_n < n_keys)[:, None] & (offs_dv < value_dim)[None, :])
+
+
+@triton.autotune(configs=_backward_configs(), key=_BACKWARD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _jvp_attention_bwd_dq_kernel(
+    Q, K, V, Mask, Grad_out, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
+    n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch, head = pid_bh // n_heads, pid_bh % n_heads
+    kv_head = head // group
+    scale_log2 = scale * 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, head_dim)
+    grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh, offs_m, offs_dv, stride_gm,
+                          n_queries, value_dim)
+    lse = tl.load(Lse + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    mask_base = Mask + batch * stride_mb + head * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = n_keys
+    if IS_CAUSAL:
+        hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, head_dim)
+        v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+        scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
+                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+        p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+        dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(q.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+
+    offs_q = pid_bh * n_queries * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    tl.store(DQ + offs_q, (dq * scale).to(DQ.dtype.element_ty),
+             mask=(offs_m < n_queries)[:, None] & (offs_d < head_dim)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _head_block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
+    """(pointer tensor, strides (b, h, m, n), kind, is_bool) of a mask broadcast to ``shape``."""
+    if mask is None:
+        return like, (0, 0, 0, 0), MASK_NONE, False
+    mask = mask.expand(shape)
+    is_bool = mask.dtype == torch.bool
+    if is_bool:
+        mask = mask.view(torch.uint8)
+    kind = MASK_KEYS if mask.stride(2) == 0 else MASK_FULL
+    return mask, tuple(mask.stride()), kind, is_bool
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full float32 products, as SDPA's math path; 16-bit use tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides3(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int]:
+    t = like if t is None else t
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def jvp_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_dot: torch.Tensor | None = None,
+    k_dot: torch.Tensor | None = None,
+    v_dot: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fused attention forward, with the tangent when any of q_dot, k_dot, v_dot is given.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hk, Nk, D); v: (B, Hk, Nk, Dv); fp16, bf16 or fp32, one dtype;
+            last dimension contiguous (stride 1), any other strides.
+        q_dot, k_dot, v_dot: None (zero tangent, no work) or shaped and typed like q, k, v.
+        mask: None, or bool / float broadcastable to (B, Hq, Nq, Nk); a (B, 1, 1, Nk) mask is
+            read as one row per key.
+        is_causal: top-left causal masking; scale: default 1/sqrt(D).
+
+    Returns:
+        out (B, Hq, Nq, Dv) q.dtype; out_dot (same) or None; lse (B, Hq, Nq) float32.
+    """
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_keys, value_dim = k.shape[2], v.shape[3]
+    group = n_heads // k.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    has_tangent = any(t is not None for t in (q_dot, k_dot, v_dot))
+    out = torch.empty((batch, n_heads, n_queries, value_dim), device=q.device, dtype=q.dtype)
+    out_dot = torch.empty_like(out) if has_tangent else None
+    lse = torch.empty((batch, n_heads, n_queries), device=q.device, dtype=torch.float32)
+    mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+
+    def grid(meta):
+        return (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)
+
+    _jvp_attention_fwd_kernel[grid](
+        q, k, v, q if q_dot is None else q_dot, k if k_dot is None else k_dot, v if v_dot is None else v_dot,
+        mask_t, out, out if out_dot is None else out_dot, lse,
+        *_strides3(q, q), *_strides3(k, k), *_strides3(v, v),
+        *_strides3(q_dot, q), *_strides3(k_dot, k), *_strides3(v_dot, v),
+        *mask_strides,
+        n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+        IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
+        HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
+        BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
+    )
+    return out, out_dot, lse
+
+
+def jvp_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the primal output from the saved lse (FlashAttention-2).
+
+    Args:
+        grad_out: (B, Hq, Nq, Dv), last dimension contiguous; q, k, v, mask, is_causal, scale
+            as in ``jvp_attention_forward``; out, lse: its outputs.
+
+    Returns:
+        dq (B, Hq, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, Dv), contiguous, in the inputs' dtype.
+    """
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_kv_heads, n_keys, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    group = n_heads // n_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.empty((batch, n_heads, n_queries, head_dim), device=q.device, dtype=q.dtype)
+    dk = torch.empty((batch, n_kv_heads, n_keys, head_dim), device=q.device, dtype=k.dtype)
+    dv = torch.empty((batch, n_kv_heads, n_keys, value_dim), device=q.device, dtype=v.dtype)
+    mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+    common = (
+        *_strides3(q, q), *_strides3(k, k), *_strides3(v, v), *mask_strides, *_strides3(grad_out, grad_out),
+    )
+    flags = dict(
+        IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
+        BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
+    )
+    _jvp_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](
+        q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common,
+        n_heads, n_kv_heads, n_queries, n_keys, head_dim, value_dim, group, scale, **flags,
+    )
+    _jvp_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)](
+        q, k, v, mask_t, grad_out, lse, delta, dq, *common,
+        n_heads, n_queries, n_keys, head_dim, value_dim, group, scale, **flags,
+    )
+    return dq, dk, dv
