@@ -1,0 +1,182 @@
+"""Benchmarks of ``meanflow.ops.jvp_attention`` against its baselines (``pytest bench --benchmark-only``).
+
+Cases (one pytest-benchmark group per case and shape, so the ratios sit side by side):
+
+- ``fwd_jvp``: ``torch.func.jvp`` of attention (output and tangent); 12·Nq·Nk·d FLOPs per (B·H).
+- ``fwd_jvp_bwd``: the MeanFlow pattern: ``out, tan = torch.func.jvp(...)``, the tangent detached
+  (it feeds a stop-gradient target), then ``out.backward(tan)`` — the gradient of
+  ``(out * tan.detach()).sum()``; 22·Nq·Nk·d.
+- ``fwd``: the primal forward only; 4·Nq·Nk·d.
+- ``bwd``: the primal backward only (the forward runs untimed in the set-up); 10·Nq·Nk·d.
+
+Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``math_sdpa``
+(``SDPBackend.MATH``, the only SDPA backend that works under forward AD), ``flash_sdpa``
+(``SDPBackend.FLASH_ATTENTION``: FlashAttention-2 inside PyTorch, CUDA only) and
+``jvp_flash_attention`` (PyPI, CUDA only; ``JVPAttn.fwd_dual`` under ``torch.func.jvp``; its
+kernel takes N even and >= 32 — its backward N a multiple of 32 — and head dims 16/32/64/128/256).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow.ops import jvp_attention
+from meanflow.ops.dispatch import resolve_backend
+
+CUDA = torch.cuda.is_available()
+
+try:
+    from jvp_flash_attention.jvp_attention import JVPAttn as _PeerAttn
+
+    _PEER_IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - absent or broken: the rows are skipped with the reason
+    _PeerAttn = None
+    _PEER_IMPORT_ERROR = f"{type(exc).__name__}: {str(exc).strip()[:120]}"
+
+PEER = "jvp_flash_attention"
+PEER_HEAD_DIMS = (16, 32, 64, 128, 256)
+PEER_MIN_BLOCK = 32  # its backward tiles N by 32
+
+# Float32 (B, H, Nq, Nk) buffers math SDPA holds at its peak (it upcasts bf16 to float32 on
+# CUDA): an estimate to skip shapes that cannot fit without trying.
+MATH_NXN_BUFFERS = {"fwd": 3, "bwd": 5, "fwd_jvp": 6, "fwd_jvp_bwd": 10}
+FLOP_FACTOR = {"fwd": 4, "bwd": 10, "fwd_jvp": 12, "fwd_jvp_bwd": 22}
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------
+
+def _sdpa(backend: SDPBackend):
+    def attention(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return attention
+
+
+def _peer_dual(q, k, v):
+    return _PeerAttn.fwd_dual(q, k, v)
+
+
+ATTENTION = {
+    "ours": lambda q, k, v: jvp_attention(q, k, v),
+    "math_sdpa": _sdpa(SDPBackend.MATH),
+    "flash_sdpa": _sdpa(SDPBackend.FLASH_ATTENTION),
+    PEER: _peer_dual,
+}
+
+
+def _check_provider(provider: str, n_ctx: int, head_dim: int, needs_backward: bool) -> None:
+    """Skips rows that cannot run here, with the reason."""
+    if provider in ("flash_sdpa", PEER) and not CUDA:
+        pytest.skip(f"{provider} needs CUDA")
+    if provider == PEER:
+        if _PeerAttn is None:
+            pytest.skip(f"{PEER} not importable ({_PEER_IMPORT_ERROR})")
+        if n_ctx % 2 or n_ctx < 32 or (needs_backward and n_ctx % PEER_MIN_BLOCK):
+            pytest.skip(f"{PEER} does not take N={n_ctx}")
+        if head_dim not in PEER_HEAD_DIMS:
+            pytest.skip(f"{PEER} does not take head dim {head_dim}")
+
+
+def _backend_label(provider: str, cfg) -> str:
+    if provider == "ours":
+        return f"ours/{resolve_backend(torch.device(cfg.device))}"
+    return provider
+
+
+def _inputs(cfg, n_ctx: int, requires_grad: bool, seed: int = 0):
+    """q, k, v, their tangents and an output gradient: (B, H, N, d), contiguous."""
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)
+    shape = (cfg.batch, cfg.heads, n_ctx, cfg.head_dim)
+
+    def randn():
+        return torch.randn(shape, generator=gen, device=cfg.device, dtype=cfg.dtype)
+
+    q, k, v = (randn().requires_grad_(requires_grad) for _ in range(3))
+    tangents = tuple(randn() for _ in range(3))
+    grad_out = randn()
+    return (q, k, v), tangents, grad_out
+
+
+def _clear_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", ["ours", PEER, "math_sdpa"])
+def test_fwd_jvp(measure, bench_cfg, provider, n_ctx):
+    _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=False)
+    attention = ATTENTION[provider]
+    primals, tangents, _ = _inputs(bench_cfg, n_ctx, requires_grad=False)
+
+    def target():
+        return torch.func.jvp(attention, primals, tangents)
+
+    measure(case="fwd_jvp", provider=provider, n_ctx=n_ctx, target=target,
+            flop_factor=FLOP_FACTOR["fwd_jvp"],
+            nxn_buffers=MATH_NXN_BUFFERS["fwd_jvp"] if provider == "math_sdpa" else 0,
+            tolerate_errors=provider == PEER, backend=_backend_label(provider, bench_cfg))
+
+
+@pytest.mark.parametrize("provider", ["ours", PEER, "math_sdpa"])
+def test_fwd_jvp_bwd(measure, bench_cfg, provider, n_ctx):
+    _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=True)
+    attention = ATTENTION[provider]
+    primals, tangents, _ = _inputs(bench_cfg, n_ctx, requires_grad=True)
+
+    def setup():
+        _clear_grads(*primals)
+        return ()
+
+    def target():
+        out, tan = torch.func.jvp(attention, primals, tangents)
+        tan = tan.detach()  # the stop-gradient target: drops the tangent's graph, if any
+        out.backward(tan)   # = d/d(q, k, v) of (out * tan.detach()).sum()
+        return None
+
+    measure(case="fwd_jvp_bwd", provider=provider, n_ctx=n_ctx, target=target, setup=setup,
+            flop_factor=FLOP_FACTOR["fwd_jvp_bwd"],
+            nxn_buffers=MATH_NXN_BUFFERS["fwd_jvp_bwd"] if provider == "math_sdpa" else 0,
+            tolerate_errors=provider == PEER, backend=_backend_label(provider, bench_cfg))
+
+
+@pytest.mark.parametrize("provider", ["ours", "flash_sdpa", "math_sdpa"])
+def test_fwd(measure, bench_cfg, provider, n_ctx):
+    _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=False)
+    attention = ATTENTION[provider]
+    (q, k, v), _, _ = _inputs(bench_cfg, n_ctx, requires_grad=False)
+
+    def target():
+        return attention(q, k, v)
+
+    measure(case="fwd", provider=provider, n_ctx=n_ctx, target=target,
+            flop_factor=FLOP_FACTOR["fwd"],
+            nxn_buffers=MATH_NXN_BUFFERS["fwd"] if provider == "math_sdpa" else 0,
+            backend=_backend_label(provider, bench_cfg))
+
+
+@pytest.mark.parametrize("provider", ["ours", "flash_sdpa", "math_sdpa"])
+def test_bwd(measure, bench_cfg, provider, n_ctx):
+    _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=True)
+    attention = ATTENTION[provider]
+    primals, _, grad_out = _inputs(bench_cfg, n_ctx, requires_grad=True)
+
+    def setup():  # untimed: the forward that the timed backward consumes
+        _clear_grads(*primals)
+        return (attention(*primals),)
+
+    def target(out):
+        out.backward(grad_out)
+        return None
+
+    measure(case="bwd", provider=provider, n_ctx=n_ctx, target=target, setup=setup,
+            flop_factor=FLOP_FACTOR["bwd"],
+            nxn_buffers=MATH_NXN_BUFFERS["bwd"] if provider == "math_sdpa" else 0,
+            backend=_backend_label(provider, bench_cfg))

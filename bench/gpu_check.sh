@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine with no network (DESIGN.md §5):
+#
+#     bash bench/gpu_check.sh            # logs, junit, bench.json and summary.md under ./out
+#     OUT=/some/dir bash bench/gpu_check.sh
+#
+# 1. prints the GPU, driver, python, torch and triton versions;
+# 2. installs the wheels in .whl/ (if any: e.g. jvp-flash-attention) into /tmp/site, no network;
+# 3. makes `meanflow` (and `meanflow.kernels`, mapped from the top-level kernels/ folder) importable
+#    without a regular install, and fails loudly if it is not;
+# 4. runs the GPU tests (`pytest tests -m gpu`), then the benchmarks (`pytest bench
+#    --benchmark-only`), each under a wall-clock cap, so the whole stays under 8 minutes;
+# 5. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
+#
+# Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 200),
+# BENCH_LIMIT_S (default 240), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384).
+# Exit status: non-zero if the import check, the GPU tests or the benchmarks failed (the
+# benchmarks and the table still run after failing tests).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python3}"
+SITE=/tmp/site
+export PYTHONUNBUFFERED=1
+
+section() { printf '\n===== %s (%s) =====\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+setup_environment() {
+    section "machine"
+    date -u
+    nvidia-smi --query-gpu=name,driver_version --format=csv || echo "WARNING: nvidia-smi failed"
+    "$PY" - <<'EOF'
+import platform, sys
+import torch, triton
+print(f"python {platform.python_version()} ({sys.executable})")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} visible")
+else:
+    print("WARNING: torch.cuda.is_available() is False: GPU tests skip, benchmarks take the CPU path")
+EOF
+
+    section "wheels from .whl/"
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    shopt -u nullglob
+    if ((${#wheels[@]})); then
+        printf '  %s\n' "${wheels[@]}"
+        mkdir -p "$SITE"
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}"; then
+            echo "pip --target failed; unpacking the wheels (pure Python) into $SITE instead"
+            "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+                "$SITE" "${wheels[@]}"
+        fi
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "  none"
+    fi
+
+    section "meanflow import"
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    # `meanflow.kernels` lives in kernels/ (pyproject package-dir): the repo root alone does not
+    # provide it. An editable install maps it; if pip cannot install (no setuptools, an
+    # externally managed Python), a folder of symlinks does, with PYTHONSAFEPATH so that the cwd
+    # (the repo root, whose meanflow/ lacks kernels/) does not shadow it.
+    if ! import_check quiet; then
+        echo "installing meanflow in editable mode (no deps, no build isolation, no index)"
+        if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" || ! import_check quiet; then
+            local shim=/tmp/meanflow_src
+            echo "editable install unusable; falling back to a symlink tree in $shim"
+            rm -rf "$shim"
+            mkdir -p "$shim/meanflow"
+            local entry
+            for entry in "$ROOT"/meanflow/*; do
+                ln -s "$entry" "$shim/meanflow/"
+            done
+            ln -s "$ROOT/kernels" "$shim/meanflow/kernels"
+            export PYTHONPATH="$shim:$PYTHONPATH"
+            export PYTHONSAFEPATH=1
+        fi
+    fi
+    if ! import_check verbose; then
+        echo "FATAL: cannot import meanflow.kernels.jvp_attention (PYTHONPATH=$PYTHONPATH)" >&2
+        exit 2
+    fi
+}
+
+import_check() {
+    # Run from the repo root, as pytest is: `python -c` and `python -m` put the cwd first.
+    if [[ "$1" == quiet ]]; then
+        "$PY" -c 'import meanflow.kernels.jvp_attention' >/dev/null 2>&1
+    else
+        "$PY" - <<'EOF'
+import torch
+import meanflow, meanflow.kernels.jvp_attention as kernels, meanflow.ops
+from meanflow.ops.dispatch import resolve_backend
+print(f"meanflow from {meanflow.__file__}; kernels from {kernels.__file__}")
+if torch.cuda.is_available():
+    print(f"backend for CUDA tensors: {resolve_backend(torch.device('cuda'))}")
+try:
+    import jvp_flash_attention.jvp_attention as peer
+    print(f"jvp_flash_attention from {peer.__file__}")
+except Exception as exc:
+    print(f"jvp_flash_attention unavailable: {type(exc).__name__}: {exc}")
+EOF
+    fi
+}
+
+run_capped() {
+    # run_capped SECONDS LOGFILE CMD...: SIGINT at the cap (pytest then reports and writes its
+    # files), SIGKILL 30 s later; returns the command's status (124 on timeout).
+    local limit=$1 log=$2
+    shift 2
+    local rc=0
+    timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
+    return "$rc"
+}
+
+main() {
+    local start=$SECONDS status=0
+    setup_environment
+
+    section "GPU tests: pytest tests -m gpu"
+    local timeout_opt=()
+    if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
+        timeout_opt=(--timeout 240)
+    fi
+    local tests_rc=0
+    run_capped "${TESTS_LIMIT_S:-200}" "$OUT/gpu_tests.log" \
+        "$PY" -m pytest tests -m gpu -q -x ${timeout_opt[@]+"${timeout_opt[@]}"} \
+        --junitxml="$OUT/gpu_tests.xml" || tests_rc=$?
+    case $tests_rc in
+        0) echo "GPU tests passed" ;;
+        5) echo "no GPU tests collected" ;;
+        124) echo "GPU tests: TIMED OUT after ${TESTS_LIMIT_S:-200} s"; status=1 ;;
+        *) echo "GPU tests: FAILED (pytest exit $tests_rc)"; status=1 ;;
+    esac
+
+    section "benchmarks: pytest bench --benchmark-only"
+    local bench_rc=0
+    rm -f "$OUT/bench.json"
+    run_capped "${BENCH_LIMIT_S:-240}" "$OUT/bench.log" \
+        "$PY" -m pytest bench --benchmark-only -q --benchmark-json="$OUT/bench.json" \
+        --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
+    case $bench_rc in
+        0) echo "benchmarks done" ;;
+        124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-240} s (partial results)"; status=1 ;;
+        *) echo "benchmarks: FAILED (pytest exit $bench_rc)"; status=1 ;;
+    esac
+
+    section "summary"
+    echo "total $((SECONDS - start)) s; status $status; files in $OUT"
+    echo "command: bash bench/gpu_check.sh"
+    echo
+    if [[ -s "$OUT/bench.json" ]]; then
+        "$PY" bench/summary.py "$OUT/bench.json" | tee "$OUT/summary.md" || status=1
+    else
+        echo "no $OUT/bench.json: no benchmark ran"
+        status=1
+    fi
+    return "$status"
+}
+
+main "$@" 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
