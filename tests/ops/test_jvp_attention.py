@@ -1,0 +1,448 @@
+"""jvp_attention against math SDPA in float64: primal, tangent and gradients, both backends.
+
+On a CPU-only machine the Triton backend runs through the interpreter (fp32, fp16; its bf16
+products are wrong, so bf16 kernels are checked by the `gpu` tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow.ops import jvp_attention, jvp_attention_pair
+from meanflow.testing import assert_close_to_oracle
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["reference", "triton"]
+INTERPRETED_DTYPES = [torch.float32, torch.float16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int = 1
+    q_heads: int = 2
+    kv_heads: int = 2
+    n_queries: int = 37
+    n_keys: int = 51
+    head_dim: int = 32
+    value_dim: int = 32
+    is_causal: bool = False
+    mask: str = "none"  # none | keys | bool | additive | additive2d | empty_rows
+    scale: float | None = None
+    std: float = 1.0
+
+    def inputs(self, dtype, device=DEVICE):
+        def randn(*shape):
+            return (torch.randn(*shape, dtype=torch.float64) * self.std).to(device=device, dtype=dtype)
+
+        q = randn(self.batch, self.q_heads, self.n_queries, self.head_dim)
+        k = randn(self.batch, self.kv_heads, self.n_keys, self.head_dim)
+        v = randn(self.batch, self.kv_heads, self.n_keys, self.value_dim)
+        tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+        return (q, k, v), tangents, self.attn_mask(dtype, device)
+
+    def attn_mask(self, dtype, device=DEVICE):
+        b, h, nq, nk = self.batch, self.q_heads, self.n_queries, self.n_keys
+        if self.mask == "none":
+            return None
+        if self.mask == "keys":  # key padding: (B, 1, 1, Nk), at least one visible key
+            mask = torch.rand(b, 1, 1, nk) > 0.4
+            mask[..., 0] = True
+        elif self.mask == "bool":
+            mask = torch.rand(b, h, nq, nk) > 0.3
+        elif self.mask == "additive":
+            mask = torch.randn(b, h, nq, nk).to(dtype)
+        elif self.mask == "additive2d":  # broadcast over batch and heads, −inf entries
+            mask = torch.randn(nq, nk).masked_fill(torch.rand(nq, nk) > 0.7, float("-inf")).to(dtype)
+        elif self.mask == "empty_rows":  # some rows see no key at all
+            mask = torch.rand(b, 1, nq, nk) > 0.3
+            mask[:, :, ::3, :] = False
+        else:
+            raise AssertionError(self.mask)
+        return mask.to(device)
+
+    def kwargs(self, mask):
+        return dict(attn_mask=mask, is_causal=self.is_causal, scale=self.scale, enable_gqa=self.q_heads != self.kv_heads)
+
+    def sdpa_kwargs(self, mask, dtype):
+        """SDPA's arguments in `dtype`; SDPA refuses a mask with is_causal, so merge the two."""
+        kwargs = self.kwargs(mask)
+        if mask is None:
+            return kwargs
+        if mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+        if self.is_causal:
+            visible = torch.ones(self.n_queries, self.n_keys, dtype=torch.bool, device=mask.device).tril()
+            mask = mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, float("-inf"))
+            kwargs["is_causal"] = False
+        kwargs["attn_mask"] = mask
+        return kwargs
+
+
+CASES = {
+    "square": Case(batch=2, n_queries=64, n_keys=64),
+    "ragged_dv": Case(q_heads=3, kv_heads=3, head_dim=24, value_dim=40),
+    "more_queries": Case(batch=2, n_queries=70, n_keys=19, head_dim=16, value_dim=16),
+    "gqa_d48": Case(q_heads=4, kv_heads=2, n_queries=33, n_keys=45, head_dim=48, value_dim=48),
+    "mqa_d72": Case(q_heads=3, kv_heads=1, n_queries=20, n_keys=29, head_dim=72, value_dim=72),
+    "d96": Case(q_heads=1, kv_heads=1, n_queries=17, n_keys=65, head_dim=96, value_dim=96),
+    "single_token": Case(q_heads=1, kv_heads=1, n_queries=1, n_keys=1, head_dim=16, value_dim=16),
+    "causal": Case(is_causal=True),
+    "causal_more_queries": Case(n_queries=60, n_keys=23, is_causal=True),
+    "key_padding": Case(batch=2, mask="keys"),
+    "bool_mask": Case(mask="bool"),
+    "additive_mask": Case(mask="additive", scale=0.3),
+    "additive_2d_inf": Case(mask="additive2d"),
+    "fully_masked_rows": Case(mask="empty_rows"),
+    "causal_key_padding_gqa": Case(batch=2, q_heads=4, kv_heads=1, mask="keys", is_causal=True),
+    "large_values": Case(std=3.0, head_dim=64, value_dim=64),
+}
+
+
+def _math_sdpa(q, k, v, **kwargs):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _jvp_and_grads(attention, primals, tangents, grad_out, **kwargs):
+    """(out, out_dot, dq, dk, dv) of `attention` through torch.func.jvp, then backward."""
+    primals = tuple(p.detach().requires_grad_() for p in primals)
+    out, out_dot = torch.func.jvp(lambda q, k, v: attention(q, k, v, **kwargs), primals, tangents)
+    grads = torch.autograd.grad(out, primals, grad_out)
+    return (out, out_dot, *grads)
+
+
+def check_against_math_sdpa(case: Case, dtype: torch.dtype):
+    primals, tangents, mask = case.inputs(dtype)
+    kwargs = case.kwargs(mask)
+    grad_out = _grad_like(primals, case, dtype)
+    ours = _jvp_and_grads(jvp_attention, primals, tangents, grad_out, **kwargs)
+    oracle = _jvp_and_grads(
+        _math_sdpa, tuple(p.double() for p in primals), tuple(t.double() for t in tangents), grad_out.double(),
+        **case.sdpa_kwargs(mask, torch.float64),
+    )
+    baseline = (_jvp_and_grads(_math_sdpa, primals, tangents, grad_out, **case.sdpa_kwargs(mask, dtype))
+                if dtype != torch.float64 else None)
+    # Gradients that cancel to zero (one visible key) are judged at the size of the scores.
+    softmax_scale = case.scale if case.scale is not None else case.head_dim ** -0.5
+    magnitude = max(1.0, case.std) ** 2 * max(1.0, softmax_scale * case.head_dim ** 0.5)
+    errors = {}
+    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
+        assert ours[i].dtype == dtype
+        errors[name] = assert_close_to_oracle(name, ours[i], oracle[i], None if baseline is None else baseline[i],
+                                              magnitude=magnitude)
+    return errors
+
+
+def _grad_like(primals, case, dtype):
+    shape = (case.batch, case.q_heads, case.n_queries, case.value_dim)
+    return torch.randn(shape, dtype=torch.float64).to(device=primals[0].device, dtype=dtype)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
+    if request.param == "triton":
+        request.getfixturevalue("poison_empty")
+    return request.param
+
+
+def _dtypes_for(backend):
+    if backend == "reference":
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_jvp_attention_matches_math_sdpa(backend, case_name):
+    for dtype in _dtypes_for(backend):
+        check_against_math_sdpa(CASES[case_name], dtype)
+
+
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    n_queries=st.integers(1, 80),
+    n_keys=st.integers(1, 80),
+    head_dim=st.sampled_from([16, 24, 40, 64, 72]),
+    value_dim=st.sampled_from([16, 32, 48]),
+    is_causal=st.booleans(),
+    mask=st.sampled_from(["none", "keys", "bool", "additive", "empty_rows"]),
+    scale=st.sampled_from([None, 0.2, 1.5]),
+    std=st.sampled_from([0.5, 1.0, 2.5]),
+    dtype=st.sampled_from(INTERPRETED_DTYPES),
+    backend_name=st.sampled_from(BACKENDS),
+)
+@example(batch=1, kv_heads=1, group=1, n_queries=33, n_keys=1, head_dim=16, value_dim=16, is_causal=True,
+         mask="none", scale=None, std=1.0, dtype=torch.float32, backend_name="triton")
+def test_jvp_attention_hypothesis(monkeypatch, batch, kv_heads, group, n_queries, n_keys, head_dim, value_dim,
+                                  is_causal, mask, scale, std, dtype, backend_name):
+    monkeypatch.setenv("MEANFLOW_BACKEND", backend_name)
+    case = Case(batch=batch, q_heads=kv_heads * group, kv_heads=kv_heads, n_queries=n_queries, n_keys=n_keys,
+                head_dim=head_dim, value_dim=value_dim, is_causal=is_causal, mask=mask, scale=scale, std=std)
+    check_against_math_sdpa(case, dtype)
+
+
+def test_forward_ad_dual_tensors_match_func_jvp(backend):
+    case = CASES["gqa_d48"]
+    primals, tangents, mask = case.inputs(torch.float32)
+    kwargs = case.kwargs(mask)
+    out, out_dot = torch.func.jvp(lambda q, k, v: jvp_attention(q, k, v, **kwargs), primals, tangents)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        dual_out = fwAD.unpack_dual(jvp_attention(*duals, **kwargs))
+    torch.testing.assert_close(dual_out.primal, out, rtol=0, atol=0)
+    torch.testing.assert_close(dual_out.tangent, out_dot, rtol=0, atol=0)
+
+
+def test_meanflow_pattern_gradients(backend):
+    """out, tan = jvp(...); loss(out, tan.detach()).backward(): gradients flow through out only."""
+    case = CASES["causal_key_padding_gqa"]
+    primals, tangents, mask = case.inputs(torch.float32)
+
+    def grads(attention, dtype):
+        ps = tuple(p.to(dtype).requires_grad_() for p in primals)
+        ts = tuple(t.to(dtype) for t in tangents)
+        kwargs = case.kwargs(mask) if attention is jvp_attention else case.sdpa_kwargs(mask, dtype)
+        out, tan = torch.func.jvp(lambda q, k, v: attention(q, k, v, **kwargs), ps, ts)
+        assert tan.grad_fn is None and not tan.requires_grad
+        ((out - tan.detach()) ** 2).sum().backward()
+        return [p.grad for p in ps]
+
+    for ours, oracle in zip(grads(jvp_attention, torch.float32), grads(_math_sdpa, torch.float64)):
+        assert_close_to_oracle("grad", ours, oracle)
+
+
+def test_tangent_output_has_no_autograd_history(backend):
+    primals, tangents, _ = CASES["square"].inputs(torch.float32)
+    primals = tuple(p.requires_grad_() for p in primals)
+    out, out_dot = torch.func.jvp(jvp_attention, primals, tangents)
+    assert out.grad_fn is not None
+    assert out_dot.grad_fn is None and not out_dot.requires_grad
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2), (1, 2)])
+def test_tangent_subsets_pass_only_present_tangents(backend, monkeypatch, which):
+    """Inputs without a tangent reach the kernel as None (no work), and the result is right."""
+    impl = importlib.import_module(
+        "meanflow.kernels.jvp_attention" if backend == "triton" else "meanflow.reference.jvp_attention")
+    seen = []
+    original = impl.jvp_attention_forward
+
+    def spy(q, k, v, q_dot, k_dot, v_dot, *args):
+        seen.append(tuple(t is not None for t in (q_dot, k_dot, v_dot)))
+        return original(q, k, v, q_dot, k_dot, v_dot, *args)
+
+    monkeypatch.setattr(impl, "jvp_attention_forward", spy)
+    primals, tangents, _ = CASES["ragged_dv"].inputs(torch.float32)
+
+    def attention_of_selected(*selected):
+        args = list(primals)
+        for i, x in zip(which, selected):
+            args[i] = x
+        return jvp_attention(*args)
+
+    def sdpa_of_selected(*selected):
+        args = [p.double() for p in primals]
+        for i, x in zip(which, selected):
+            args[i] = x
+        return _math_sdpa(*args)
+
+    _, out_dot = torch.func.jvp(attention_of_selected, tuple(primals[i] for i in which),
+                                tuple(tangents[i] for i in which))
+    _, expected = torch.func.jvp(sdpa_of_selected, tuple(primals[i].double() for i in which),
+                                 tuple(tangents[i].double() for i in which))
+    assert seen == [tuple(i in which for i in range(3))]
+    assert_close_to_oracle("out_dot", out_dot, expected)
+
+
+def test_zero_tangents_give_zero_tangent(backend):
+    primals, _, _ = CASES["square"].inputs(torch.float32)
+    _, out_dot = torch.func.jvp(jvp_attention, primals, tuple(torch.zeros_like(p) for p in primals))
+    assert torch.equal(out_dot, torch.zeros_like(out_dot))
+
+
+def test_pair_form_matches_func_jvp(backend):
+    case = CASES["mqa_d72"]
+    primals, tangents, mask = case.inputs(torch.float32)
+    kwargs = case.kwargs(mask)
+    expected_out, expected_dot = torch.func.jvp(lambda q, k, v: jvp_attention(q, k, v, **kwargs), primals, tangents)
+    q, k, v = (p.clone().requires_grad_() for p in primals)
+    out, out_dot = jvp_attention_pair(q, k, v, *tangents, **kwargs)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    torch.testing.assert_close(out_dot, expected_dot, rtol=0, atol=0)
+    assert out.grad_fn is not None and out_dot.grad_fn is None
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))
+
+
+def test_pair_form_without_tangents_gives_zeros(backend):
+    primals, _, _ = CASES["square"].inputs(torch.float32)
+    out, out_dot = jvp_attention_pair(*primals, None, None, None)
+    torch.testing.assert_close(out, _math_sdpa(*primals), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out_dot, torch.zeros_like(out))
+
+
+def test_plain_forward_and_backward_match_sdpa(backend):
+    primals, _, mask = CASES["key_padding"].inputs(torch.float32)
+    ps = [p.clone().requires_grad_() for p in primals]
+    ours = jvp_attention(*ps, attn_mask=mask)
+    ours.sum().backward()
+    ref_ps = [p.double().requires_grad_() for p in primals]
+    expected = _math_sdpa(*ref_ps, attn_mask=mask)
+    expected.sum().backward()
+    assert_close_to_oracle("out", ours, expected)
+    for p, r in zip(ps, ref_ps):
+        assert_close_to_oracle("grad", p.grad, r.grad)
+
+
+def test_three_dimensional_inputs(backend):
+    q, k, v = (torch.randn(2, n, 32) for n in (19, 27, 27))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    mask = torch.rand(2, 19, 27) > 0.2
+    out, out_dot = torch.func.jvp(lambda a, b, c: jvp_attention(a, b, c, attn_mask=mask), (q, k, v), tangents)
+    expected = torch.func.jvp(lambda a, b, c: _math_sdpa(a, b, c, attn_mask=mask),
+                              tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in tangents))
+    assert out.shape == (2, 19, 32)
+    assert_close_to_oracle("out", out, expected[0])
+    assert_close_to_oracle("out_dot", out_dot, expected[1])
+
+
+def test_strided_inputs_from_sequence_major_layout(backend):
+    """(B, N, H, D) projections transposed to (B, H, N, D), as diffusers does: no copy needed."""
+    q, k, v = (torch.randn(1, n, 3, 32).transpose(1, 2) for n in (21, 34, 34))
+    tangents = tuple(torch.randn(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v))
+    out, out_dot = torch.func.jvp(jvp_attention, (q, k, v), tangents)
+    expected = torch.func.jvp(_math_sdpa, tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in tangents))
+    assert_close_to_oracle("out", out, expected[0])
+    assert_close_to_oracle("out_dot", out_dot, expected[1])
+
+
+def test_non_unit_last_stride_is_copied(backend):
+    q, k, v = (torch.randn(1, 2, 32, n).transpose(-1, -2) for n in (9, 14, 14))
+    assert q.stride(-1) != 1
+    expected = _math_sdpa(*(t.double() for t in (q, k, v)))
+    assert_close_to_oracle("out", jvp_attention(q, k, v), expected)
+
+
+def test_empty_key_sequence_gives_zeros_like_sdpa(backend):
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)
+    torch.testing.assert_close(jvp_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert jvp_attention(q, k, v).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+def _qkv(**overrides):
+    shapes = dict(q=(1, 2, 8, 16), k=(1, 2, 10, 16), v=(1, 2, 10, 16))
+    shapes.update(overrides)
+    return [torch.randn(*shapes[n]) for n in ("q", "k", "v")]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: jvp_attention(*_qkv(), dropout_p=0.1), "dropout_p"),
+    (lambda: jvp_attention(*_qkv(q=(2, 8, 16))), "key must have query's 3 dimensions"),
+    (lambda: jvp_attention(*_qkv(q=(8, 16), k=(10, 16), v=(10, 16))), "query must be"),
+    (lambda: jvp_attention(*_qkv(k=(1, 2, 10, 8))), "head dim"),
+    (lambda: jvp_attention(*_qkv(v=(1, 2, 11, 16))), "value's leading shape"),
+    (lambda: jvp_attention(*_qkv(k=(2, 2, 10, 16), v=(2, 2, 10, 16))), "batch size"),
+    (lambda: jvp_attention(*_qkv(k=(1, 1, 10, 16), v=(1, 1, 10, 16))), "enable_gqa"),
+    (lambda: jvp_attention(*_qkv(q=(1, 3, 8, 16)), enable_gqa=True), "multiple of key heads"),
+    (lambda: jvp_attention(_qkv()[0], _qkv()[1].half(), _qkv()[2]), "key must have query's dtype"),
+    (lambda: jvp_attention(_qkv()[0].int(), *_qkv()[1:]), "query must be float16"),
+    (lambda: jvp_attention(_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), "key must be on query's device"),
+    (lambda: jvp_attention(*_qkv(), attn_mask=torch.ones(3, 10, dtype=torch.bool)), "attn_mask of shape"),
+    (lambda: jvp_attention(*_qkv(), attn_mask=torch.ones(8, 10, dtype=torch.int64)), "attn_mask must be bool"),
+    (lambda: jvp_attention(*_qkv(), attn_mask=torch.zeros(8, 10, requires_grad=True)), "attn_mask requires grad"),
+    (lambda: jvp_attention(*_qkv(), attn_mask=[[True]]), "attn_mask must be a torch.Tensor"),
+    (lambda: jvp_attention(*_qkv(), scale=float("nan")), "scale"),
+    (lambda: jvp_attention(*_qkv(), is_causal=1), "is_causal"),
+    (lambda: jvp_attention(*_qkv(), enable_gqa="yes"), "enable_gqa"),
+    (lambda: jvp_attention("q", *_qkv()[1:]), "query must be a torch.Tensor"),
+    (lambda: jvp_attention_pair(*_qkv(), torch.randn(1, 2, 8, 15), None, None), "q_dot must have the shape"),
+    (lambda: jvp_attention_pair(*_qkv(), None, torch.randn(1, 2, 10, 16).double(), None), "k_dot must have the dtype"),
+])
+def test_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_mask_tangent_raises():
+    q, k, v = _qkv()
+    mask = torch.zeros(8, 10)
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match="attn_mask has a forward-AD tangent"):
+            jvp_attention(q, k, v, attn_mask=fwAD.make_dual(mask, torch.ones_like(mask)))
+
+
+def test_backend_errors(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="MEANFLOW_BACKEND must be one of"):
+        jvp_attention(*_qkv())
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    with pytest.raises(ValueError, match="not supported by the Triton backend"):
+        jvp_attention(*(t.double() for t in _qkv()))
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        jvp_attention(*_qkv(q=(1, 1, 4, 264), k=(1, 1, 4, 264), v=(1, 1, 4, 264)))
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            jvp_attention(*_qkv())
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bf16 / fp16 at FLUX shapes against the float64 reference
+# --------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    "flux_4608": Case(q_heads=24, kv_heads=24, n_queries=4608, n_keys=4608, head_dim=128, value_dim=128),
+    "flux_1024_causal_keys": Case(batch=2, q_heads=24, kv_heads=24, n_queries=1024, n_keys=1024,
+                                  head_dim=128, value_dim=128, is_causal=True, mask="keys"),
+    "ragged_d72_gqa": Case(q_heads=8, kv_heads=2, n_queries=777, n_keys=1031, head_dim=72, value_dim=72,
+                           mask="additive"),
+    "d256": Case(q_heads=4, kv_heads=4, n_queries=300, n_keys=513, head_dim=256, value_dim=256),
+    "d96_empty_rows": Case(q_heads=4, kv_heads=4, n_queries=129, n_keys=200, head_dim=96, value_dim=96,
+                           mask="empty_rows"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case_name", list(GPU_CASES))
+def test_gpu_jvp_attention_against_float64(monkeypatch, case_name, dtype):
+    """Prints the error of ours and of math SDPA in the same dtype, both against float64."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    case = GPU_CASES[case_name]
+    primals, tangents, mask = case.inputs(dtype, "cuda")
+    kwargs = case.kwargs(mask)
+    grad_out = torch.randn(case.batch, case.q_heads, case.n_queries, case.value_dim, device="cuda", dtype=dtype)
+    ours = _jvp_and_grads(jvp_attention, primals, tangents, grad_out, **kwargs)
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    mask64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    oracle = _jvp_and_grads(jvp_attention, tuple(p.double() for p in primals), tuple(t.double() for t in tangents),
+                            grad_out.double(), **case.kwargs(mask64))
+    # PyTorch's own computation in `dtype`: math SDPA under torch.func.jvp.
+    baseline = _jvp_and_grads(_math_sdpa, primals, tangents, grad_out, **case.sdpa_kwargs(mask, dtype))
+    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
+        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
+                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
+        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
+        print(f"GPU-ERR {case_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
+              f"ratio {err / base_err:.2f}")
+        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
