@@ -45,38 +45,41 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """MEANFLOW_AUTOTUNE=0 pins each kernel to its first (default) configuration: fast start-up
+    and reproducible tiles; the interpreter cannot benchmark, so it always pins."""
+    return not is_interpreting() and os.environ.get("MEANFLOW_AUTOTUNE", "1") != "0"
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------
 
-def _forward_configs() -> list[triton.Config]:
-    if is_interpreting():
-        # The interpreter cannot benchmark: exactly one configuration.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 2),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (64, 64, 4, 3),
-            (64, 32, 4, 2),
-        ]
-    ]
+# H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), default first. Checked on the CPU
+# by compiling for sm_90 (bench/hopper_report.py): registers, spills, shared memory, wgmma.
+FORWARD_TILES = [
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+]
+BACKWARD_TILES = [
+    (64, 128, 8, 2),
+    (32, 128, 4, 2),
+    (64, 64, 4, 2),
+    (32, 64, 4, 2),
+]
+# The interpreter cannot benchmark: exactly one configuration.
+INTERPRETER_TILE = (32, 32, 4, 1)
 
 
-def _backward_configs() -> list[triton.Config]:
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if is_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (64, 128, 8, 2),
-            (32, 128, 4, 2),
-            (64, 64, 4, 2),
-            (32, 64, 4, 2),
-        ]
-    ]
+        tiles = [INTERPRETER_TILE]
+    elif not autotuning():
+        tiles = tiles[:1]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
 def _prune_by_shared_memory(configs, named_args, **kwargs):
@@ -151,7 +154,7 @@ def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
 # Forward (primal, or primal + tangent)
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_forward_configs(), key=_FORWARD_KEY,
+@triton.autotune(configs=_configs(FORWARD_TILES), key=_FORWARD_KEY,
                  prune_configs_by={"early_config_prune": _prune_by_shared_memory})
 @triton.jit
 def _jvp_attention_fwd_kernel(
@@ -249,7 +252,7 @@ def _jvp_attention_fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_backward_configs(), key=_BACKWARD_KEY,
+@triton.autotune(configs=_configs(BACKWARD_TILES), key=_BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": _prune_by_shared_memory})
 @triton.jit
 def _jvp_attention_bwd_dkdv_kernel(
@@ -307,7 +310,7 @@ def _jvp_attention_bwd_dkdv_kernel(
              mask=(offs_n < n_keys)[:, None] & (offs_dv < value_dim)[None, :])
 
 
-@triton.autotune(configs=_backward_configs(), key=_BACKWARD_KEY,
+@triton.autotune(configs=_configs(BACKWARD_TILES), key=_BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": _prune_by_shared_memory})
 @triton.jit
 def _jvp_attention_bwd_dq_kernel(

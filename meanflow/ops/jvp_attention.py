@@ -11,7 +11,9 @@ the output and its tangent together; the Function's ``jvp`` then returns that ta
 The tangent output carries no autograd history (no ``grad_fn``): gradients flow to q, k, v
 through the primal output only. That is what MeanFlow needs (its target is under a
 stop-gradient) and it is the memory win: nothing of the tangent computation is kept for
-backward. Backpropagating through the tangent is not supported yet.
+backward. Backpropagating through the tangent is not supported yet, nor are nested
+``torch.func.jvp`` (higher-order forward AD; refused with a ValueError) and ``torch.func.grad``
+over the Triton backward (refused likewise; ``.backward()`` and ``torch.autograd.grad`` work).
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from meanflow.ops.dispatch import implementation, resolve_backend
+
+try:  # functorch internals, used only to refuse what would otherwise be silently wrong
+    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover - older or stripped builds
+    retrieve_all_functorch_interpreters = None
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = _TRITON_DTYPES + (torch.float64,)
@@ -61,6 +69,11 @@ class JVPAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_out_dot, grad_lse):
         q, k, v, out, lse, mask = ctx.saved_tensors
         is_causal, scale, backend = ctx.attrs
+        if backend == "triton" and retrieve_all_functorch_interpreters is not None and any(
+                is_functorch_wrapped_tensor(t) for t in (grad_out, q)):
+            raise ValueError("torch.func.grad / vjp over jvp_attention's Triton backward is not supported "
+                             "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
+                             "or MEANFLOW_BACKEND=reference")
         impl = implementation("jvp_attention", backend)
         dq, dk, dv = impl.jvp_attention_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale)
         needs = ctx.needs_input_grad
@@ -177,6 +190,13 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return backend, float(scale), attn_mask
 
 
+def _nested_jvp_depth() -> int:
+    """How many torch.func.jvp transforms are active around this call."""
+    if retrieve_all_functorch_interpreters is None:
+        return 0
+    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
+
+
 def _absent_if_zero(tangent: torch.Tensor | None) -> torch.Tensor | None:
     """Forward AD's efficient zero tangents cost nothing: treat them as absent."""
     if tangent is not None and tangent._is_zerotensor():
@@ -246,6 +266,9 @@ def jvp_attention(
     tangents = tuple(_last_dim_contiguous(_absent_if_zero(fwAD.unpack_dual(t).tangent)) for t in (query, key, value))
     query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
     under_forward_ad = any(t is not None for t in tangents)
+    if under_forward_ad and _nested_jvp_depth() > 1:
+        raise ValueError("query/key/value carry tangents of nested torch.func.jvp transforms: jvp_attention's "
+                         "tangent is computed outside autograd, so higher-order forward AD is not supported")
     out, _, _ = JVPAttentionFunction.apply(query, key, value, *tangents, mask, is_causal, scale, backend,
                                            under_forward_ad)
     return out.squeeze(1) if squeeze else out

@@ -209,11 +209,12 @@ def test_meanflow_pattern_gradients(backend):
     primals, tangents, mask = case.inputs(torch.float32)
 
     def grads(attention, dtype):
-        ps = tuple(p.to(dtype).requires_grad_() for p in primals)
+        ps = tuple(p.detach().to(dtype).clone().requires_grad_() for p in primals)
         ts = tuple(t.to(dtype) for t in tangents)
         kwargs = case.kwargs(mask) if attention is jvp_attention else case.sdpa_kwargs(mask, dtype)
         out, tan = torch.func.jvp(lambda q, k, v: attention(q, k, v, **kwargs), ps, ts)
-        assert tan.grad_fn is None and not tan.requires_grad
+        if attention is jvp_attention:  # math SDPA's tangent keeps its autograd history
+            assert tan.grad_fn is None and not tan.requires_grad
         ((out - tan.detach()) ** 2).sum().backward()
         return [p.grad for p in ps]
 
@@ -446,3 +447,29 @@ def test_gpu_jvp_attention_against_float64(monkeypatch, case_name, dtype):
         print(f"GPU-ERR {case_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
               f"ratio {err / base_err:.2f}")
         assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+
+
+def test_nested_jvp_raises(backend):
+    q, k, v, q_dot = (torch.randn(1, 1, 4, 16) for _ in range(4))
+
+    def inner_tangent(q):
+        return torch.func.jvp(lambda q: jvp_attention(q, k, v), (q,), (q_dot,))[1]
+
+    with pytest.raises(ValueError, match="higher-order forward AD"):
+        torch.func.jvp(inner_tangent, (q,), (q_dot,))
+
+
+def test_func_grad(backend):
+    """torch.func.grad works on the reference backend and is refused clearly on the Triton one."""
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+
+    def loss(q):
+        return jvp_attention(q, k, v).square().sum()
+
+    if backend == "triton":
+        with pytest.raises(ValueError, match="torch.func.grad"):
+            torch.func.grad(loss)(q)
+        return
+    q64 = q.double().requires_grad_()
+    _math_sdpa(q64, k.double(), v.double()).square().sum().backward()
+    assert_close_to_oracle("dq", torch.func.grad(loss)(q), q64.grad)
