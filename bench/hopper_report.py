@@ -1,0 +1,394 @@
+"""Compile every Triton kernel of the package for an H100 (sm_90) on a CPU-only machine.
+
+For each kernel variant, dtype, head dim and autotune configuration, this compiles the kernel
+with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed, DESIGN §5) and reads
+from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wheel:
+
+    regs     registers per thread                         (cuobjdump --dump-resource-usage)
+    spill    stack frame + local memory bytes per thread  (same; 0 = no spills)
+    st/ld    STL / LDL instructions in the SASS (spill stores / loads), and in brackets those
+             inside a loop (a backward branch's range): spills there cost every iteration
+    smem     shared memory per CTA, bytes: static (cubin; 1 KiB on sm_90 is the system-reserved
+             block) + dynamic (compiled metadata ``shared``); an H100 CTA fits in 228 KiB total
+             (227 KiB opt-in + that reserved 1 KiB)
+    hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback)
+    cta/sm   CTAs per SM allowed by registers, shared memory and warps
+    keep     whether the autotuner's ``_prune_by_shared_memory`` keeps the configuration
+
+Shapes are FLUX's (B=1, 24 heads, 4096 image + 512 text tokens, contiguous (B, H, N, D)):
+Triton specializes integer arguments on divisibility by 16 and on == 1, so the arguments are
+built as the launchers in ``meanflow.kernels.jvp_attention`` pass them and specialized with
+Triton's own rules. Head dim 72 is padded to BLOCK_D = 128 as the launcher does.
+
+    python bench/hopper_report.py                 # every configuration (about 5 min on 2 cores)
+    python bench/hopper_report.py --quick         # per kernel variant at d=128 bf16, the first
+                                                  # configuration the autotuner's pruning keeps
+    python bench/hopper_report.py --json out.json # where the rows go (default bench/hopper_report.json)
+
+The exit status is 1 if any compile failed. The helpers (``compile_and_inspect``,
+``missing_tools``) are importable from this file; ``tests/kernels/test_hopper_compile.py`` runs
+``--quick`` in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_ARCH = 90
+SMEM_PER_CTA_MAX = 228 * 1024  # 227 KiB opt-in dynamic + the 1 KiB the system reserves per CTA
+SMEM_PER_SM = 228 * 1024
+REGS_PER_SM = 65536
+WARPS_PER_SM = 64
+
+# FLUX.1 at 1024²: 24 heads, 4096 image + 512 text tokens, one sample.
+FLUX = dict(batch=1, heads=24, tokens=4608)
+HEAD_DIMS = (64, 72, 128)
+DTYPES = ("bf16", "fp16")
+VARIANTS = ("fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq")
+KERNEL_OF = {
+    "fwd_jvp": "_jvp_attention_fwd_kernel",
+    "fwd": "_jvp_attention_fwd_kernel",
+    "bwd_dkdv": "_jvp_attention_bwd_dkdv_kernel",
+    "bwd_dq": "_jvp_attention_bwd_dq_kernel",
+}
+
+
+def tools_dir() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def missing_tools() -> list[str]:
+    """Names of the nvidia backend tools this needs that are absent or not executable."""
+    try:
+        bin_dir = tools_dir()
+    except ImportError:
+        return ["triton"]
+    return [name for name in ("ptxas", "cuobjdump", "nvdisasm")
+            if not os.access(bin_dir / name, os.X_OK)]
+
+
+def _jvp_attention_module():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter has one config of its own, no compiler")
+    from meanflow.kernels import jvp_attention
+
+    fn = jvp_attention._jvp_attention_fwd_kernel.fn
+    if jvp_attention.is_interpreting() or not hasattr(fn, "arg_names"):
+        raise RuntimeError("meanflow.kernels.jvp_attention was imported in interpreter mode")
+    return jvp_attention
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel arguments, as the launchers pass them
+# --------------------------------------------------------------------------------------------
+
+def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False, mask: str = "none") -> dict:
+    """Name -> value of every argument of the variant's kernel except BLOCK_M / BLOCK_N.
+
+    Tensors are ``MockTensor`` (16-byte aligned); ``mask`` is "none" or "keys" (a bool
+    (B, 1, 1, Nk) key-padding mask, read as one row per key).
+    """
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    ja = _jvp_attention_module()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    b, h, n, d = FLUX["batch"], FLUX["heads"], FLUX["tokens"], head_dim
+    layout = (h * n * d, n * d, d)  # contiguous (B, H, N, D): strides of b, h, and the token axis
+    strides = {p: layout for p in ("q", "k", "v", "tq", "tk", "tv", "g")}
+    if mask == "none":
+        mask_strides, mask_kind, mask_bool = (0, 0, 0, 0), ja.MASK_NONE, False
+        mask_t = MockTensor(torch_dtype)
+    elif mask == "keys":  # (B, 1, 1, Nk) bool expanded to (B, H, Nq, Nk), viewed as uint8
+        mask_strides, mask_kind, mask_bool = (n, 0, 0, 1), ja.MASK_KEYS, True
+        mask_t = MockTensor(torch.uint8)
+    else:
+        raise ValueError(mask)
+    tangent = variant == "fwd_jvp"
+    values = dict(
+        Mask=mask_t, Lse=MockTensor(torch.float32), Delta=MockTensor(torch.float32),
+        n_heads=h, n_kv_heads=h, n_queries=n, n_keys=n, head_dim=d, value_dim=d, group=1, scale=d ** -0.5,
+        IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
+        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent,
+        BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
+    )
+    fn = getattr(ja, KERNEL_OF[variant]).fn
+    args = {}
+    for name in fn.arg_names:
+        if name in ("BLOCK_M", "BLOCK_N"):
+            continue
+        if name in values:
+            args[name] = values[name]
+        elif name.startswith("stride_m"):
+            args[name] = mask_strides["bhmn".index(name[-1])]
+        elif name.startswith("stride_"):
+            args[name] = strides[name[len("stride_"):-1]]["bhmn".index(name[-1]) if name[-1] != "n" else 2]
+        elif name[0].isupper():  # Q, K, V, tangents, outputs, gradients: the inputs' dtype
+            args[name] = MockTensor(torch_dtype)
+        else:
+            raise KeyError(f"no value for argument {name!r} of {fn.__name__}")
+    return args
+
+
+_TYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
+               "torch.uint8": "u8"}
+
+
+def specialize(fn, args: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``, by Triton's launch-time rules.
+
+    signature: name -> "*bf16" / "*fp32" / "*u8" / "i32" / "i64" / "fp32" / "constexpr" for
+    every parameter; constexprs: name -> value for constexpr parameters and integers equal to 1;
+    attrs: (index,) -> [["tt.divisibility", 16]] for pointers and integers divisible by 16.
+    """
+    from triton.backends.compiler import BaseBackend
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:  # older Triton: the same rules, for the argument types used here
+        def native_specialize_impl(_, value, is_const, specialize, align):
+            if hasattr(value, "data_ptr"):
+                return "*" + _TYPE_NAMES[str(value.dtype)], "D"
+            if isinstance(value, float):
+                return "fp32", None
+            if value == 1:
+                return "constexpr", 1
+            return ("i32" if -2**31 <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
+
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = args[name]
+        if index in fn.constexprs:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = key
+        elif isinstance(key, str) and BaseBackend.parse_attr(key):
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs
+
+
+# --------------------------------------------------------------------------------------------
+# Compile and inspect
+# --------------------------------------------------------------------------------------------
+
+def _inspect_cubin(cubin: bytes, name: str) -> dict:
+    bin_dir = tools_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([bin_dir / "cuobjdump", "--dump-resource-usage", path],
+                               check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([bin_dir / "nvdisasm", path], check=True, capture_output=True, text=True).stdout
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+    # Instructions in order, and where each label points; a branch back to a label closes a loop.
+    instructions, labels = [], {}
+    for text in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", text):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.search(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", text):
+            instructions.append(instruction.group(1))
+    in_loop = set()
+    for index, instruction in enumerate(instructions):
+        branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", instruction)
+        if branch and labels.get(branch.group(1), index + 1) <= index:
+            in_loop.update(range(labels[branch.group(1)], index + 1))
+
+    def count(pattern, where=range(len(instructions))):
+        return sum(1 for i in where if re.search(pattern, instructions[i]))
+
+    return dict(
+        regs=res["REG"], stack=res["STACK"], local=res["LOCAL"], smem_static=res["SHARED"],
+        stl=count(r"\bSTL\b"), ldl=count(r"\bLDL\b"), hgmma=count(r"\bHGMMA\."),
+        loop_stl=count(r"\bSTL\b", in_loop), loop_ldl=count(r"\bLDL\b", in_loop),
+    )
+
+
+def compile_and_inspect(fn, args: dict, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                        capability: int = TARGET_ARCH) -> dict:
+    """Compile ``fn`` (a JITFunction) for sm_``capability`` and return its resource usage."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    signature, constexprs, attrs = specialize(fn, dict(args, BLOCK_M=block_m, BLOCK_N=block_n))
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    start = time.perf_counter()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True  # real compile times, and the ptxas log below
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+    seconds = time.perf_counter() - start
+    row = _inspect_cubin(kernel.asm["cubin"], fn.__name__)
+    row["smem_dynamic"] = kernel.metadata.shared
+    row["smem"] = row["smem_static"] + row["smem_dynamic"]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    row["ptxas_spill_stores"], row["ptxas_spill_loads"] = (map(int, spills.groups()) if spills
+                                                            else (None, None))
+    row["spill"] = row["stack"] + row["local"]
+    row["fits_smem"] = row["smem"] <= SMEM_PER_CTA_MAX
+    regs_per_warp = -(-row["regs"] // 8) * 8 * 32  # allocated per warp in units of 256 registers
+    row["ctas_per_sm"] = min(REGS_PER_SM // (regs_per_warp * num_warps), WARPS_PER_SM // num_warps,
+                             SMEM_PER_SM // max(row["smem"], 1))
+    row["compile_s"] = round(seconds, 2)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+def tasks(quick: bool) -> list[dict]:
+    """Every (variant, dtype, head dim, mask, causal, config) to compile."""
+    ja = _jvp_attention_module()
+    cases = [dict(variant=v, dtype=t, d=d, causal=False, mask="none")
+             for t in DTYPES for d in HEAD_DIMS for v in VARIANTS]
+    cases += [dict(variant=v, dtype="bf16", d=128, causal=c, mask=m)
+              for c, m in ((True, "none"), (False, "keys")) for v in VARIANTS]
+    if quick:
+        cases = [c for c in cases if c["dtype"] == "bf16" and c["d"] == 128 and not c["causal"]
+                 and c["mask"] == "none"]
+    out = []
+    for case in cases:
+        autotuner = getattr(ja, KERNEL_OF[case["variant"]])
+        args = launch_args(case["variant"], case["dtype"], case["d"], causal=case["causal"],
+                           mask=case["mask"])
+        flags = {name: args[name] for i, name in enumerate(autotuner.fn.arg_names)
+                 if i in autotuner.fn.constexprs and name in args}  # what the launcher passes by keyword
+        kept = autotuner.early_config_prune(autotuner.configs, {}, **flags) if autotuner.early_config_prune \
+            else autotuner.configs
+        for index, config in enumerate(autotuner.configs):
+            if quick and config is not next(c for c in autotuner.configs if c in kept):
+                continue
+            if config.num_ctas != 1 or config.maxnreg is not None:
+                raise NotImplementedError(f"config {config} sets num_ctas / maxnreg")
+            out.append(dict(case, kernel=KERNEL_OF[case["variant"]], config=index,
+                            BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
+                            warps=config.num_warps, stages=config.num_stages, kept=config in kept))
+    return out
+
+
+def run_task(task: dict) -> dict:
+    ja = _jvp_attention_module()
+    fn = getattr(ja, task["kernel"]).fn
+    args = launch_args(task["variant"], task["dtype"], task["d"], causal=task["causal"], mask=task["mask"])
+    try:
+        result = compile_and_inspect(fn, args, task["BLOCK_M"], task["BLOCK_N"], task["warps"],
+                                     task["stages"])
+    except Exception as error:  # a failed compile is a finding, not a crash of the report
+        result = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
+    return dict(task, **result)
+
+
+COLUMNS = [  # header, key, width
+    ("kernel", "kernel", 30), ("variant", "label", 15), ("dtype", "dtype", 5), ("d", "d", 3),
+    ("BM", "BLOCK_M", 3), ("BN", "BLOCK_N", 3), ("w", "warps", 2), ("s", "stages", 2),
+    ("regs", "regs", 4), ("spill", "spill", 5), ("st/ld (loop)", "stl_ldl", 13), ("smem", "smem", 6),
+    ("hgmma", "hgmma", 5), ("cta/sm", "ctas_per_sm", 6), ("keep", "keep", 4), ("sec", "compile_s", 5),
+    ("notes", "notes", 0),
+]
+
+
+def _label(row: dict) -> str:
+    causal = "+causal" if row["causal"] else ""
+    return row["variant"] + causal + ("+keymask" if row["mask"] != "none" else "")
+
+
+def format_row(row: dict) -> str:
+    cells = dict(row, label=_label(row), keep="yes" if row["kept"] else "no")
+    if "error" in row:
+        cells["notes"] = "COMPILE FAILED: " + row["error"]
+    else:
+        cells["stl_ldl"] = f"{row['stl']}/{row['ldl']} ({row['loop_stl']}/{row['loop_ldl']})"
+        notes = []
+        if row["spill"]:
+            notes.append("SPILLS IN LOOP" if row["loop_stl"] or row["loop_ldl"] else "spills outside loop")
+        if not row["fits_smem"]:
+            notes.append(f"SMEM > {SMEM_PER_CTA_MAX // 1024} KiB")
+        if row["hgmma"] == 0:
+            notes.append("no wgmma")
+        cells["notes"] = ", ".join(notes)
+    return " ".join(str(cells.get(key, "-")).rjust(width) if width else str(cells.get(key, ""))
+                    for _, key, width in COLUMNS)
+
+
+def header() -> str:
+    return " ".join(h.rjust(w) if w else h for h, _, w in COLUMNS)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="d=128 bf16, the first configuration the pruning keeps")
+    parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")),
+                        help="where to write the rows")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    opts = parser.parse_args(argv)
+
+    missing = missing_tools()
+    if missing:
+        print(f"missing nvidia backend tools: {', '.join(missing)} (in {tools_dir()})", file=sys.stderr)
+        return 2
+    # The interpreter swaps in one config and no compiler; a fresh cache keeps the user's clean.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    cache = tempfile.mkdtemp(prefix="hopper_report_cache_")
+    os.environ["TRITON_CACHE_DIR"] = cache
+
+    import triton
+
+    start = time.perf_counter()
+    todo = sorted(tasks(opts.quick), key=lambda t: (t["variant"] != "fwd_jvp", -t["BLOCK_M"] * t["BLOCK_N"]))
+    rows = []
+    print(f"# triton {triton.__version__}, target cuda sm_{TARGET_ARCH}, {len(todo)} compiles on "
+          f"{opts.workers} worker(s); FLUX shapes B={FLUX['batch']} H={FLUX['heads']} N={FLUX['tokens']}",
+          flush=True)
+    try:
+        if opts.workers > 1 and len(todo) > 1:
+            context = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(opts.workers, mp_context=context) as pool:
+                rows = list(pool.map(run_task, todo))
+        else:
+            rows = [run_task(t) for t in todo]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (r["causal"], r["mask"] != "none", order[r["variant"]], DTYPES.index(r["dtype"]),
+                             r["d"], r["config"]))
+    print(header())
+    for row in rows:
+        print(format_row(row))
+    elapsed = time.perf_counter() - start
+    failed = [r for r in rows if "error" in r]
+    spilled = [r for r in rows if r.get("spill")]
+    too_big = [r for r in rows if "error" not in r and not r["fits_smem"]]
+    print(f"# {len(rows)} compiles in {elapsed:.0f} s: {len(failed)} failed, {len(spilled)} spill, "
+          f"{len(too_big)} over {SMEM_PER_CTA_MAX // 1024} KiB shared memory")
+    Path(opts.json).write_text(json.dumps(dict(
+        triton=triton.__version__, target=f"cuda:{TARGET_ARCH}", shapes=FLUX, quick=opts.quick,
+        seconds=round(elapsed, 1), smem_per_cta_max=SMEM_PER_CTA_MAX, rows=rows), indent=1) + "\n")
+    print(f"# wrote {opts.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
