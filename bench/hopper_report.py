@@ -13,7 +13,7 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
              (227 KiB opt-in + that reserved 1 KiB)
     hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback)
     cta/sm   CTAs per SM allowed by registers, shared memory and warps
-    keep     whether the autotuner's ``_prune_by_shared_memory`` keeps the configuration
+    keep     whether the autotuner's early pruning (shared memory, registers) keeps the configuration
 
 Shapes are FLUX's (B=1, 24 heads, 4096 image + 512 text tokens, contiguous (B, H, N, D)):
 Triton specializes integer arguments on divisibility by 16 and on == 1, so the arguments are
@@ -109,6 +109,8 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     b, h, n, d = FLUX["batch"], FLUX["heads"], FLUX["tokens"], head_dim
     layout = (h * n * d, n * d, d)  # contiguous (B, H, N, D): strides of b, h, and the token axis
+    if d % 8 == 0:  # rows on 16-byte boundaries: the launcher passes strides in units of 8
+        layout = tuple(s // 8 for s in layout)
     strides = {p: layout for p in ("q", "k", "v", "tq", "tk", "tv", "g")}
     if mask == "none":
         mask_strides, mask_kind, mask_bool = (0, 0, 0, 0), ja.MASK_NONE, False
@@ -121,7 +123,8 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
     tangent = variant == "fwd_jvp"
     values = dict(
         Mask=mask_t, Lse=MockTensor(torch.float32), Delta=MockTensor(torch.float32),
-        n_heads=h, n_kv_heads=h, n_queries=n, n_keys=n, head_dim=d, value_dim=d, group=1, scale=d ** -0.5,
+        n_heads=h, n_kv_heads=h, n_queries=n, n_keys=n, HEAD_DIM=d, VALUE_DIM=d, group=1, scale=d ** -0.5,
+        ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
         IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
         HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent,
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
@@ -274,7 +277,7 @@ def tasks(quick: bool) -> list[dict]:
                            mask=case["mask"])
         flags = {name: args[name] for i, name in enumerate(autotuner.fn.arg_names)
                  if i in autotuner.fn.constexprs and name in args}  # what the launcher passes by keyword
-        kept = autotuner.early_config_prune(autotuner.configs, {}, **flags) if autotuner.early_config_prune \
+        kept = autotuner.early_config_prune(autotuner.configs, {"Q": args["Q"]}, **flags) if autotuner.early_config_prune \
             else autotuner.configs
         for index, config in enumerate(autotuner.configs):
             if quick and config is not next(c for c in autotuner.configs if c in kept):

@@ -55,49 +55,89 @@ def autotuning() -> bool:
 # Configurations
 # --------------------------------------------------------------------------------------------
 
-# H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), default first. Checked on the CPU
-# by compiling for sm_90 (bench/hopper_report.py): registers, spills, shared memory, wgmma.
+# H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), default first, chosen by compiling
+# for sm_90 on the CPU (bench/hopper_report.py): no spills inside the loop, wgmma in use, shared
+# memory within 227 KiB. The good shapes differ per kernel: dK/dV streams queries (BLOCK_M)
+# past a resident key block, dQ streams keys past a resident query block.
 FORWARD_TILES = [
+    (128, 32, 8, 2),
     (128, 64, 8, 2),
+    (128, 32, 8, 3),
+    (64, 32, 4, 2),
+    (64, 32, 4, 3),
+    # Primal only: the tangent accumulators would spill these.
     (128, 64, 8, 3),
     (128, 128, 8, 2),
-    (64, 64, 4, 3),
-    (64, 32, 4, 2),
 ]
-BACKWARD_TILES = [
+BWD_DKDV_TILES = [
+    (64, 64, 8, 2),
+    (64, 64, 8, 3),
+    (128, 64, 8, 2),
+    (64, 32, 4, 2),
+    (64, 32, 4, 3),
+]
+BWD_DQ_TILES = [
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
     (64, 128, 8, 2),
-    (32, 128, 4, 2),
     (64, 64, 4, 2),
-    (32, 64, 4, 2),
+    (64, 64, 4, 3),
+    (128, 32, 8, 2),
 ]
 # The interpreter cannot benchmark: exactly one configuration.
 INTERPRETER_TILE = (32, 32, 4, 1)
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory per block on an H100
 
 
 def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if is_interpreting():
         tiles = [INTERPRETER_TILE]
-    elif not autotuning():
-        tiles = tiles[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
-def _prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined K/V(/tangent) buffers cannot fit an H100's 227 KiB."""
-    head_block = max(kwargs.get("BLOCK_D", 128), kwargs.get("BLOCK_DV", 128))
-    kept = []
-    for config in configs:
-        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        streamed = 4 * bn * head_block * 2 * max(config.num_stages, 1)
-        resident = 2 * bm * head_block * 2
-        if streamed + resident <= 227 * 1024 and not (head_block >= 256 and bm * bn > 64 * 64):
-            kept.append(config)
-    return kept or configs[-1:]
+def _forward_shared_memory(bm, bn, stages, d, e, kw):
+    """Pipelined K, V (and K̇, V̇) tiles plus the resident Q (and Q̇) tile, bytes."""
+    streamed = 2 + kw.get("HAS_K_DOT", False) + kw.get("HAS_V_DOT", False)
+    return (streamed * bn * d * stages + (1 + kw.get("HAS_Q_DOT", False)) * bm * d) * e
 
 
-_FORWARD_KEY = ["n_queries", "n_keys", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+def _forward_fits_registers(bm, bn, kw):
+    # Two fp32 (BLOCK_M, d) accumulators plus the score and score-tangent tiles: beyond
+    # 128×64 per program they spill inside the loop at every head dim.
+    has_tangent = kw.get("HAS_Q_DOT") or kw.get("HAS_K_DOT") or kw.get("HAS_V_DOT")
+    return not has_tangent or bm * bn <= 128 * 64
+
+
+def _dkdv_shared_memory(bm, bn, stages, d, e, kw):
+    return (2 * bm * d * stages + 2 * bn * d) * e + 2 * bm * bn + 1024
+
+
+def _dq_shared_memory(bm, bn, stages, d, e, kw):
+    return (2 * bn * d * stages + 2 * bm * d) * e
+
+
+def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
+    """An early_config_prune that keeps the tiles that fit an H100; pinned to the first of
+    them unless autotuning (MEANFLOW_AUTOTUNE=0)."""
+
+    def prune(configs, named_args, **kwargs):
+        element = named_args["Q"].dtype.itemsize
+        d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        kept = [
+            c for c in configs
+            if shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], max(c.num_stages, 1), d, element, kwargs)
+            <= SHARED_MEMORY_LIMIT and fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], kwargs)
+        ]
+        # The smallest tile always fits; keep something rather than fail.
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+        return kept if autotuning() else kept[:1]
+
+    return prune
+
+
+_FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
                 "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT"]
-_BACKWARD_KEY = ["n_queries", "n_keys", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND"]
+_BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +171,18 @@ def _masked_scores(
 
 
 @triton.jit
+def _hint_aligned(stride_b, stride_h, stride_n, ROWS_ALIGNED: tl.constexpr):
+    """Strides in elements. When every row starts on a 16-byte boundary the launcher passes them
+    divided by 8 (ROWS_ALIGNED): the product by 8 shows the compiler that rows are aligned, so
+    tiles load with vector and async copies at head dims that are not multiples of 16 (72, 96)."""
+    if ROWS_ALIGNED:
+        stride_b = stride_b * 8
+        stride_h = stride_h * 8
+        stride_n = stride_n * 8
+    return stride_b, stride_h, stride_n
+
+
+@triton.jit
 def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
     """(rows, cols) tile with unit column stride, zero outside [0, n_rows) × [0, n_cols)."""
     return tl.load(
@@ -155,20 +207,27 @@ def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
 # --------------------------------------------------------------------------------------------
 
 @triton.autotune(configs=_configs(FORWARD_TILES), key=_FORWARD_KEY,
-                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+                 prune_configs_by={"early_config_prune": _pruner(_forward_shared_memory, _forward_fits_registers)})
 @triton.jit
 def _jvp_attention_fwd_kernel(
     Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqm, stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    n_heads, n_queries, n_keys, group, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
     HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HAS_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT or HAS_V_DOT
     HAS_SCORE_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT
+    stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
+    stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
+    stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
+    stride_tqb, stride_tqh, stride_tqm = _hint_aligned(stride_tqb, stride_tqh, stride_tqm, ROWS_ALIGNED)
+    stride_tkb, stride_tkh, stride_tkn = _hint_aligned(stride_tkb, stride_tkh, stride_tkn, ROWS_ALIGNED)
+    stride_tvb, stride_tvh, stride_tvn = _hint_aligned(stride_tvb, stride_tvh, stride_tvn, ROWS_ALIGNED)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch, head = pid_bh // n_heads, pid_bh % n_heads
@@ -183,10 +242,10 @@ def _jvp_attention_fwd_kernel(
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
     mask_base = Mask + batch * stride_mb + head * stride_mh
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, head_dim)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
     if HAS_Q_DOT:
         q_dot = _load_tile(Q_dot + batch * stride_tqb + head * stride_tqh, offs_m, offs_d, stride_tqm,
-                           n_queries, head_dim)
+                           n_queries, HEAD_DIM)
     if HAS_K_DOT:
         k_dot_base = K_dot + batch * stride_tkb + kv_head * stride_tkh
     if HAS_V_DOT:
@@ -204,7 +263,7 @@ def _jvp_attention_fwd_kernel(
         hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, head_dim)
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -213,19 +272,19 @@ def _jvp_attention_fwd_kernel(
         alpha = tl.exp2(row_max - safe_max)
         p = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         if HAS_TANGENT:
             acc_dot = acc_dot * alpha[:, None]
             if HAS_V_DOT:
-                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, value_dim)
+                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM)
                 acc_dot = tl.dot(p.to(v.dtype), v_dot, acc_dot, input_precision=PRECISION)
             if HAS_SCORE_TANGENT:
                 score_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 if HAS_Q_DOT:
                     score_dot = tl.dot(q_dot, k_t, score_dot, input_precision=PRECISION)
                 if HAS_K_DOT:
-                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, head_dim)
+                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM)
                     score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
                 p_score_dot = p * (score_dot * scale)
                 lse_dot = lse_dot * alpha + tl.sum(p_score_dot, 1)
@@ -238,8 +297,8 @@ def _jvp_attention_fwd_kernel(
     # lse in natural units: (m₂ + log2 l)·ln 2.
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(denom)) * 0.6931471805599453)
     row_ok = offs_m < n_queries
-    out_offsets = pid_bh * n_queries * value_dim + offs_m[:, None] * value_dim + offs_dv[None, :]
-    out_mask = row_ok[:, None] & (offs_dv < value_dim)[None, :]
+    out_offsets = pid_bh * n_queries * VALUE_DIM + offs_m[:, None] * VALUE_DIM + offs_dv[None, :]
+    out_mask = row_ok[:, None] & (offs_dv < VALUE_DIM)[None, :]
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=out_mask)
     tl.store(Lse + pid_bh * n_queries + offs_m, lse, mask=row_ok)
     if HAS_TANGENT:
@@ -252,17 +311,22 @@ def _jvp_attention_fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs(BACKWARD_TILES), key=_BACKWARD_KEY,
-                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.autotune(configs=_configs(BWD_DKDV_TILES), key=_BACKWARD_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_dkdv_shared_memory)})
 @triton.jit
 def _jvp_attention_bwd_dkdv_kernel(
     Q, K, V, Mask, Grad_out, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
-    n_heads, n_kv_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    n_heads, n_kv_heads, n_queries, n_keys, group, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
+    stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
+    stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
+    stride_gb, stride_gh, stride_gm = _hint_aligned(stride_gb, stride_gh, stride_gm, ROWS_ALIGNED)
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1).to(tl.int64)
     batch, kv_head = pid_bhk // n_kv_heads, pid_bhk % n_kv_heads
@@ -272,8 +336,8 @@ def _jvp_attention_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, head_dim)
-    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
     k_t = tl.trans(k)
     v_t = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -290,8 +354,8 @@ def _jvp_attention_bwd_dkdv_kernel(
         row_base = (batch * n_heads + head) * n_queries
         for start_m in range(lo, n_queries, BLOCK_M):
             offs_m = start_m + offs_m0
-            q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, head_dim)
-            grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, value_dim)
+            q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
+            grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, VALUE_DIM)
             lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
             scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
@@ -302,25 +366,30 @@ def _jvp_attention_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
 
-    offs_k = pid_bhk * n_keys * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
+    offs_k = pid_bhk * n_keys * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + offs_k, (dk * scale).to(DK.dtype.element_ty),
-             mask=(offs_n < n_keys)[:, None] & (offs_d < head_dim)[None, :])
-    offs_v = pid_bhk * n_keys * value_dim + offs_n[:, None] * value_dim + offs_dv[None, :]
+             mask=(offs_n < n_keys)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    offs_v = pid_bhk * n_keys * VALUE_DIM + offs_n[:, None] * VALUE_DIM + offs_dv[None, :]
     tl.store(DV + offs_v, dv.to(DV.dtype.element_ty),
-             mask=(offs_n < n_keys)[:, None] & (offs_dv < value_dim)[None, :])
+             mask=(offs_n < n_keys)[:, None] & (offs_dv < VALUE_DIM)[None, :])
 
 
-@triton.autotune(configs=_configs(BACKWARD_TILES), key=_BACKWARD_KEY,
-                 prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.autotune(configs=_configs(BWD_DQ_TILES), key=_BACKWARD_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_dq_shared_memory)})
 @triton.jit
 def _jvp_attention_bwd_dq_kernel(
     Q, K, V, Mask, Grad_out, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
-    n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+    n_heads, n_queries, n_keys, group, scale,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
+    stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
+    stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
+    stride_gb, stride_gh, stride_gm = _hint_aligned(stride_gb, stride_gh, stride_gm, ROWS_ALIGNED)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch, head = pid_bh // n_heads, pid_bh % n_heads
@@ -331,9 +400,9 @@ def _jvp_attention_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, head_dim)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
     grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh, offs_m, offs_dv, stride_gm,
-                          n_queries, value_dim)
+                          n_queries, VALUE_DIM)
     lse = tl.load(Lse + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=float("inf"))
     delta = tl.load(Delta + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -346,8 +415,8 @@ def _jvp_attention_bwd_dq_kernel(
         hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, head_dim)
-        v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, value_dim)
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
+        v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
         p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
@@ -355,9 +424,9 @@ def _jvp_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(q.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
 
-    offs_q = pid_bh * n_queries * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    offs_q = pid_bh * n_queries * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + offs_q, (dq * scale).to(DQ.dtype.element_ty),
-             mask=(offs_m < n_queries)[:, None] & (offs_d < head_dim)[None, :])
+             mask=(offs_m < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,14 +449,27 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like
     return mask, tuple(mask.stride()), kind, is_bool
 
 
+def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
+    """True when every row of every tensor starts on a 16-byte boundary (strides and the base
+    pointer multiples of 8 elements, and of 16 bytes), which the kernels may then assume."""
+    for t in tensors:
+        if t is None:
+            continue
+        if any(stride % 8 for stride in t.stride()[:-1]) or t.shape[-1] % 8 or t.data_ptr() % 16:
+            return False
+    return True
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get full float32 products, as SDPA's math path; 16-bit use tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _strides3(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int]:
+def _strides3(t: torch.Tensor | None, like: torch.Tensor, aligned: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides, divided by 8 when rows are aligned (see _hint_aligned)."""
     t = like if t is None else t
-    return t.stride(0), t.stride(1), t.stride(2)
+    unit = 8 if aligned else 1
+    return t.stride(0) // unit, t.stride(1) // unit, t.stride(2) // unit
 
 
 def jvp_attention_forward(
@@ -423,6 +505,7 @@ def jvp_attention_forward(
     out_dot = torch.empty_like(out) if has_tangent else None
     lse = torch.empty((batch, n_heads, n_queries), device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+    aligned = _rows_aligned(q, k, v, q_dot, k_dot, v_dot)
 
     def grid(meta):
         return (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)
@@ -430,10 +513,11 @@ def jvp_attention_forward(
     _jvp_attention_fwd_kernel[grid](
         q, k, v, q if q_dot is None else q_dot, k if k_dot is None else k_dot, v if v_dot is None else v_dot,
         mask_t, out, out if out_dot is None else out_dot, lse,
-        *_strides3(q, q), *_strides3(k, k), *_strides3(v, v),
-        *_strides3(q_dot, q), *_strides3(k_dot, k), *_strides3(v_dot, v),
+        *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned),
+        *_strides3(q_dot, q, aligned), *_strides3(k_dot, k, aligned), *_strides3(v_dot, v, aligned),
         *mask_strides,
-        n_heads, n_queries, n_keys, head_dim, value_dim, group, scale,
+        n_heads, n_queries, n_keys, group, scale,
+        HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
@@ -472,19 +556,22 @@ def jvp_attention_backward(
     dk = torch.empty((batch, n_kv_heads, n_keys, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, n_kv_heads, n_keys, value_dim), device=q.device, dtype=v.dtype)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+    aligned = _rows_aligned(q, k, v, grad_out)
     common = (
-        *_strides3(q, q), *_strides3(k, k), *_strides3(v, v), *mask_strides, *_strides3(grad_out, grad_out),
+        *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned), *mask_strides,
+        *_strides3(grad_out, grad_out, aligned),
     )
     flags = dict(
+        HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     _jvp_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common,
-        n_heads, n_kv_heads, n_queries, n_keys, head_dim, value_dim, group, scale, **flags,
+        n_heads, n_kv_heads, n_queries, n_keys, group, scale, **flags,
     )
     _jvp_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)](
         q, k, v, mask_t, grad_out, lse, delta, dq, *common,
-        n_heads, n_queries, n_keys, head_dim, value_dim, group, scale, **flags,
+        n_heads, n_queries, n_keys, group, scale, **flags,
     )
     return dq, dk, dv

@@ -55,14 +55,7 @@ def test_first_config_compiles_with_wgmma(rows, variant):
     assert row["hgmma"] > 0, f"{_describe(row)}: no HGMMA (wgmma) in the SASS"
 
 
-# Known with the current config lists (see the table of bench/hopper_report.py): these spill a
-# few bytes outside the main loop. Strict, so the marks must go once the configs are fixed.
-_SPILLS_NOW = pytest.mark.xfail(strict=True, reason="first kept config spills outside the loop on sm_90 "
-                                "(fwd_jvp 128x64 w8 s2: 40 B; bwd_dkdv 64x64 w4 s2: 24 B)")
-
-
-@pytest.mark.parametrize("variant", [pytest.param("fwd_jvp", marks=_SPILLS_NOW), "fwd",
-                                     pytest.param("bwd_dkdv", marks=_SPILLS_NOW), "bwd_dq"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_first_config_does_not_spill(rows, variant):
     row = rows[variant]
     if "error" in row:
