@@ -1,0 +1,5 @@
+import sys
+
+from meanflow.cli import main
+
+sys.exit(main())
