@@ -146,7 +146,7 @@ main() {
     local bench_rc=0
     rm -f "$OUT/bench.json"
     run_capped "${BENCH_LIMIT_S:-240}" "$OUT/bench.log" \
-        "$PY" -m pytest bench --benchmark-only -q --benchmark-json="$OUT/bench.json" \
+        env TRITON_PRINT_AUTOTUNING=1 "$PY" -m pytest bench --benchmark-only -q -s --benchmark-json="$OUT/bench.json" \
         --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
     case $bench_rc in
         0) echo "benchmarks done" ;;
