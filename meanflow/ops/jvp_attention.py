@@ -17,6 +17,7 @@ over the Triton backward (refused likewise; ``.backward()`` and ``torch.autograd
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -89,6 +90,11 @@ class JVPAttentionFunction(torch.autograd.Function):
             impl = implementation("jvp_attention", backend)
             _, out_dot, _ = impl.jvp_attention_forward(q, k, v, q_t, k_t, v_t, mask, is_causal, scale)
         return out_dot, None, None
+
+
+# autograd.Function.apply binds its arguments with inspect.signature(forward) at every call;
+# a cached signature saves rebuilding it (tens of microseconds of host time per call).
+JVPAttentionFunction.forward.__signature__ = inspect.signature(JVPAttentionFunction.forward)
 
 
 # --------------------------------------------------------------------------------------------
