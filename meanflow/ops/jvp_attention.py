@@ -17,84 +17,41 @@ over the Triton backward (refused likewise; ``.backward()`` and ``torch.autograd
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from meanflow.ops.dispatch import implementation, resolve_backend
-
-try:  # functorch internals, used only to refuse what would otherwise be silently wrong
-    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-except ImportError:  # pragma: no cover - older or stripped builds
-    retrieve_all_functorch_interpreters = None
+from meanflow.ops.pair import PairOp, apply_pair
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = _TRITON_DTYPES + (torch.float64,)
 _TRITON_MAX_HEAD_DIM = 256
 
 
-class JVPAttentionFunction(torch.autograd.Function):
-    """Attention with a fused tangent. Inputs:
-
-    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv); q_dot, k_dot, v_dot: tangents shaped
-    like them or None; mask: None or bool/float broadcastable to (B, Hq, Nq, Nk); is_causal;
-    scale (float); backend ('triton' | 'reference'); keep_tangent_for_jvp: True when called
-    under forward AD, so ``jvp`` can hand the fused tangent over (it is released there).
-
-    Outputs: out (B, Hq, Nq, Dv); out_dot (same, or None without tangents), not
-    differentiable; lse (B, Hq, Nq) float32/float64, not differentiable.
-    """
-
-    @staticmethod
-    def forward(q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale, backend, keep_tangent_for_jvp):
-        impl = implementation("jvp_attention", backend)
-        return impl.jvp_attention_forward(q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, _, _, _, mask, is_causal, scale, backend, keep_tangent_for_jvp = inputs
-        out, out_dot, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.attrs = (is_causal, scale, backend)
-        # Held only until `jvp` takes it; never saved for backward.
-        ctx.out_dot = out_dot if keep_tangent_for_jvp else None
-        if ctx.out_dot is None:
-            # Should tangents reach the Function without being unpacked first, `jvp` recomputes.
-            ctx.save_for_forward(q, k, v, mask)
-        ctx.mark_non_differentiable(*(t for t in (out_dot, lse) if t is not None))
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_out_dot, grad_lse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        is_causal, scale, backend = ctx.attrs
-        if backend == "triton" and retrieve_all_functorch_interpreters is not None and any(
-                is_functorch_wrapped_tensor(t) for t in (grad_out, q)):
-            raise ValueError("torch.func.grad / vjp over jvp_attention's Triton backward is not supported "
-                             "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
-                             "or MEANFLOW_BACKEND=reference")
-        impl = implementation("jvp_attention", backend)
-        dq, dk, dv = impl.jvp_attention_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale)
-        needs = ctx.needs_input_grad
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                None, None, None, None, None, None, None, None)
-
-    @staticmethod
-    def jvp(ctx, q_t, k_t, v_t, *unused):
-        out_dot, ctx.out_dot = ctx.out_dot, None
-        if out_dot is None and any(t is not None for t in (q_t, k_t, v_t)):
-            q, k, v, mask = ctx.saved_tensors
-            is_causal, scale, backend = ctx.attrs
-            impl = implementation("jvp_attention", backend)
-            _, out_dot, _ = impl.jvp_attention_forward(q, k, v, q_t, k_t, v_t, mask, is_causal, scale)
-        return out_dot, None, None
+def _forward(inputs, tangents, options):
+    q, k, v, mask = inputs
+    q_dot, k_dot, v_dot, _ = tangents
+    is_causal, scale, backend = options
+    out, out_dot, lse = implementation("jvp_attention", backend).jvp_attention_forward(
+        q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale)
+    return out, out_dot, (lse,)
 
 
-# autograd.Function.apply binds its arguments with inspect.signature(forward) at every call;
-# a cached signature saves rebuilding it (tens of microseconds of host time per call).
-JVPAttentionFunction.forward.__signature__ = inspect.signature(JVPAttentionFunction.forward)
+def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
+    q, k, v, mask = inputs
+    is_causal, scale, backend = options
+    dq, dk, dv = implementation("jvp_attention", backend).jvp_attention_backward(
+        grad_out, q, k, v, out, extras[0], mask, is_causal, scale)
+    return tuple(g if need else None for g, need in zip((dq, dk, dv), needs_input_grad)) + (None,)
+
+
+# Inputs (q, k, v, mask): q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), mask None or
+# bool/float broadcastable to (B, Hq, Nq, Nk). Options (is_causal, scale, backend). Output
+# (B, Hq, Nq, Dv); extra: the row log-sum-exp (B, Hq, Nq) for the backward.
+JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
+                       raw_tensors=lambda options: options[2] == "triton")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,20 +153,6 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return backend, float(scale), attn_mask
 
 
-def _nested_jvp_depth() -> int:
-    """How many torch.func.jvp transforms are active around this call."""
-    if retrieve_all_functorch_interpreters is None:
-        return 0
-    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
-
-
-def _absent_if_zero(tangent: torch.Tensor | None) -> torch.Tensor | None:
-    """Forward AD's efficient zero tangents cost nothing: treat them as absent."""
-    if tangent is not None and tangent._is_zerotensor():
-        return None
-    return tangent
-
-
 def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels read rows with unit stride; any other layout of the leading dims is fine."""
     if t is None or t.stride(-1) == 1 or t.numel() == 0:
@@ -269,14 +212,9 @@ def jvp_attention(
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    tangents = tuple(_last_dim_contiguous(_absent_if_zero(fwAD.unpack_dual(t).tangent)) for t in (query, key, value))
-    query, key, value = (_last_dim_contiguous(t) for t in (query, key, value))
-    under_forward_ad = any(t is not None for t in tangents)
-    if under_forward_ad and _nested_jvp_depth() > 1:
-        raise ValueError("query/key/value carry tangents of nested torch.func.jvp transforms: jvp_attention's "
-                         "tangent is computed outside autograd, so higher-order forward AD is not supported")
-    out, _, _ = JVPAttentionFunction.apply(query, key, value, *tangents, mask, is_causal, scale, backend,
-                                           under_forward_ad)
+    inputs = tuple(_last_dim_contiguous(t) for t in (query, key, value)) + (mask,)
+    # Tangents come from the dual inputs; the kernels read rows with unit stride.
+    out, _ = apply_pair(JVP_ATTENTION, inputs, None, (is_causal, scale, backend), prepare=_last_dim_contiguous)
     return out.squeeze(1) if squeeze else out
 
 
@@ -311,10 +249,11 @@ def jvp_attention_pair(
     squeeze = q.dim() == 3
     if squeeze:
         tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
-    tensors = [_last_dim_contiguous(t if i < 3 else _absent_if_zero(t)) for i, t in enumerate(tensors)]
-    out, out_dot, _ = JVPAttentionFunction.apply(*tensors, mask, is_causal, scale, backend, False)
+    tensors = [_last_dim_contiguous(t) for t in tensors]
+    out, out_dot = apply_pair(JVP_ATTENTION, (*tensors[:3], mask), (*tensors[3:], None),
+                              (is_causal, scale, backend))
     if out_dot is None:
-        out_dot = torch.zeros_like(out, requires_grad=False).detach()
+        out_dot = torch.zeros_like(out)
     if squeeze:
         out, out_dot = out.squeeze(1), out_dot.squeeze(1)
     return out, out_dot

@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from meanflow.ops import JVPAttentionFunction
+from meanflow.ops import JVP_ATTENTION, apply_pair
 from meanflow.reference.jvp_attention import jvp_attention_forward
 
 
@@ -20,7 +20,7 @@ def test_reference_gradcheck_float64():
     mask[..., 0] = True
 
     def attention(q, k, v):
-        return JVPAttentionFunction.apply(q, k, v, None, None, None, mask, True, 0.4, "reference", False)[0]
+        return apply_pair(JVP_ATTENTION, (q, k, v, mask), (None, None, None, None), (True, 0.4, "reference"))[0]
 
     assert torch.autograd.gradcheck(attention, (q, k, v))
 

@@ -1,0 +1,165 @@
+"""The mechanism every fused JVP op shares: (primal, tangent) computed together, outside autograd.
+
+An op is described by a ``PairOp``: how to compute (y, ẏ, saved) from inputs and tangents in
+one pass (a fused kernel, or plain torch), and how to compute the input gradients of y from
+what was saved. ``apply_pair`` turns it into an autograd op usable three ways:
+
+- pair form: ``y, y_dot = apply_pair(op, inputs, tangents, options)``: y differentiable, y_dot
+  detached (no ``grad_fn``), for the pair-mode forward of a network;
+- forward AD: ``apply_pair(op, inputs, None, options)`` unpacks the tangents of dual inputs
+  (``torch.func.jvp`` or ``torch.autograd.forward_ad``), hands them to the same fused pass as
+  extra inputs, and the Function's ``jvp`` returns the tangent it computed;
+- plain autograd, when no input has a tangent: the fused pass without tangents.
+
+The tangent is never recorded for backward: gradients reach the inputs through y only. Tangents
+that are absent or forward AD's zero tensors are passed as None, so they cost no work.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+try:  # functorch internals, used only to refuse what would otherwise be silently wrong
+    from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover - older or stripped builds
+    retrieve_all_functorch_interpreters = None
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PairOp:
+    """One fused JVP op.
+
+    Attributes:
+        name: the op's name stem, for messages.
+        forward: ``(inputs, tangents, options) -> (y, y_dot or None, extras)``. inputs: a tuple of
+            tensors, some possibly None (an absent bias or mask); tangents: the same length, None
+            where absent; options: a tuple of non-tensor settings; extras: a tuple of new tensors
+            the backward needs besides the inputs (the log-sum-exp of attention, say).
+        backward: ``(inputs, y, extras, options, grad_y, needs_input_grad) -> grads``, one per
+            input (None where not needed). y is None unless ``save_output``.
+        save_output: whether the backward reads y.
+        raw_tensors: ``options -> bool``: whether ``forward``/``backward`` launch kernels that
+            need plain tensors (Triton) for these options; functorch's grad transform is then
+            refused with a clear error.
+    """
+
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor | None, tuple]]
+    backward: Callable[..., tuple]
+    save_output: bool = False
+    raw_tensors: Callable[[tuple], bool] = lambda options: False
+
+
+class PairFunction(torch.autograd.Function):
+    """apply(op, options, keep_for_jvp, n_inputs, *inputs, *tangents) -> (y, y_dot, *extras)."""
+
+    @staticmethod
+    def forward(op, options, keep_for_jvp, n_inputs, *tensors):
+        y, y_dot, extras = op.forward(tensors[:n_inputs], tensors[n_inputs:], options)
+        return (y, y_dot, *extras)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, options, keep_for_jvp, n_inputs = inputs[:4]
+        y, y_dot, *extras = output
+        ctx.op, ctx.options, ctx.n_inputs, ctx.n_extras = op, options, n_inputs, len(extras)
+        ctx.save_for_backward(*inputs[4:4 + n_inputs], y if op.save_output else None, *extras)
+        # Held only until `jvp` takes it; never saved for backward.
+        ctx.y_dot = y_dot if keep_for_jvp else None
+        if ctx.y_dot is None:
+            # Should tangents reach the Function without being unpacked first, `jvp` recomputes.
+            ctx.save_for_forward(*inputs[4:4 + n_inputs])
+        ctx.mark_non_differentiable(*(t for t in (y_dot, *extras) if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad_y, *unused):
+        op, n = ctx.op, ctx.n_inputs
+        if op.raw_tensors(ctx.options) and retrieve_all_functorch_interpreters is not None and is_functorch_wrapped_tensor(grad_y):
+            raise ValueError(f"torch.func.grad / vjp over {op.name}'s Triton backward is not supported "
+                             "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
+                             "or MEANFLOW_BACKEND=reference")
+        saved = ctx.saved_tensors
+        grads = op.backward(saved[:n], saved[n], saved[n + 1:], ctx.options, grad_y, ctx.needs_input_grad[4:4 + n])
+        return (None, None, None, None, *grads, *([None] * n))
+
+    @staticmethod
+    def jvp(ctx, _op, _options, _keep, _n, *tangents):
+        y_dot, ctx.y_dot = ctx.y_dot, None
+        input_tangents = tangents[:ctx.n_inputs]
+        if y_dot is None and any(t is not None for t in input_tangents):
+            _, y_dot, _ = ctx.op.forward(tuple(ctx.saved_tensors), tuple(input_tangents), ctx.options)
+        return (y_dot, None, *([None] * ctx.n_extras))
+
+
+# autograd.Function.apply binds its arguments with inspect.signature(forward) at every call;
+# a cached signature saves rebuilding it (tens of microseconds of host time per call).
+PairFunction.forward.__signature__ = inspect.signature(PairFunction.forward)
+
+
+def nested_jvp_depth() -> int:
+    """How many torch.func.jvp transforms are active around this call."""
+    if retrieve_all_functorch_interpreters is None:
+        return 0
+    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
+
+
+def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
+    """Forward AD's efficient zero tangents cost nothing: treat them as absent."""
+    if tangent is not None and tangent._is_zerotensor():
+        return None
+    return tangent
+
+
+def apply_pair(
+    op: PairOp,
+    inputs: Sequence[Tensor | None],
+    tangents: Sequence[Tensor | None] | None,
+    options: tuple = (),
+    prepare: Callable[[Tensor | None], Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Runs ``op``: pair form when ``tangents`` is given, forward-AD form when it is None.
+
+    ``prepare``, if given, is applied to every tangent found in the dual inputs (a layout fix,
+    for example), as the caller applies it to the inputs themselves.
+
+    Returns:
+        (y, y_dot): y differentiable to the inputs; y_dot detached, or None when no tangent
+        was given (pair form) or found (forward-AD form).
+    """
+    if tangents is None:
+        tangents = tuple(None if t is None else absent_if_zero(fwAD.unpack_dual(t).tangent) for t in inputs)
+        if prepare is not None:
+            tangents = tuple(prepare(t) for t in tangents)
+        keep_for_jvp = any(t is not None for t in tangents)
+        if keep_for_jvp and nested_jvp_depth() > 1:
+            raise ValueError(f"inputs of {op.name} carry tangents of nested torch.func.jvp transforms: its "
+                             "tangent is computed outside autograd, so higher-order forward AD is not supported")
+    else:
+        tangents = tuple(absent_if_zero(t) for t in tangents)
+        keep_for_jvp = False
+    y, y_dot, *_ = PairFunction.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents)
+    return y, y_dot
+
+
+def recompute_backward(primal: Callable[..., Tensor]) -> Callable[..., tuple]:
+    """A ``PairOp.backward`` that recomputes ``primal(*inputs, *options)`` under autograd and
+    takes its vector-Jacobian product: right for cheap elementwise ops, which then save nothing
+    but their inputs."""
+
+    def backward(inputs, y, extras, options, grad_y, needs_input_grad):
+        with torch.enable_grad():
+            inputs = tuple(None if t is None else t.detach().requires_grad_(need)
+                           for t, need in zip(inputs, needs_input_grad))
+            y = primal(*inputs, *options)
+            wanted = [t for t, need in zip(inputs, needs_input_grad) if t is not None and need]
+            grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True) if wanted else ())
+        return tuple(next(grads) if t is not None and need else None for t, need in zip(inputs, needs_input_grad))
+
+    return backward
