@@ -1,0 +1,207 @@
+"""``jvp_rms_norm``: FLUX's per-head RMS norm with its tangent fused into the same pass.
+
+    r = rsqrt(mean(x²) + eps)      y = x·r·w      ẏ = w·(ẋ·r − x·r³·mean(x·ẋ)) + x·r·ẇ
+
+over the last dimension of x (any leading dims), statistics in float32 (float64 for float64
+inputs). A drop-in for ``torch.nn.RMSNorm`` / ``F.rms_norm(x, (D,), weight, eps)`` and
+diffusers' ``RMSNorm`` with an elementwise affine weight: the same output dtype
+(``promote_types(x, weight)``; x's without a weight) and the same values up to one rounding
+(they round x·r to the input dtype before the weight product; we round once).
+
+Two forms, both on ``meanflow.ops.pair.apply_pair``:
+
+- ``jvp_rms_norm(x, weight, eps)``: works under ``torch.func.jvp`` and
+  ``torch.autograd.forward_ad`` (a tangent of x and, if the weight is dual, of the weight);
+- ``jvp_rms_norm_pair(x, x_dot, weight, eps, weight_dot=None) -> (y, y_dot)``.
+
+y is differentiable to x and the weight (the backward recomputes the plain-torch primal: an
+elementwise op saves nothing but its inputs); y_dot carries no autograd history.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from meanflow.ops.dispatch import implementation, resolve_backend
+from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.reference.jvp_rms_norm import rms_norm
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
+TRITON_MAX_DIM = 8192
+
+
+def _forward(inputs, tangents, options):
+    x, weight = inputs
+    x_dot, weight_dot = tangents
+    eps, backend = options
+    y, y_dot = implementation("jvp_rms_norm", backend).jvp_rms_norm_forward(x, weight, eps, x_dot, weight_dot)
+    return y, y_dot, ()
+
+
+def vjp_backward(primal):
+    """A ``PairOp.backward`` that recomputes ``primal(*inputs, *options)`` and takes its
+    vector-Jacobian product with ``torch.func.vjp``. Like ``pair.recompute_backward``, for cheap
+    elementwise ops that then save nothing but their inputs; unlike it, it also works inside
+    functorch transforms (``torch.func.grad`` / ``vjp`` over the op), where ``requires_grad_``
+    is refused."""
+
+    def backward(inputs, y, extras, options, grad_y, needs_input_grad):
+        wanted = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad)) if t is not None and need]
+        if not wanted:
+            return (None,) * len(inputs)
+
+        def of_wanted(*tensors):
+            args = list(inputs)
+            for i, t in zip(wanted, tensors):
+                args[i] = t
+            return primal(*args, *options)
+
+        _, vjp = torch.func.vjp(of_wanted, *(inputs[i] for i in wanted))
+        grads = dict(zip(wanted, vjp(grad_y)))
+        return tuple(grads.get(i) for i in range(len(inputs)))
+
+    return backward
+
+
+# Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward,
+                      vjp_backward(lambda x, weight, eps, backend: rms_norm(x, weight, eps)))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (shared with jvp_layer_norm_modulate)
+# --------------------------------------------------------------------------------------------
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_same_device(name: str, t: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if t.device != reference.device:
+        raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
+
+
+def check_tangent(name: str, tangent, primal: torch.Tensor | None, primal_name: str) -> None:
+    if tangent is None:
+        return
+    if primal is None:
+        raise ValueError(f"{name} is given but {primal_name} is None")
+    if not isinstance(tangent, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(tangent).__name__}")
+    if tangent.shape != primal.shape:
+        raise ValueError(f"{name} must have the shape of {primal_name} {tuple(primal.shape)}, "
+                         f"got {tuple(tangent.shape)}")
+    if tangent.dtype != primal.dtype:
+        raise ValueError(f"{name} must have the dtype of {primal_name} ({primal.dtype}), got {tangent.dtype}")
+    if tangent.device != primal.device:
+        raise ValueError(f"{name} must be on {primal_name}'s device {primal.device}, got {tangent.device}")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def check_backend(device: torch.device, empty: bool, dtypes: dict[str, torch.dtype], dim: int) -> str:
+    """The backend for these inputs; refuses what the Triton kernels cannot take."""
+    backend = "reference" if empty else resolve_backend(device)
+    if backend == "triton":
+        for name, dtype in dtypes.items():
+            if dtype not in TRITON_DTYPES:
+                raise ValueError(f"{name} dtype {dtype} is not supported by the Triton backend "
+                                 "(float16, bfloat16, float32); use MEANFLOW_BACKEND=reference")
+        if dim > TRITON_MAX_DIM:
+            raise ValueError(f"the Triton backend normalizes rows of up to {TRITON_MAX_DIM} elements, got {dim}; "
+                             "use MEANFLOW_BACKEND=reference")
+    return backend
+
+
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read rows with unit stride; any row stride is fine."""
+    if t is None or t.numel() == 0 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _validate(x, weight, eps) -> tuple[str, float]:
+    check_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last dimension of at least 1 element, got shape {tuple(x.shape)}")
+    if weight is not None:
+        check_tensor("weight", weight)
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), got {tuple(weight.shape)}")
+        check_same_device("weight", weight, "x", x)
+    if eps is None:  # torch.nn.RMSNorm's default
+        eps = torch.finfo(x.dtype).eps
+    eps = check_eps(eps)
+    dtypes = {"x": x.dtype} if weight is None else {"x": x.dtype, "weight": weight.dtype}
+    return check_backend(x.device, x.numel() == 0, dtypes, x.shape[-1]), eps
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., D) -> (R, D) with unit last stride: a view whenever the layout allows."""
+    return None if t is None else unit_last_stride(t.reshape(-1, t.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+
+def jvp_rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = 1e-6) -> torch.Tensor:
+    """RMS norm over the last dim that supports forward-mode AD with a fused tangent.
+
+    Args:
+        x: (..., D); float16, bfloat16, float32 (float64 on the reference backend).
+        weight: (D,) elementwise affine weight, or None; any float dtype, x's device.
+        eps: added to the mean square (FLUX: 1e-6); None means ``torch.finfo(x.dtype).eps``,
+            as ``torch.nn.RMSNorm``.
+
+    Returns:
+        (..., D) in ``promote_types(x.dtype, weight.dtype)`` (x.dtype without a weight). Under
+        ``torch.func.jvp`` or forward AD, its tangent (from the tangents of x and of the weight)
+        is computed in the same kernel and carries no ``grad_fn``.
+
+    Raises:
+        ValueError: naming the argument, for anything unsupported or inconsistent.
+    """
+    backend, eps = _validate(x, weight, eps)
+    shape = x.shape
+    w = unit_last_stride(weight)
+    y, _ = apply_pair(JVP_RMS_NORM, (_rows(x), w), None, (eps, backend), prepare=unit_last_stride)
+    return y.reshape(shape)
+
+
+def jvp_rms_norm_pair(
+    x: torch.Tensor,
+    x_dot: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    eps: float | None = 1e-6,
+    weight_dot: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit (primal, tangent) form for the pair-mode forward of a network.
+
+    Args:
+        x, weight, eps: as ``jvp_rms_norm``.
+        x_dot: x's tangent, shaped and typed like x, or None (zero, no work).
+        weight_dot: the weight's tangent, like the weight, or None (the usual case).
+
+    Returns:
+        y: as ``jvp_rms_norm``, differentiable to x and the weight.
+        y_dot: the same shape and dtype, detached (no ``grad_fn``); zeros when both tangents are None.
+    """
+    check_tensor("x", x)
+    check_tangent("x_dot", x_dot, x, "x")
+    check_tangent("weight_dot", weight_dot, weight, "weight")
+    backend, eps = _validate(x, weight, eps)
+    shape = x.shape
+    y, y_dot = apply_pair(JVP_RMS_NORM, (_rows(x), unit_last_stride(weight)),
+                          (_rows(x_dot), unit_last_stride(weight_dot)), (eps, backend))
+    y = y.reshape(shape)
+    return y, torch.zeros_like(y) if y_dot is None else y_dot.reshape(shape)
