@@ -1,0 +1,492 @@
+"""FluxStudent / FluxTeacher on diffusers' FluxTransformer2DModel, against the stock model.
+
+- the student's primal is diffusers' forward at r = t (bit for bit through ``student(...)``, to
+  float rounding through the pair-mode ``forward_with_tangent``);
+- ``forward_with_tangent`` equals ``torch.func.jvp`` of the stock model (math SDPA) through z and
+  t, and ``torch.func.jvp`` of the student itself through z, r and t;
+- a MeanFlow-style loss gives the stock path's gradients; checkpointing gives the same gradients
+  and recomputes only the primal;
+- save / load, bf16 autocast, validation.
+
+Tiny models (the config of diffusers' own FLUX tests, and one with 2 double + 2 single blocks),
+one thread: the whole file runs in well under a minute and a half on a loaded 2-core machine.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+pytest.importorskip("diffusers")
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from meanflow import ops  # noqa: E402
+from meanflow.models.flux import JVPFluxAttnProcessor  # noqa: E402
+from meanflow.models.flux_student import FluxCondition, FluxStudent, FluxTeacher  # noqa: E402
+
+TINY = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+DEEP = dict(TINY, num_layers=2, num_single_layers=2)
+GUIDED = dict(TINY, guidance_embeds=True)
+CONFIGS = {"tiny": TINY, "deep": DEEP, "guided": GUIDED}
+
+# Relative to the largest magnitude of the expected tensor. float32: attention, norms and the
+# stacked linear in another summation order, through a few blocks. float64: diffusers computes
+# the rotary embedding and the sinusoidal time projection in float32 even for a float64 model
+# (the fused ops keep float64), so the float64 comparisons sit near float32's rounding
+# (observed: float32 up to 7e-7, float64 up to 1.1e-8).
+REL_TOL = {torch.float32: 5e-6, torch.float64: 1e-7}
+
+_CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton(*values):
+    return pytest.param("triton", *values, marks=pytest.mark.skipif(
+        not _CAN_RUN_TRITON, reason="MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a busy 2-core machine: OpenMP spinning makes small GEMMs far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_diffusers():
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    yield
+    diffusers_logging.set_verbosity(level)
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
+    return request.param
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def _stock(config: str, dtype: torch.dtype) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**CONFIGS[config]).to(dtype)
+
+
+def _student(stock, *, random_delta: bool = False) -> FluxStudent:
+    student = FluxStudent.from_transformer(copy.deepcopy(stock))
+    if random_delta:  # so that r matters
+        g = torch.Generator().manual_seed(7)
+        w = student.delta_embedder.linear_2.weight
+        with torch.no_grad():
+            w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.2)
+            student.delta_embedder.linear_2.bias.copy_(torch.randn(w.shape[0], generator=g, dtype=w.dtype) * 0.2)
+    return student
+
+
+def _inputs(config: str, dtype: torch.dtype, *, batch: int = 2, height: int = 3, width: int = 4, text: int = 5,
+            seed: int = 1):
+    """(z, r, t, cond, z_dot, r_dot): packed latents (B, H·W, 4), times r < t in (0, 1), the
+    conditioning of a FLUX pipeline, and random tangents."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    img_ids = torch.zeros(height, width, 3, dtype=dtype)
+    img_ids[..., 1] = torch.arange(height, dtype=dtype)[:, None]
+    img_ids[..., 2] = torch.arange(width, dtype=dtype)[None, :]
+    guidance = None
+    if CONFIGS[config].get("guidance_embeds"):
+        guidance = 1 + 4 * torch.rand(batch, generator=g, dtype=dtype)
+    cond = FluxCondition(encoder_hidden_states=randn(batch, text, 32), pooled_projections=randn(batch, 32),
+                         txt_ids=torch.zeros(text, 3, dtype=dtype), img_ids=img_ids.reshape(-1, 3), guidance=guidance)
+    t = 0.2 + 0.7 * torch.rand(batch, generator=g, dtype=dtype)
+    r = t * torch.rand(batch, generator=g, dtype=dtype)
+    z = randn(batch, height * width, 4)
+    return z, r, t, cond, randn(*z.shape), randn(batch)
+
+
+def _stock_fn(stock, cond):
+    def v(z, t):
+        return stock(hidden_states=z, encoder_hidden_states=cond.encoder_hidden_states,
+                     pooled_projections=cond.pooled_projections, timestep=t, img_ids=cond.img_ids,
+                     txt_ids=cond.txt_ids, guidance=cond.guidance).sample
+    return v
+
+
+def _stock_jvp(stock, z, t, cond, z_dot, t_dot):
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(_stock_fn(stock, cond), (z, t), (z_dot, t_dot))
+
+
+def _assert_close(actual, expected, dtype, what=""):
+    scale = expected.detach().abs().max().item()
+    tol = REL_TOL[dtype] * max(scale, 1.0)
+    err = (actual.detach() - expected.detach()).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} (max |expected| {scale:.3e})"
+
+
+def _meanflow_loss(u, u_dot, v, r, t):
+    """((u − (v − (t − r)·sg(du/dt)))²).mean()"""
+    target = v - (t - r)[:, None, None] * u_dot.detach()
+    return ((u - target.detach()) ** 2).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the primal at r = t is the teacher's
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["tiny", "deep", "guided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_student_equals_diffusers_at_initialisation(config, dtype, monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    stock = _stock(config, dtype)
+    student = _student(stock)
+    teacher = FluxTeacher(copy.deepcopy(stock))
+    z, r, t, cond, _, _ = _inputs(config, dtype)
+    with torch.no_grad():
+        expected = _stock_fn(stock, cond)(z, t)
+        # student(...) runs diffusers' blocks: bit for bit, at r = t and (the (t − r) embedder
+        # starting at zero) at any r.
+        assert torch.equal(student(z, t, t, cond), expected)
+        assert torch.equal(student(z, r, t, cond), expected)
+        assert torch.equal(teacher.velocity(z, t, cond), expected)
+        # Pair mode: the fused ops, float rounding.
+        u, u_dot = student.forward_with_tangent(z, t, t, cond)
+    _assert_close(u, expected, dtype, "pair-mode primal")
+    assert torch.count_nonzero(u_dot) == 0  # no tangent given: zero
+
+
+def test_teacher_is_frozen():
+    stock = _stock("tiny", torch.float32)
+    teacher = FluxTeacher(stock)
+    teacher.train()
+    assert not teacher.training and not teacher.transformer.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    z, _, t, cond, _, _ = _inputs("tiny", torch.float32)
+    z.requires_grad_(True)
+    v = teacher.velocity(z, t, cond)
+    assert v.grad_fn is None and not v.requires_grad
+    # The teacher keeps the stock attention processors (fast SDPA); the student gets ours.
+    assert not any(isinstance(p, JVPFluxAttnProcessor) for p in stock.attn_processors.values())
+    assert all(isinstance(p, JVPFluxAttnProcessor)
+               for p in _student(_stock("tiny", torch.float32)).transformer.attn_processors.values())
+
+
+# --------------------------------------------------------------------------------------------
+# (b) the tangent
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend, dtype, config", [
+    ("reference", torch.float64, "tiny"),
+    ("reference", torch.float64, "deep"),
+    ("reference", torch.float32, "deep"),
+    ("reference", torch.float64, "guided"),
+    _triton(torch.float32, "tiny"),
+    _triton(torch.float32, "deep"),
+], indirect=["backend"])
+def test_forward_with_tangent_matches_stock_func_jvp(backend, dtype, config):
+    """Through z and t (MeanFlow's tangent (v, 0, 1) and a random one), at r < t: at
+    initialisation r does not enter, so the stock model under torch.func.jvp is the oracle."""
+    stock = _stock(config, dtype)
+    student = _student(stock)
+    z, r, t, cond, z_dot, _ = _inputs(config, dtype)
+    for t_dot in (torch.ones_like(t), torch.randn(t.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)):
+        expected, expected_dot = _stock_jvp(stock, z, t, cond, z_dot, t_dot)
+        u, u_dot = student.forward_with_tangent(z, r, t, cond, z_dot, torch.zeros_like(r), t_dot)
+        _assert_close(u, expected, dtype, "u")
+        _assert_close(u_dot, expected_dot, dtype, "u_dot")
+        assert expected_dot.abs().max() > 1e-2  # not vacuous
+        assert u.grad_fn is not None
+        assert u_dot.grad_fn is None and not u_dot.requires_grad
+
+
+@pytest.mark.parametrize("backend, dtype, config", [
+    ("reference", torch.float64, "deep"),
+    ("reference", torch.float64, "guided"),
+    _triton(torch.float32, "tiny"),
+], indirect=["backend"])
+def test_forward_with_tangent_matches_func_jvp_of_the_student(backend, dtype, config):
+    """With a trained-looking (t − r) embedder, through z, r and t: torch.func.jvp of
+    ``student(...)`` itself (diffusers' blocks, JVPFluxAttnProcessor) is the oracle."""
+    student = _student(_stock(config, dtype), random_delta=True)
+    z, r, t, cond, z_dot, r_dot = _inputs(config, dtype)
+    t_dot = torch.ones_like(t)
+    expected, expected_dot = torch.func.jvp(lambda z, r, t: student(z, r, t, cond), (z, r, t), (z_dot, r_dot, t_dot))
+    u, u_dot = student.forward_with_tangent(z, r, t, cond, z_dot, r_dot, t_dot)
+    _assert_close(u, expected, dtype, "u")
+    _assert_close(u_dot, expected_dot, dtype, "u_dot")
+    # r matters now, in the primal and in the tangent.
+    u_rt, _ = student.forward_with_tangent(z, t, t, cond)
+    assert (u_rt - u).abs().max() > 1e-3
+    _, only_r = student.forward_with_tangent(z, r, t, cond, None, r_dot, None)
+    _, expected_only_r = torch.func.jvp(lambda r: student(z, r, t, cond), (r,), (r_dot,))
+    _assert_close(only_r, expected_only_r, dtype, "tangent through r alone")
+    assert expected_only_r.abs().max() > 1e-3
+
+
+def test_scalar_times_and_tangents():
+    """Floats and 0-d tensors broadcast over the batch (t_dot = 1.0 is MeanFlow's ṫ)."""
+    student = _student(_stock("tiny", torch.float32), random_delta=True)
+    z, r, t, cond, z_dot, _ = _inputs("tiny", torch.float32)
+    a = student.forward_with_tangent(z, 0.25, torch.tensor(0.75), cond, z_dot, 0.0, 1.0)
+    b = student.forward_with_tangent(z, torch.full((2,), 0.25), torch.full((2,), 0.75), cond, z_dot,
+                                     torch.zeros(2), torch.ones(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------------
+# (c) gradients of the MeanFlow loss, with and without checkpointing
+# --------------------------------------------------------------------------------------------
+
+def _grads(module, loss):
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("backend, dtype, config", [
+    ("reference", torch.float64, "deep"),
+    ("reference", torch.float32, "tiny"),
+    _triton(torch.float32, "tiny"),
+], indirect=["backend"])
+def test_meanflow_loss_gradients_match_the_stock_path(backend, dtype, config):
+    stock = _stock(config, dtype)
+    student = _student(stock)
+    z, r, t, cond, v, _ = _inputs(config, dtype)
+    t_dot = torch.ones_like(t)
+
+    u, u_dot = _stock_jvp(stock, z, t, cond, v, t_dot)
+    expected = _grads(stock, _meanflow_loss(u, u_dot, v, r, t))
+    u, u_dot = student.forward_with_tangent(z, r, t, cond, v, None, t_dot)
+    actual = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+
+    for name, grad in expected.items():
+        assert actual[f"transformer.{name}"] is not None, name
+        _assert_close(actual[f"transformer.{name}"], grad, dtype, name)
+    # The (t − r) embedder learns from the start through its zero last layer (adaLN-zero style).
+    assert actual["delta_embedder.linear_2.weight"].abs().max() > 0
+    assert torch.count_nonzero(actual["delta_embedder.linear_1.weight"]) == 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meanflow_gradients_match_func_jvp_of_the_student(checkpointing, monkeypatch):
+    """All parameters, the (t − r) embedder included, against torch.func.jvp of student(...)."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    dtype = torch.float64
+    student = _student(_stock("deep", dtype), random_delta=True)
+    z, r, t, cond, v, _ = _inputs("deep", dtype)
+    t_dot = torch.ones_like(t)
+    u, u_dot = torch.func.jvp(lambda z, t: student(z, r, t, cond), (z, t), (v, t_dot))
+    expected = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+    student.gradient_checkpointing = checkpointing
+    u, u_dot = student.forward_with_tangent(z, r, t, cond, v, None, t_dot)
+    actual = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+    missing = [n for n, g in actual.items() if g is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    for name, grad in expected.items():
+        _assert_close(actual[name], grad, dtype, name)
+
+
+@pytest.mark.parametrize("backend, dtype, config", [("reference", torch.float64, "deep"),
+                                                    ("reference", torch.float32, "deep"),
+                                                    _triton(torch.float32, "tiny")], indirect=["backend"])
+def test_checkpointing_gives_the_same_gradients_and_recomputes_only_the_primal(backend, dtype, config, monkeypatch):
+    student = _student(_stock(config, dtype), random_delta=True)
+    z, r, t, cond, v, r_dot = _inputs(config, dtype)
+    inputs = (z, r, t, cond, v, r_dot, torch.ones_like(t))
+
+    u, u_dot = student.forward_with_tangent(*inputs)
+    expected = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+
+    calls = {"pair": 0, "plain": 0}
+    real_pair, real_plain = ops.jvp_attention_pair, ops.jvp_attention
+
+    def pair(*args, **kwargs):
+        calls["pair"] += 1
+        return real_pair(*args, **kwargs)
+
+    def plain(*args, **kwargs):
+        calls["plain"] += 1
+        return real_plain(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "jvp_attention_pair", pair)
+    monkeypatch.setattr(ops, "jvp_attention", plain)
+    student.gradient_checkpointing = True
+    u2, u2_dot = student.forward_with_tangent(*inputs)
+    n_blocks = len(student.transformer.transformer_blocks) + len(student.transformer.single_transformer_blocks)
+    assert calls == {"pair": n_blocks, "plain": 0}
+    assert torch.equal(u2, u) and torch.equal(u2_dot, u_dot)
+    actual = _grads(student, _meanflow_loss(u2, u2_dot, v, r, t))  # no CheckpointError
+    # Backward recomputed every block once, primal only.
+    assert calls == {"pair": n_blocks, "plain": n_blocks}
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-7 if dtype == torch.float32 else 1e-15, msg=name)
+
+
+def test_checkpointing_keeps_only_block_inputs():
+    """What autograd keeps for backward, counted with saved-tensor hooks: with checkpointing,
+    pair mode keeps far less than without; without, no more than the plain forward."""
+    torch.manual_seed(0)
+    student = _student(_stock("deep", torch.float32), random_delta=True)
+    z, r, t, cond, v, _ = _inputs("deep", torch.float32, height=8, width=8)
+
+    def saved_bytes(fn):
+        storages = {}
+
+        def pack(x):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = fn()
+        del out
+        return sum(storages.values())
+
+    pair = saved_bytes(lambda: student.forward_with_tangent(z, r, t, cond, v, None, 1.0))
+    plain = saved_bytes(lambda: student(z, r, t, cond))
+    student.gradient_checkpointing = True
+    pair_ckpt = saved_bytes(lambda: student.forward_with_tangent(z, r, t, cond, v, None, 1.0))
+    assert pair <= 1.05 * plain, (pair, plain)
+    assert pair_ckpt < 0.5 * pair, (pair_ckpt, pair)
+
+
+def test_plain_forward_checkpointing():
+    """student(...) checkpoints diffusers' blocks too (flow-matching steps, the teacher-free
+    discrete targets): the same gradients."""
+    student = _student(_stock("deep", torch.float64), random_delta=True)
+    z, r, t, cond, v, _ = _inputs("deep", torch.float64)
+    expected = _grads(student, ((student(z, r, t, cond) - v) ** 2).mean())
+    student.enable_gradient_checkpointing()
+    actual = _grads(student, ((student(z, r, t, cond) - v) ** 2).mean())
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-12, atol=1e-15, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# (d) save / load, dtypes, validation
+# --------------------------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    student = _student(_stock("guided", torch.float32), random_delta=True)
+    student.save_pretrained(tmp_path / "student")
+    assert (tmp_path / "student" / "transformer" / "config.json").is_file()
+    assert (tmp_path / "student" / "delta_embedder.safetensors").is_file()
+    loaded = FluxStudent.from_pretrained(tmp_path / "student")
+    state, loaded_state = student.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(student.config)
+    z, r, t, cond, z_dot, r_dot = _inputs("guided", torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(z, r, t, cond), student(z, r, t, cond))
+    # The transformer part is a plain diffusers checkpoint: a teacher loads it as such.
+    FluxStudent.from_teacher_pretrained(tmp_path / "student", subfolder="transformer")
+    with pytest.raises(ValueError, match="directory"):
+        FluxStudent.from_pretrained(tmp_path / "student" / "transformer")
+
+
+def test_from_config():
+    student = FluxStudent.from_config(dict(TINY))
+    assert student.config.num_layers == 1
+    assert torch.count_nonzero(student.delta_embedder.linear_2.weight) == 0
+
+
+def test_bf16_autocast_stays_finite_and_close(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    student = _student(_stock("deep", torch.float32), random_delta=True)
+    teacher = FluxTeacher(copy.deepcopy(student.transformer))
+    student.delta_embedder.linear_2.weight.data.zero_()
+    student.delta_embedder.linear_2.bias.data.zero_()
+    z, r, t, cond, v, _ = _inputs("deep", torch.float32)
+    u32, u32_dot = student.forward_with_tangent(z, r, t, cond, v, None, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, u_dot = student.forward_with_tangent(z, r, t, cond, v, None, 1.0)
+        loss = _meanflow_loss(u.float(), u_dot.float(), v, r, t)
+        with torch.no_grad():
+            # Student and teacher share the top-level forward and its float32 time path.
+            assert torch.equal(student(z, t, t, cond), teacher.velocity(z, t, cond))
+    assert u.dtype == torch.bfloat16 and u_dot.dtype == torch.bfloat16
+    assert torch.isfinite(u).all() and torch.isfinite(u_dot).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert (u.float() - u32).abs().max() < 0.05 * u32.abs().max()
+    assert (u_dot.float() - u32_dot).abs().max() < 0.05 * u32_dot.abs().max()
+
+
+def test_bf16_model_time_path_in_float32():
+    """A bf16 model: the time embedding is computed in float32 (diffusers would round 1000·t
+    to bf16 first), so nearby times still give different embeddings."""
+    student = _student(_stock("tiny", torch.float32)).to(torch.bfloat16)
+    z, _, _, cond, z_dot, _ = _inputs("tiny", torch.bfloat16)
+    t1, t2 = torch.full((2,), 0.5), torch.full((2,), 0.5005)  # 500 and 500.5: one bf16 value
+    with torch.no_grad():
+        u1, u1_dot = student.forward_with_tangent(z, t1, t1, cond, z_dot, None, 1.0)
+        u2, _ = student.forward_with_tangent(z, t2, t2, cond, z_dot, None, 1.0)
+        assert u1.dtype == torch.bfloat16 and torch.isfinite(u1_dot).all()
+        assert not torch.equal(u1, u2)
+
+
+def test_rejects_bad_arguments():
+    student = _student(_stock("tiny", torch.float32))
+    z, r, t, cond, z_dot, _ = _inputs("tiny", torch.float32)
+    with pytest.raises(ValueError, match="z must have 4 channels"):
+        student.forward_with_tangent(z[..., :3], r, t, cond)
+    with pytest.raises(ValueError, match="cond must be a FluxCondition"):
+        student(z, r, t, {"encoder_hidden_states": cond.encoder_hidden_states})
+    with pytest.raises(ValueError, match="t must have shape"):
+        student(z, r, t[:1], cond)
+    with pytest.raises(ValueError, match="z_dot must have shape"):
+        student.forward_with_tangent(z, r, t, cond, z_dot[:, :3])
+    with pytest.raises(ValueError, match="img_ids"):
+        student(z[:, :5], r, t, cond)
+    with pytest.raises(ValueError, match="guidance"):
+        student(z, r, t, FluxCondition(**{**cond.__dict__, "guidance": torch.ones(2)}))
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        FluxStudent.from_transformer(torch.nn.Linear(2, 2))
+
+
+def test_refuses_wrapped_linears_in_pair_mode():
+    """A LoRA-style wrapper would be silently ignored by a pair pass reading .weight: refused."""
+
+    class Wrapped(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    student = _student(_stock("tiny", torch.float32))
+    old = student.transformer.transformer_blocks[0].attn.to_q
+    new = Wrapped(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    student.transformer.transformer_blocks[0].attn.to_q = new
+    z, r, t, cond, z_dot, _ = _inputs("tiny", torch.float32)
+    with pytest.raises(NotImplementedError, match="to_q"):
+        student.forward_with_tangent(z, r, t, cond, z_dot, None, 1.0)
+
+
+def test_attention_mask(monkeypatch):
+    """A key-padding mask in the condition reaches every attention call in both forwards."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    student = _student(_stock("deep", torch.float64), random_delta=True)
+    z, r, t, cond, z_dot, r_dot = _inputs("deep", torch.float64)
+    mask = torch.ones(2, 5 + 12, dtype=torch.bool)
+    mask[0, 3:5] = False
+    masked = FluxCondition(**{**cond.__dict__, "attention_mask": mask})
+    expected, expected_dot = torch.func.jvp(lambda z, r, t: student(z, r, t, masked), (z, r, t),
+                                            (z_dot, r_dot, torch.ones_like(t)))
+    u, u_dot = student.forward_with_tangent(z, r, t, masked, z_dot, r_dot, 1.0)
+    _assert_close(u, expected, torch.float64, "u")
+    _assert_close(u_dot, expected_dot, torch.float64, "u_dot")
+    unmasked, _ = student.forward_with_tangent(z, r, t, cond, z_dot, r_dot, 1.0)
+    assert (unmasked - u).abs().max() > 1e-6
