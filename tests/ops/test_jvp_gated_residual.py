@@ -1,0 +1,130 @@
+"""jvp_gated_residual against torch.func.jvp / autograd of ``h + gate.unsqueeze(1) * y`` in
+float64, both backends (Triton through the interpreter on CPU: fp32, fp16)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meanflow.ops import jvp_gated_residual, jvp_gated_residual_pair
+from meanflow.testing import assert_close_to_oracle
+from meanflow.testing_jvp import check_pair_op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["reference", "triton"]
+INTERPRETED_DTYPES = [torch.float32, torch.float16]
+
+
+def formula(h, gate, y):
+    return h + (gate.unsqueeze(1) if gate.dim() == 2 else gate) * y
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
+    if request.param == "triton":
+        request.getfixturevalue("poison_empty")
+    return request.param
+
+
+def _dtypes_for(backend):
+    if backend == "reference":
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+def check_gated(shape, dtype, which="hgy", gate_3d=False, strided=False):
+    b, n, d = shape
+    h, y = _randn(b, n, d, dtype=dtype), _randn(b, n, d, dtype=dtype)
+    if strided:  # the gate as a chunk of AdaLN's (B, 6D) output, h a token slice
+        gate = _randn(b, 6 * d, dtype=dtype)[:, 2 * d:3 * d]
+        h = _randn(b, n + 3, d, dtype=dtype)[:, 3:]
+    else:
+        gate = _randn(b, 1, d, dtype=dtype) if gate_3d else _randn(b, d, dtype=dtype)
+    tangents = tuple(torch.randn_like(t) if k in which else None for t, k in zip((h, gate, y), "hgy"))
+    grad = _randn(b, n, d, dtype=dtype)
+    return check_pair_op(
+        formula, jvp_gated_residual,
+        lambda p, t: jvp_gated_residual_pair(p[0], t[0], p[1], t[1], p[2], t[2]),
+        (h, gate, y), tangents, (True, True, True), grad, magnitude=2.0)
+
+
+CASES = {
+    "all_tangents": dict(shape=(2, 37, 40)),
+    "chunks_and_ragged_d": dict(shape=(1, 150, 300)),  # > CHUNK_N tokens, > BLOCK_D channels
+    "gate_b1d": dict(shape=(2, 9, 24), gate_3d=True),
+    "strided_inputs": dict(shape=(2, 11, 32), strided=True),
+    "h_tangent_only": dict(shape=(1, 5, 8), which="h"),
+    "gate_tangent_only": dict(shape=(2, 5, 8), which="g"),
+    "y_tangent_only": dict(shape=(2, 5, 8), which="y"),
+    "no_tangent": dict(shape=(2, 5, 8), which=""),
+    "single": dict(shape=(1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gated_residual_matches_formula(backend, case):
+    for dtype in _dtypes_for(backend):
+        check_gated(dtype=dtype, **CASES[case])
+
+
+@given(b=st.integers(1, 3), n=st.integers(1, 140), d=st.integers(1, 300), which=st.sampled_from(["hgy", "gy", "h"]),
+       gate_3d=st.booleans(), dtype=st.sampled_from(INTERPRETED_DTYPES), backend_name=st.sampled_from(BACKENDS))
+def test_gated_residual_hypothesis(monkeypatch, b, n, d, which, gate_3d, dtype, backend_name):
+    monkeypatch.setenv("MEANFLOW_BACKEND", backend_name)
+    check_gated((b, n, d), dtype, which=which, gate_3d=gate_3d)
+
+
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    h, y = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, g, y: jvp_gated_residual_pair(h, torch.ones_like(h), g, None, y, None)[0], (h, g, y))
+
+
+def test_only_some_inputs_need_grad(backend):
+    h = torch.randn(2, 5, 8, device=DEVICE)
+    g = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    y = torch.randn(2, 5, 8, device=DEVICE)
+    out, _ = jvp_gated_residual_pair(h, None, g, None, y, torch.randn_like(y))
+    (dg,) = torch.autograd.grad(out, g, torch.ones_like(out))
+    torch.testing.assert_close(dg, y.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_arguments_raise():
+    h, g, y = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="h must be"):
+        jvp_gated_residual(h[0], g, y[0])
+    with pytest.raises(ValueError, match="y must have h's shape"):
+        jvp_gated_residual(h, g, y[:, :4])
+    with pytest.raises(ValueError, match="gate must be"):
+        jvp_gated_residual(h, g[:, :7], y)
+    with pytest.raises(ValueError, match="gate must have h's dtype"):
+        jvp_gated_residual(h, g.double(), y)
+    with pytest.raises(ValueError, match="y must be on"):
+        jvp_gated_residual(h, g, y.to("meta"))
+    with pytest.raises(ValueError, match="gate must be one of"):
+        jvp_gated_residual(h, g.int(), y)
+    with pytest.raises(ValueError, match="gate_dot must have the shape"):
+        jvp_gated_residual_pair(h, None, g, g[:1], y, None)
+
+
+@pytest.mark.gpu
+def test_flux_shape_bf16(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    h, y, hd, yd = (torch.randn(1, 4608, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    g, gd = (torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, out_dot = jvp_gated_residual_pair(h, hd, g, gd, y, yd)
+    o64, o_dot64 = torch.func.jvp(formula, (h.double(), g.double(), y.double()), (hd.double(), gd.double(),
+                                                                                  yd.double()))
+    base, base_dot = torch.func.jvp(formula, (h, g, y), (hd, gd, yd))
+    for name, ours, oracle, baseline in (("out", out, o64, base), ("out_dot", out_dot, o_dot64, base_dot)):
+        err = assert_close_to_oracle(name, ours, oracle, baseline)
+        ratio = err / max((baseline.double() - oracle).norm().item() / oracle.norm().item(), 1e-30)
+        print(f"jvp_gated_residual {name}: rel err {err:.3e}, ratio to torch bf16 {ratio:.2f}")
