@@ -1,0 +1,223 @@
+"""Peak memory of one training step on a small FLUX-shaped stack: pair mode against the baselines.
+
+    python bench/flux_memory.py                 # CPU, the default small config, a markdown table
+    python bench/flux_memory.py --device cuda   # CUDA: torch.cuda.max_memory_allocated instead
+    python bench/flux_memory.py --hidden 512 --double 2 --single 4 --image-tokens 1024
+
+Each step runs in a fresh subprocess. On the CPU its cost is the growth of the process's peak
+resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the step, measured after
+the model and the inputs exist; on CUDA the growth of ``torch.cuda.max_memory_allocated``.
+Steps (float32, B=2, MEANFLOW_BACKEND as set, default auto):
+
+- ``plain``: a flow-matching step, stock diffusers forward (default SDPA) + backward;
+- ``pair``: a MeanFlow step in pair mode: ``student.forward_with_tangent`` (u and the detached
+  du/dt in one pass), the MeanFlow loss, backward;
+- ``jvp``: ``torch.func.jvp`` of the stock model under math SDPA (the only stock backend with
+  forward AD) + backward through u;
+- ``two_pass``: the common workaround: the JVP under ``no_grad``, then a second forward with grad;
+- ``*+ckpt``: the same with per-block activation checkpointing (``jvp+ckpt`` raises
+  ``CheckpointError`` in PyTorch; reported as such).
+
+Columns: with the parameter gradients allocated before the measurement ("activations": what
+the step holds beyond weights and gradients), and without (a step after
+``zero_grad(set_to_none=True)``: the gradients are part of the peak).
+
+On the CPU, glibc's malloc raises its mmap threshold dynamically once a large block is freed,
+after which freed blocks stay in the heap and later allocations of other sizes do not always
+reuse them: the peak RSS then measures the allocator's fragmentation as much as the step (with
+the default malloc the pair step, which frees many tangent buffers of several sizes, showed
+1.24x the plain step while its peak of live tensor bytes, from the profiler, was 1.06x). So the
+subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` (every block of 64 KiB or more is its
+own mapping, returned on free: the RSS follows the live tensors), and one more column repeats
+the full step under the default malloc (``--allocator both``, the default; ``mmap`` or
+``default`` for one). Step times come from the default-malloc run where there is one (per-block
+mmaps slow the CPU down), and are indicative only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODES = ["plain", "pair", "jvp", "two_pass", "plain+ckpt", "pair+ckpt", "two_pass+ckpt", "jvp+ckpt"]
+
+
+def _rope_axes(head_dim: int) -> list[int]:
+    """FLUX splits the head dim 16/56/56 of 128; here: one quarter for axis 0, the rest in two
+    even halves (all even)."""
+    first = (head_dim // 4) // 2 * 2
+    rest = head_dim - first
+    second = rest // 2 // 2 * 2
+    return [first, second, rest - second]
+
+
+def run_one(mode: str, grads: str, args) -> dict:
+    """One step in this process; returns {'mib': ..., 'ms': ...} or {'error': ...}."""
+    import resource
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from meanflow.models.flux_student import FluxCondition, FluxStudent
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    heads = args.hidden // args.head_dim
+    config = dict(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
+                  attention_head_dim=args.head_dim, num_attention_heads=heads, joint_attention_dim=args.hidden,
+                  pooled_projection_dim=args.hidden, axes_dims_rope=_rope_axes(args.head_dim))
+    transformer = FluxTransformer2DModel(**config).to(device)
+    side = int(round(args.image_tokens ** 0.5))
+    n_img = side * side
+    b, n_txt = args.batch, args.text_tokens
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    cond = FluxCondition(torch.randn(b, n_txt, args.hidden), torch.randn(b, args.hidden), torch.zeros(n_txt, 3),
+                         img_ids.reshape(-1, 3)).to(device)
+    z, v = torch.randn(b, n_img, 64, device=device), torch.randn(b, n_img, 64, device=device)
+    t = torch.rand(b, device=device) * 0.8 + 0.1
+    r = t * torch.rand(b, device=device)
+    ones = torch.ones_like(t)
+
+    base, ckpt = mode.split("+")[0], mode.endswith("+ckpt")
+    if base == "pair":
+        model = FluxStudent.from_transformer(transformer)
+        model.gradient_checkpointing = ckpt
+    else:
+        model = transformer
+        if ckpt:
+            model.enable_gradient_checkpointing()
+
+    def stock(z_, t_):
+        return transformer(hidden_states=z_, encoder_hidden_states=cond.encoder_hidden_states,
+                           pooled_projections=cond.pooled_projections, timestep=t_, img_ids=cond.img_ids,
+                           txt_ids=cond.txt_ids).sample
+
+    def meanflow_loss(u, u_dot):
+        target = v - (t - r)[:, None, None] * u_dot.detach()
+        return ((u - target) ** 2).mean()
+
+    def step():
+        if base == "plain":
+            loss = ((stock(z, t) - v) ** 2).mean()
+        elif base == "pair":
+            u, u_dot = model.forward_with_tangent(z, r, t, cond, v, None, ones)
+            loss = meanflow_loss(u, u_dot)
+        elif base == "jvp":
+            with sdpa_kernel(SDPBackend.MATH):
+                u, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
+            loss = meanflow_loss(u, u_dot)
+        elif base == "two_pass":
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+                _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
+            loss = meanflow_loss(stock(z, t), u_dot)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if grads == "pre":
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    param_mib = sum(p.numel() * p.element_size() for p in params) / 2**20
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.max_memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        start = time.perf_counter()
+        step()
+        first_ms = (time.perf_counter() - start) * 1e3
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(args.repeat):
+        for p in params:
+            p.grad = torch.zeros_like(p) if grads == "pre" else None
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"mib": (peak - before) / 2**20, "ms": sorted(times)[len(times) // 2] if times else first_ms,
+            "param_mib": param_mib}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--double", type=int, default=4)
+    parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--image-tokens", type=int, default=256)
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--allocator", choices=("both", "mmap", "default"), default="both")
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args)))
+        return
+
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    modes = args.modes.split(",")
+    runs = []  # (column key, grads, environment)
+    if args.allocator in ("both", "mmap") or args.device != "cpu":
+        mmap_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else dict(os.environ)
+        runs += [("pre", "pre", mmap_env), ("none", "none", mmap_env)]
+    if args.allocator in ("both", "default") and args.device == "cpu":
+        default_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        runs.append(("raw", "none", default_env))
+    results = {}
+    for mode in modes:
+        for key, grads, env in runs:
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode, grads],
+                                 capture_output=True, text=True, env=env)
+            try:
+                results[mode, key] = json.loads(out.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                results[mode, key] = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:80]}
+
+    heads = args.hidden // args.head_dim
+    param_mib = next((r["param_mib"] for r in results.values() if "param_mib" in r), float("nan"))
+    print(f"FLUX-shaped stack: hidden {args.hidden} ({heads} heads x {args.head_dim}), {args.double} double + "
+          f"{args.single} single blocks, {int(round(args.image_tokens ** 0.5)) ** 2} image + {args.text_tokens} "
+          f"text tokens, batch {args.batch}, float32, device {args.device}, {args.threads} thread(s); "
+          f"parameters {param_mib:.1f} MiB")
+    titles = {"pre": "activations (grads preallocated)", "none": "full step (grads allocated in it)",
+              "raw": "full step, default malloc"}
+    keys = [key for key, _, _ in runs]
+    print("Peak memory growth over one step (MiB); ratios against `plain` in the same column.\n")
+    print("| step | " + " | ".join(f"{titles[k]} | ratio" for k in keys) + " | ms/step |")
+    print("|---|" + "---:|---:|" * len(keys) + "---:|")
+    for mode in modes:
+        cells = []
+        for key in keys:
+            res, ref = results[mode, key], results.get(("plain", key), {}).get("mib")
+            if "error" in res:
+                cells += [res["error"], ""]
+            else:
+                cells += [f"{res['mib']:.1f}", f"{res['mib'] / ref:.2f}x" if ref else ""]
+        timed = results[mode, keys[-1]]
+        ms = timed.get("ms")
+        print(f"| {mode} | " + " | ".join(cells) + f" | {'' if ms is None else f'{ms:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
