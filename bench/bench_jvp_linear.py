@@ -1,8 +1,9 @@
 """Benchmarks of ``jvp_linear`` (``pytest bench/bench_jvp_linear.py --benchmark-only``).
 
 Cases: ``fwd_jvp`` (the pair forward y = xWᵀ + b, ẏ = ẋWᵀ) and ``fwd_jvp_bwd`` (then
-y.backward(ẏ): dx, dW, db). Providers: ``ours`` (stacked [x; ẋ] GEMM on CUDA; the reference on
-CPU), ``two_gemms`` (our op on the reference backend: F.linear twice), ``compiled_ref``
+y.backward(ẏ): dx, dW, db). Providers: ``ours`` (two cuBLAS GEMMs on CUDA, the default; the
+reference on CPU), ``stacked`` (our op with MEANFLOW_LINEAR_STACKED=1: one GEMM over the
+stacked rows [x; ẋ]; on CPU the reference, the same as ours), ``compiled_ref``
 (torch.compile of the plain-torch pair), ``func_jvp`` (eager torch.func.jvp of F.linear; the
 weight and bias require grad, so forward AD records the tangent: the memory cost pair mode avoids).
 Shapes: x (1, 4608, 3072) times W (3072→3072) and (3072→12288), bf16, on CUDA; (1, 256, 512)
@@ -27,14 +28,14 @@ _spec.loader.exec_module(fb)
 
 M, D_IN = (4608, 3072) if fb.CUDA else (256, 512)
 D_OUTS = (3072, 12288) if fb.CUDA else (512,)
-PROVIDERS = ["ours", "two_gemms", "compiled_ref", "func_jvp"]
+PROVIDERS = ["ours", "stacked", "compiled_ref", "func_jvp"]
 
 
 def _provider(provider, monkeypatch):
     if provider == "ours":
         return lambda x, xd, w, b: jvp_linear_pair(x, xd, w, b)
-    if provider == "two_gemms":
-        monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    if provider == "stacked":
+        monkeypatch.setenv("MEANFLOW_LINEAR_STACKED", "1")
         return lambda x, xd, w, b: jvp_linear_pair(x, xd, w, b)
     if provider == "func_jvp":
         return lambda x, xd, w, b: torch.func.jvp(lambda x: F.linear(x, w, b), (x,), (xd,))

@@ -1,22 +1,26 @@
-"""``jvp_linear`` on CUDA: the primal and tangent rows as ONE cuBLAS GEMM.
+"""``jvp_linear`` on CUDA: cuBLAS GEMMs for the primal and tangent rows.
 
-    [y; ẏ] = [x; ẋ] Wᵀ        then  y += b,   ẏ += x Ẇᵀ + ḃ  (parameter tangents, rare)
+    y = x Wᵀ + b      ẏ = ẋ Wᵀ (+ x Ẇᵀ + ḃ, parameter tangents, rare)
 
 There is no Triton GEMM here on purpose: cuBLAS is the kernel, and a Triton GEMM would lose
-to it. What this module decides is the layout:
+to it. What this module decides is how the two products are issued:
 
-- x and ẋ are stacked into one (2M, Din) buffer (one copy) and multiplied by Wᵀ once: W is
-  read once and the GEMM is twice as tall, which helps when M is small.
-- y must not share storage with ẏ: downstream ops save y for backward, and a y that is a view
-  of the stacked output would pin the tangent rows until backward, the very memory pair mode
-  saves. So y is written to its own buffer by the bias add (``torch.add(rows, b)``, the pass
-  the bias needs anyway; a copy without bias), while ẏ stays a view of the GEMM output and
-  frees it when the tangent is dropped.
+- default: two GEMMs, y by ``addmm`` (the bias in cuBLAS's epilogue) and ẏ by ``mm``; no copies.
+- stacked (``MEANFLOW_LINEAR_STACKED=1``): x and ẋ copied into one (2M, Din) buffer and
+  multiplied by Wᵀ once, then b added to the x rows. y must not share storage with ẏ
+  (downstream ops save y for backward; a y that viewed the stacked output would pin the
+  tangent rows until backward, the memory pair mode saves), so the bias add writes y to its
+  own buffer and ẏ stays a view of the GEMM output. Measured on an H100 at FLUX's shapes
+  (bf16, M=4608, 3072→3072 / 3072→12288) it was 1.24× / 1.17× SLOWER than two GEMMs: the
+  copy of [x; ẋ] and the separate bias pass cost more than the taller GEMM gains. It stays
+  for the benchmark (bench/bench_jvp_linear.py, provider ``stacked``) and small-M experiments.
 
 Backward (from the saved x, no recompute): dx = g W, dW = gᵀ x, db = Σ g, in cuBLAS.
 Launchers take (..., Din) inputs with any layout and return contiguous outputs; no autograd.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -39,9 +43,9 @@ def jvp_linear_forward(
         x: (..., Din); weight (Dout, Din); bias None or (Dout,); one dtype and device.
         x_dot, weight_dot, bias_dot: None or shaped like their primals.
     """
-    if x_dot is None:
+    if x_dot is None or os.environ.get("MEANFLOW_LINEAR_STACKED", "0") != "1":
         y = torch.nn.functional.linear(x, weight, bias)
-        y_dot = None
+        y_dot = None if x_dot is None else torch.nn.functional.linear(x_dot, weight)
     else:
         lead, d_out = x.shape[:-1], weight.shape[0]
         # (2M, Dout) from one GEMM, seen as (2, ..., Dout): [0] the primal rows, [1] the tangent.

@@ -7,7 +7,15 @@ On interleaved pairs (x[2i], x[2i+1]) = (e, o), with the tables c = cos, s = sin
 
 (the transpose of the rotation, TRANSPOSE constexpr). The tangent takes the same rotation as
 the primal, from the same table loads. One program per (batch·head, block of BLOCK_N tokens);
-it reads even and odd elements as two strided loads (same cache lines) and works in float32.
+it loads whole rows (contiguous, vectorised), splits the pairs in registers (tl.reshape +
+tl.split, then tl.join back) and works in float32.
+
+Measured on an H100 (bf16, B=1 H=24 N=4608 D=128, x a transposed view): fwd+JVP 0.142 ms
+(830 GB/s) against 0.107-0.110 ms for torch.compile of the plain-torch pair and 1.4 ms for
+eager torch.func.jvp; an earlier version with even/odd strided loads and stores (2-byte scalar
+accesses) took 0.397 ms. So this kernel does NOT yet beat torch.compile in the forward (the
+register split/join probably costs layout conversions); next to try: one load of the pair-
+swapped partner (offsets d ^ 1) instead of the split, and larger token blocks.
 x may have any strides with unit stride on the last dim (FLUX passes a transposed view); the
 outputs are contiguous (B, H, N, D).
 """
@@ -22,45 +30,46 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _rotate_pairs(ptr, rows, pairs, mask, c_e, c_o, s_e, s_o, TRANSPOSE: tl.constexpr):
-    e = tl.load(ptr + rows + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(ptr + rows + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
+def _pairs(tile, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) -> the even and odd columns, (BLOCK_N, BLOCK_D // 2) each (in registers)."""
+    return tl.split(tl.reshape(tile, (BLOCK_N, BLOCK_D // 2, 2)))
+
+
+@triton.jit
+def _rotate(tile, c_e, c_o, s_e, s_o, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    e, o = _pairs(tile.to(tl.float32), BLOCK_N, BLOCK_D)
     if TRANSPOSE:
-        return e * c_e + o * s_o, o * c_o - e * s_e
-    return e * c_e - o * s_e, o * c_o + e * s_o
+        y_e, y_o = e * c_e + o * s_o, o * c_o - e * s_e
+    else:
+        y_e, y_o = e * c_e - o * s_e, o * c_o + e * s_o
+    return tl.reshape(tl.join(y_e, y_o), (BLOCK_N, BLOCK_D))
 
 
 @triton.jit
 def _jvp_rope_kernel(
     x_ptr, t_ptr, cos_ptr, sin_ptr, y_ptr, y_dot_ptr,
     stride_xb, stride_xh, stride_xn, stride_tb, stride_th, stride_tn, stride_cn, stride_sn,
-    n_heads, n_tokens, half_dim,
-    HAS_TANGENT: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    n_heads, n_tokens, dim,
+    HAS_TANGENT: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p = tl.arange(0, BLOCK_P)
-    mask = (n[:, None] < n_tokens) & (p[None, :] < half_dim)
-    n64 = n.to(tl.int64)[:, None]
-    pairs = p[None, :]
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (n < n_tokens) & (d < dim)  # D is even: a pair is in or out as a whole
 
-    c_e = tl.load(cos_ptr + n64 * stride_cn + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
-    c_o = tl.load(cos_ptr + n64 * stride_cn + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
-    s_e = tl.load(sin_ptr + n64 * stride_sn + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
-    s_o = tl.load(sin_ptr + n64 * stride_sn + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
-
-    out_rows = (bh.to(tl.int64) * n_tokens + n64) * (2 * half_dim)
-    x_rows = b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + n64 * stride_xn
-    y_e, y_o = _rotate_pairs(x_ptr, x_rows, pairs, mask, c_e, c_o, s_e, s_o, TRANSPOSE)
-    tl.store(y_ptr + out_rows + 2 * pairs, y_e.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + out_rows + 2 * pairs + 1, y_o.to(y_ptr.dtype.element_ty), mask=mask)
+    # Whole rows are loaded and stored contiguously (vectorised); the pairs are split in registers.
+    c_e, c_o = _pairs(tl.load(cos_ptr + n * stride_cn + d, mask=mask, other=0.0).to(tl.float32), BLOCK_N, BLOCK_D)
+    s_e, s_o = _pairs(tl.load(sin_ptr + n * stride_sn + d, mask=mask, other=0.0).to(tl.float32), BLOCK_N, BLOCK_D)
+    out = (bh.to(tl.int64) * n_tokens + n) * dim + d
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + n * stride_xn + d, mask=mask, other=0.0)
+    y = _rotate(x, c_e, c_o, s_e, s_o, TRANSPOSE, BLOCK_N, BLOCK_D)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
     if HAS_TANGENT:
-        t_rows = b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + n64 * stride_tn
-        t_e, t_o = _rotate_pairs(t_ptr, t_rows, pairs, mask, c_e, c_o, s_e, s_o, TRANSPOSE)
-        tl.store(y_dot_ptr + out_rows + 2 * pairs, t_e.to(y_dot_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_dot_ptr + out_rows + 2 * pairs + 1, t_o.to(y_dot_ptr.dtype.element_ty), mask=mask)
+        t = tl.load(t_ptr + b * stride_tb + h * stride_th + n * stride_tn + d, mask=mask, other=0.0)
+        t = _rotate(t, c_e, c_o, s_e, s_o, TRANSPOSE, BLOCK_N, BLOCK_D)
+        tl.store(y_dot_ptr + out, t.to(y_dot_ptr.dtype.element_ty), mask=mask)
 
 
 def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -77,9 +86,9 @@ def _launch(x, t, cos, sin, transpose):
     _jvp_rope_kernel[grid](
         x, tt, cos, sin, y, y if y_dot is None else y_dot,
         x.stride(0), x.stride(1), x.stride(2), tt.stride(0), tt.stride(1), tt.stride(2),
-        cos.stride(0), sin.stride(0), heads, n_tokens, dim // 2,
+        cos.stride(0), sin.stride(0), heads, n_tokens, dim,
         HAS_TANGENT=t is not None, TRANSPOSE=transpose, BLOCK_N=BLOCK_N,
-        BLOCK_P=triton.next_power_of_2(max(dim // 2, 1)), num_warps=NUM_WARPS,
+        BLOCK_D=max(triton.next_power_of_2(dim), 2), num_warps=NUM_WARPS,
     )
     return y, y_dot
 

@@ -111,7 +111,7 @@ def test_invalid_arguments_raise(monkeypatch):
         jvp_gelu_tanh_pair(torch.randn(3), torch.randn(3, device="meta"))
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     with pytest.raises(ValueError, match="Triton backend"):
-        jvp_silu(torch.randn(3, dtype=torch.float64))
+        jvp_silu(torch.randn(3, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """jvp_linear against torch.func.jvp / autograd of F.linear in float64, both backends.
 
-The Triton backend of jvp_linear is the stacked cuBLAS GEMM (plain torch), so it runs on the
-CPU without the interpreter, in every dtype.
+The Triton backend of jvp_linear is cuBLAS GEMMs through torch (two by default, one stacked
+GEMM with MEANFLOW_LINEAR_STACKED=1), so it runs on the CPU without the interpreter, in every
+dtype; ``triton_stacked`` below is the triton backend with the stacked GEMM.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ CASES = {
 }
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS + ["triton_stacked"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
+    monkeypatch.setenv("MEANFLOW_BACKEND", request.param.removesuffix("_stacked"))
+    monkeypatch.setenv("MEANFLOW_LINEAR_STACKED", "1" if request.param.endswith("_stacked") else "0")
+    if request.param != "reference":
         request.getfixturevalue("poison_empty")
     return request.param
 
