@@ -15,18 +15,18 @@ Two forms, both on ``meanflow.ops.pair.apply_pair``:
 - ``jvp_layer_norm_modulate(x, scale, shift, eps=1e-6)``: under ``torch.func.jvp`` / forward AD;
 - ``jvp_layer_norm_modulate_pair(x, x_dot, scale, scale_dot, shift, shift_dot, eps=1e-6)``.
 
-y is differentiable to x, scale and shift (the backward recomputes the plain-torch primal);
-y_dot carries no autograd history.
+y is differentiable to x, scale and shift: the backward saves nothing but the inputs and
+recomputes the row statistics (a Triton kernel; the plain-torch vector-Jacobian product on the
+reference backend and inside ``torch.func`` transforms). y_dot carries no autograd history.
 """
 from __future__ import annotations
 
 import torch
 
 from meanflow.ops.dispatch import implementation
-from meanflow.ops.jvp_rms_norm import (check_backend, check_eps, check_same_device, check_tangent, check_tensor,
-                                       unit_last_stride, vjp_backward)
+from meanflow.ops.jvp_rms_norm import (backward_backend, check_backend, check_eps, check_same_device,
+                                       check_tangent, check_tensor, unit_last_stride)
 from meanflow.ops.pair import PairOp, apply_pair
-from meanflow.reference.jvp_layer_norm_modulate import layer_norm_modulate
 
 
 def _forward(inputs, tangents, options):
@@ -38,10 +38,14 @@ def _forward(inputs, tangents, options):
     return y, y_dot, ()
 
 
+def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
+    eps, backend = options
+    impl = implementation("jvp_layer_norm_modulate", backward_backend(backend, grad_y))
+    return impl.jvp_layer_norm_modulate_backward(grad_y, *inputs, eps, tuple(needs_input_grad))
+
+
 # Inputs (x (B, N, D), scale (B, D), shift (B, D)), unit last strides; options (eps, backend).
-JVP_LAYER_NORM_MODULATE = PairOp(
-    "jvp_layer_norm_modulate", _forward,
-    vjp_backward(lambda x, scale, shift, eps, backend: layer_norm_modulate(x, scale, shift, eps)))
+JVP_LAYER_NORM_MODULATE = PairOp("jvp_layer_norm_modulate", _forward, _backward)
 
 
 def _validate(x, scale, shift, eps) -> tuple[str, float]:
@@ -115,7 +119,8 @@ def jvp_layer_norm_modulate_pair(
     """
     for name, t in (("x", x), ("scale", scale), ("shift", shift)):
         check_tensor(name, t)
-    for name, tangent, primal in (("x_dot", x_dot, x), ("scale_dot", scale_dot, scale), ("shift_dot", shift_dot, shift)):
+    tangents = (("x_dot", x_dot, x), ("scale_dot", scale_dot, scale), ("shift_dot", shift_dot, shift))
+    for name, tangent, primal in tangents:
         check_tangent(name, tangent, primal, name.removesuffix("_dot"))
     backend, eps = _validate(x, scale, shift, eps)
     y, y_dot = apply_pair(JVP_LAYER_NORM_MODULATE,

@@ -14,8 +14,9 @@ Two forms, both on ``meanflow.ops.pair.apply_pair``:
   ``torch.autograd.forward_ad`` (a tangent of x and, if the weight is dual, of the weight);
 - ``jvp_rms_norm_pair(x, x_dot, weight, eps, weight_dot=None) -> (y, y_dot)``.
 
-y is differentiable to x and the weight (the backward recomputes the plain-torch primal: an
-elementwise op saves nothing but its inputs); y_dot carries no autograd history.
+y is differentiable to x and the weight: the backward saves nothing but the inputs and
+recomputes the row statistics (a Triton kernel; the plain-torch vector-Jacobian product on the
+reference backend and inside ``torch.func`` transforms). y_dot carries no autograd history.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import torch
 
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair
-from meanflow.reference.jvp_rms_norm import rms_norm
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -40,34 +40,28 @@ def _forward(inputs, tangents, options):
     return y, y_dot, ()
 
 
-def vjp_backward(primal):
-    """A ``PairOp.backward`` that recomputes ``primal(*inputs, *options)`` and takes its
-    vector-Jacobian product with ``torch.func.vjp``. Like ``pair.recompute_backward``, for cheap
-    elementwise ops that then save nothing but their inputs; unlike it, it also works inside
-    functorch transforms (``torch.func.grad`` / ``vjp`` over the op), where ``requires_grad_``
-    is refused."""
+try:  # functorch internals: inside torch.func.grad / vjp the kernels cannot take the tensors
+    from torch._C._functorch import is_functorch_wrapped_tensor
+except ImportError:  # pragma: no cover - older or stripped builds
+    def is_functorch_wrapped_tensor(t):
+        return False
 
-    def backward(inputs, y, extras, options, grad_y, needs_input_grad):
-        wanted = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad)) if t is not None and need]
-        if not wanted:
-            return (None,) * len(inputs)
 
-        def of_wanted(*tensors):
-            args = list(inputs)
-            for i, t in zip(wanted, tensors):
-                args[i] = t
-            return primal(*args, *options)
+def backward_backend(backend: str, grad: torch.Tensor) -> str:
+    """The backend of a backward: the plain-torch reference inside functorch transforms
+    (``torch.func.grad`` over the op), whose wrapped tensors Triton cannot read."""
+    return "reference" if backend == "triton" and is_functorch_wrapped_tensor(grad) else backend
 
-        _, vjp = torch.func.vjp(of_wanted, *(inputs[i] for i in wanted))
-        grads = dict(zip(wanted, vjp(grad_y)))
-        return tuple(grads.get(i) for i in range(len(inputs)))
 
-    return backward
+def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
+    x, weight = inputs
+    eps, backend = options
+    return implementation("jvp_rms_norm", backward_backend(backend, grad_y)).jvp_rms_norm_backward(
+        grad_y, x, weight, eps, needs_input_grad[0], needs_input_grad[1])
 
 
 # Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
-JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward,
-                      vjp_backward(lambda x, weight, eps, backend: rms_norm(x, weight, eps)))
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +111,8 @@ def check_backend(device: torch.device, empty: bool, dtypes: dict[str, torch.dty
                 raise ValueError(f"{name} dtype {dtype} is not supported by the Triton backend "
                                  "(float16, bfloat16, float32); use MEANFLOW_BACKEND=reference")
         if dim > TRITON_MAX_DIM:
-            raise ValueError(f"the Triton backend normalizes rows of up to {TRITON_MAX_DIM} elements, got {dim}; "
+            raise ValueError(f"the Triton backend normalizes rows of up to {TRITON_MAX_DIM} elements, "
+                             f"got {dim}; "
                              "use MEANFLOW_BACKEND=reference")
     return backend
 
@@ -136,7 +131,8 @@ def _validate(x, weight, eps) -> tuple[str, float]:
     if weight is not None:
         check_tensor("weight", weight)
         if weight.shape != (x.shape[-1],):
-            raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), got {tuple(weight.shape)}")
+            raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), "
+                             f"got {tuple(weight.shape)}")
         check_same_device("weight", weight, "x", x)
     if eps is None:  # torch.nn.RMSNorm's default
         eps = torch.finfo(x.dtype).eps
@@ -154,7 +150,11 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 # Functional API
 # --------------------------------------------------------------------------------------------
 
-def jvp_rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = 1e-6) -> torch.Tensor:
+def jvp_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float | None = 1e-6,
+) -> torch.Tensor:
     """RMS norm over the last dim that supports forward-mode AD with a fused tangent.
 
     Args:

@@ -31,7 +31,8 @@ def _normalize(x: torch.Tensor, eps: float, ct: torch.dtype) -> tuple[torch.Tens
     return centered * rstd, rstd
 
 
-def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        eps: float) -> torch.Tensor:
     """The primal, differentiable (the backward recomputes it). scale, shift: (B, D)."""
     ct = compute_dtype(x.dtype, scale.dtype, shift.dtype)
     x_hat, _ = _normalize(x, eps, ct)
@@ -74,3 +75,33 @@ def jvp_layer_norm_modulate_forward(
     if shift_dot is not None:
         y_dot = y_dot + shift_dot.to(ct).unsqueeze(-2)
     return y, y_dot.to(out_dtype)
+
+
+def jvp_layer_norm_modulate_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``layer_norm_modulate`` from grad_y: the vector-Jacobian product of the
+    recomputed primal (``torch.func.vjp``, so it also works inside functorch transforms).
+
+    Returns:
+        (dx, dscale, dshift) shaped like (x, scale, shift); None where not needed.
+    """
+    wanted = [i for i, need in enumerate(needs_input_grad) if need]
+    if not wanted:
+        return None, None, None
+    inputs = (x, scale, shift)
+
+    def of_wanted(*tensors):
+        args = list(inputs)
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        return layer_norm_modulate(*args, eps)
+
+    _, vjp = torch.func.vjp(of_wanted, *(inputs[i] for i in wanted))
+    grads = dict(zip(wanted, vjp(grad_y)))
+    return tuple(grads.get(i) for i in range(3))

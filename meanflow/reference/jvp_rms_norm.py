@@ -73,3 +73,30 @@ def jvp_rms_norm_forward(
     if weight_dot is not None:
         y_dot = y_dot + normed * weight_dot.to(ct)
     return y.to(out_dtype), y_dot.to(out_dtype)
+
+
+def jvp_rms_norm_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    needs_x_grad: bool = True,
+    needs_weight_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``rms_norm(x, weight, eps)`` from grad_y: the vector-Jacobian product of the
+    recomputed primal (``torch.func.vjp``, so it also works inside functorch transforms).
+
+    Returns:
+        dx like x, or None; dw like the weight, or None (also when there is no weight).
+    """
+    needs_dw = needs_weight_grad and weight is not None
+    if not (needs_x_grad or needs_dw):
+        return None, None
+    if needs_x_grad and needs_dw:
+        _, vjp = torch.func.vjp(lambda x, w: rms_norm(x, w, eps), x, weight)
+        return vjp(grad_y)
+    if needs_x_grad:
+        _, vjp = torch.func.vjp(lambda x: rms_norm(x, weight, eps), x)
+        return vjp(grad_y)[0], None
+    _, vjp = torch.func.vjp(lambda w: rms_norm(x, w, eps), weight)
+    return None, vjp(grad_y)[0]

@@ -18,7 +18,7 @@ from meanflow.ops import jvp_layer_norm_modulate, jvp_layer_norm_modulate_pair
 from meanflow.testing import assert_close_to_oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "triton"]
 INTERPRETED_DTYPES = [torch.float32, torch.float16]
 NAMES = ("y", "y_dot", "dx", "dscale", "dshift")
 
@@ -122,7 +122,7 @@ def test_hypothesis(monkeypatch, batch, tokens, dim, std, mean, per_batch_3d, dt
 
 def test_matches_diffusers_ada_layer_norm_zero(backend):
     """The first output of diffusers' AdaLayerNormZero, with its scale and shift from the embedding."""
-    from diffusers.models.normalization import AdaLayerNormZero
+    AdaLayerNormZero = pytest.importorskip("diffusers.models.normalization").AdaLayerNormZero
 
     module = AdaLayerNormZero(64).to(DEVICE)
     x, emb = torch.randn(2, 10, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
@@ -184,6 +184,43 @@ def test_tangent_subsets_pass_only_present_tangents(backend, monkeypatch, which)
     zeros = tuple(t if i in which else torch.zeros_like(t) for i, t in enumerate(tangents))
     expected = torch.func.jvp(torch_modulate, tuple(p.double() for p in primals), tuple(t.double() for t in zeros))[1]
     assert_close_to_oracle("y_dot", y_dot, expected)
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (1, 2), (0, 1, 2)])
+def test_backward_of_many_tokens_and_gradient_subsets(backend, monkeypatch, which):
+    """Tokens spread over several blocks per program (the scale / shift gradients' partial sums),
+    and only the gradients asked for, through the backend's own backward launcher."""
+    impl = importlib.import_module(
+        f"meanflow.{'kernels' if backend == 'triton' else 'reference'}.jvp_layer_norm_modulate")
+    seen = []
+    original = impl.jvp_layer_norm_modulate_backward
+
+    def spy(grad_y, x, scale, shift, eps, needs_input_grad):
+        seen.append(tuple(needs_input_grad))
+        return original(grad_y, x, scale, shift, eps, needs_input_grad)
+
+    monkeypatch.setattr(impl, "jvp_layer_norm_modulate_backward", spy)
+    primals, tangents = make_inputs(2, 1500, 12, torch.float32, per_batch_3d=True)
+    ours = tuple(p.clone().requires_grad_(i in which) for i, p in enumerate(primals))
+    y, _ = jvp_layer_norm_modulate_pair(ours[0], tangents[0], ours[1], tangents[1], ours[2], tangents[2])
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert seen == [tuple(i in which for i in range(3))]
+    oracle = tuple(p.double().requires_grad_() for p in primals)
+    torch_modulate(*oracle).backward(grad_y.double())
+    for i in which:
+        assert_close_to_oracle(NAMES[2 + i], ours[i].grad, oracle[i].grad)
+
+
+def test_backward_of_expanded_gradient(backend):
+    """y.sum().backward() hands the backward a stride-0 gradient."""
+    primals, _ = make_inputs(2, 5, 40, torch.float32)
+    ours = tuple(p.clone().requires_grad_() for p in primals)
+    jvp_layer_norm_modulate(*ours).sum().backward()
+    oracle = tuple(p.double().requires_grad_() for p in primals)
+    torch_modulate(*oracle).sum().backward()
+    for i in range(3):
+        assert_close_to_oracle(NAMES[2 + i], ours[i].grad, oracle[i].grad, magnitude=10.0)
 
 
 def test_strided_inputs(backend):
@@ -286,12 +323,12 @@ def test_bad_arguments_raise_value_error(call, match):
 def test_backend_errors(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     with pytest.raises(ValueError, match="x dtype torch.float64 is not supported by the Triton backend"):
-        jvp_layer_norm_modulate(*_args(dtype=torch.float64))
-    x, s, h = _args()
+        jvp_layer_norm_modulate(*(t.to(DEVICE) for t in _args(dtype=torch.float64)))
+    x, s, h = (t.to(DEVICE) for t in _args())
     with pytest.raises(ValueError, match="shift dtype torch.float64 is not supported by the Triton backend"):
         jvp_layer_norm_modulate(x, s, h.double())
     with pytest.raises(ValueError, match="rows of up to 8192"):
-        jvp_layer_norm_modulate(*_args(x=(1, 1, 8200), scale=(1, 8200), shift=(1, 8200)))
+        jvp_layer_norm_modulate(*(t.to(DEVICE) for t in _args(x=(1, 1, 8200), scale=(1, 8200), shift=(1, 8200))))
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -18,7 +18,7 @@ from meanflow.ops import jvp_rms_norm, jvp_rms_norm_pair
 from meanflow.testing import assert_close_to_oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "triton"]
 INTERPRETED_DTYPES = [torch.float32, torch.float16]
 
 
@@ -130,7 +130,7 @@ def test_hypothesis(monkeypatch, shape, dim, weight, weight_tangent, std, eps, d
 
 def test_matches_diffusers_rms_norm(backend):
     """A drop-in for diffusers' RMSNorm (and torch.nn.RMSNorm, which FLUX's attention uses)."""
-    from diffusers.models.normalization import RMSNorm
+    RMSNorm = pytest.importorskip("diffusers.models.normalization").RMSNorm
 
     x, w, x_dot, _ = make_inputs((2, 13, 3, 64), torch.float32)
     module = RMSNorm(64, eps=1e-6).to(DEVICE)
@@ -228,6 +228,44 @@ def test_tangent_subsets_pass_only_present_tangents(backend, monkeypatch, which)
     assert_close_to_oracle("y_dot", y_dot, expected)
 
 
+@pytest.mark.parametrize("needs", ["x", "weight", "both"])
+def test_backward_of_many_rows_and_gradient_subsets(backend, monkeypatch, needs):
+    """Rows spread over several blocks per program (the weight gradient's partial sums), and only the
+    gradients asked for, through the backend's own backward launcher."""
+    impl = importlib.import_module(f"meanflow.{'kernels' if backend == 'triton' else 'reference'}.jvp_rms_norm")
+    seen = []
+    original = impl.jvp_rms_norm_backward
+
+    def spy(grad_y, x, weight, eps, needs_x_grad, needs_weight_grad):
+        seen.append((needs_x_grad, needs_weight_grad))
+        return original(grad_y, x, weight, eps, needs_x_grad, needs_weight_grad)
+
+    monkeypatch.setattr(impl, "jvp_rms_norm_backward", spy)
+    x, w, x_dot, _ = make_inputs((3, 1000, 8), torch.float32)
+    xg, wg = x.clone().requires_grad_(needs != "weight"), w.clone().requires_grad_(needs != "x")
+    y, _ = jvp_rms_norm_pair(xg, x_dot, wg)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert seen == [(needs != "weight", needs != "x")]
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    torch_rms_norm(x64, w64, 1e-6).backward(grad_y.double())
+    if needs != "weight":
+        assert_close_to_oracle("dx", xg.grad, x64.grad)
+    if needs != "x":
+        assert_close_to_oracle("dw", wg.grad, w64.grad)
+
+
+def test_backward_of_expanded_gradient(backend):
+    """y.sum().backward() hands the backward a stride-0 gradient."""
+    x, w, _, _ = make_inputs((5, 40), torch.float32)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    jvp_rms_norm(xg, wg).sum().backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    torch_rms_norm(x64, w64, 1e-6).sum().backward()
+    assert_close_to_oracle("dx", xg.grad, x64.grad)
+    assert_close_to_oracle("dw", wg.grad, w64.grad)
+
+
 def test_strided_inputs(backend):
     """(B, N, H, d) transposed to (B, H, N, d), tangents in yet another layout, a non-unit last stride."""
     x = torch.randn(2, 9, 3, 48, device=DEVICE).transpose(1, 2)
@@ -304,11 +342,11 @@ def test_bad_arguments_raise_value_error(call, match):
 def test_backend_errors(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     with pytest.raises(ValueError, match="x dtype torch.float64 is not supported by the Triton backend"):
-        jvp_rms_norm(_x(dtype=torch.float64))
+        jvp_rms_norm(_x(dtype=torch.float64).to(DEVICE))
     with pytest.raises(ValueError, match="weight dtype torch.float64 is not supported by the Triton backend"):
-        jvp_rms_norm(_x(), torch.ones(16, dtype=torch.float64))
+        jvp_rms_norm(_x().to(DEVICE), torch.ones(16, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="rows of up to 8192"):
-        jvp_rms_norm(_x(1, 8193))
+        jvp_rms_norm(_x(1, 8193).to(DEVICE))
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
