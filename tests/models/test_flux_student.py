@@ -490,3 +490,21 @@ def test_attention_mask(monkeypatch):
     _assert_close(u_dot, expected_dot, torch.float64, "u_dot")
     unmasked, _ = student.forward_with_tangent(z, r, t, cond, z_dot, r_dot, 1.0)
     assert (unmasked - u).abs().max() > 1e-6
+
+
+def test_float16_model(monkeypatch):
+    """A float16 model (diffusers clips its hidden states to ±65504): pair mode stays at fp16
+    rounding of the stock forward; the time path runs in float32 (so student(...) differs from
+    diffusers' by rounding too)."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    stock = _stock("deep", torch.float32).to(torch.float16)
+    student = _student(stock)
+    z, _, t, cond, z_dot, _ = _inputs("deep", torch.float16)
+    with torch.no_grad():
+        expected = _stock_fn(stock, cond)(z, t)
+        u, u_dot = student.forward_with_tangent(z, t, t, cond, z_dot, None, 1.0)
+        plain = student(z, t, t, cond)
+    scale = expected.abs().max()
+    assert u.dtype == torch.float16 and torch.isfinite(u_dot).all()
+    assert (u - expected).abs().max() <= 5e-3 * scale
+    assert (plain - expected).abs().max() <= 5e-3 * scale
