@@ -10,8 +10,6 @@ writes dx.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +18,9 @@ import torch.nn.functional as F
 from meanflow.ops import jvp_gelu_tanh_pair, jvp_silu_pair
 from meanflow.reference.jvp_activation import jvp_activation_forward
 
-_spec = importlib.util.spec_from_file_location("_fused_bench", Path(__file__).with_name("_fused_bench.py"))
-fb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fb)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-SHAPE = (1, 4608, 12288) if fb.CUDA else (1, 256, 1024)
+SHAPE = (1, 4608, 12288) if timing.CUDA else (1, 256, 1024)
 FORMULA = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 PAIR = {"gelu_tanh": jvp_gelu_tanh_pair, "silu": jvp_silu_pair}
 
@@ -35,16 +31,16 @@ def _provider(kind, provider):
         return PAIR[kind]
     if provider == "func_jvp":
         return lambda x, xd: torch.func.jvp(formula, (x,), (xd,))
-    return fb.compiled(lambda x, xd: (formula(x), jvp_activation_forward(x.detach(), xd, kind)[1]))
+    return timing.compiled(lambda x, xd: (formula(x), jvp_activation_forward(x.detach(), xd, kind)[1]))
 
 
 def _inputs():
-    x = torch.randn(SHAPE, device=fb.DEVICE, dtype=fb.DTYPE, requires_grad=True)
+    x = torch.randn(SHAPE, device=timing.DEVICE, dtype=timing.DTYPE, requires_grad=True)
     return x, torch.randn_like(x)
 
 
 def _label():
-    return f"{tuple(SHAPE)} {str(fb.DTYPE).removeprefix('torch.')}"
+    return f"{tuple(SHAPE)} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", ["ours", "compiled_ref", "func_jvp"])
@@ -53,7 +49,7 @@ def test_fwd_jvp(benchmark, kind, provider):
     fn = _provider(kind, provider)
     x, xd = _inputs()
     numel, size = x.numel(), x.element_size()
-    fb.run(benchmark, op=kind, case="fwd_jvp", provider=provider, shape=_label(),
+    timing.run(benchmark, op=kind, case="fwd_jvp", provider=provider, shape=_label(),
            target=lambda: fn(x, xd), bytes_moved=4 * numel * size)
 
 
@@ -65,9 +61,9 @@ def test_fwd_jvp_bwd(benchmark, kind, provider):
     numel, size = x.numel(), x.element_size()
 
     def target():
-        fb.clear_grads(x)
+        timing.clear_grads(x)
         y, y_dot = fn(x, xd)
         y.backward(y_dot.detach())
 
-    fb.run(benchmark, op=kind, case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
+    timing.run(benchmark, op=kind, case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
            bytes_moved=7 * numel * size)

@@ -9,8 +9,6 @@ bf16 on CUDA, (1, 256, 512) float32 on CPU. GB/s on the minimal traffic: forward
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +16,9 @@ import torch
 from meanflow.ops import jvp_gated_residual_pair
 from meanflow.reference.jvp_gated_residual import jvp_gated_residual_forward
 
-_spec = importlib.util.spec_from_file_location("_fused_bench", Path(__file__).with_name("_fused_bench.py"))
-fb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fb)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-B, N, D = (1, 4608, 3072) if fb.CUDA else (1, 256, 512)
+B, N, D = (1, 4608, 3072) if timing.CUDA else (1, 256, 512)
 
 
 def formula(h, g, y):
@@ -34,18 +30,18 @@ def _provider(provider):
         return jvp_gated_residual_pair
     if provider == "func_jvp":
         return lambda h, hd, g, gd, y, yd: torch.func.jvp(formula, (h, g, y), (hd, gd, yd))
-    return fb.compiled(lambda h, hd, g, gd, y, yd: (
+    return timing.compiled(lambda h, hd, g, gd, y, yd: (
         formula(h, g, y), jvp_gated_residual_forward(h.detach(), g.detach(), y.detach(), hd, gd, yd)[1]))
 
 
 def _inputs():
-    h, y = (torch.randn(B, N, D, device=fb.DEVICE, dtype=fb.DTYPE, requires_grad=True) for _ in range(2))
-    g = torch.randn(B, D, device=fb.DEVICE, dtype=fb.DTYPE, requires_grad=True)
+    h, y = (torch.randn(B, N, D, device=timing.DEVICE, dtype=timing.DTYPE, requires_grad=True) for _ in range(2))
+    g = torch.randn(B, D, device=timing.DEVICE, dtype=timing.DTYPE, requires_grad=True)
     return h, torch.randn_like(h), g, torch.randn_like(g), y, torch.randn_like(y)
 
 
 def _label():
-    return f"B={B} N={N} D={D} {str(fb.DTYPE).removeprefix('torch.')}"
+    return f"B={B} N={N} D={D} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", ["ours", "compiled_ref", "func_jvp"])
@@ -53,7 +49,7 @@ def test_fwd_jvp(benchmark, provider):
     fn = _provider(provider)
     args = _inputs()
     moved = 6 * args[0].numel() * args[0].element_size()
-    fb.run(benchmark, op="gated_residual", case="fwd_jvp", provider=provider, shape=_label(),
+    timing.run(benchmark, op="gated_residual", case="fwd_jvp", provider=provider, shape=_label(),
            target=lambda: fn(*args), bytes_moved=moved)
 
 
@@ -64,9 +60,9 @@ def test_fwd_jvp_bwd(benchmark, provider):
     moved = 9 * args[0].numel() * args[0].element_size()
 
     def target():
-        fb.clear_grads(*args)
+        timing.clear_grads(*args)
         out, out_dot = fn(*args)
         out.backward(out_dot.detach())
 
-    fb.run(benchmark, op="gated_residual", case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
+    timing.run(benchmark, op="gated_residual", case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
            bytes_moved=moved)

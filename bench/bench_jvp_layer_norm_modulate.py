@@ -15,8 +15,6 @@ counts those minimum bytes.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,21 +23,18 @@ from meanflow.ops import jvp_layer_norm_modulate_pair
 from meanflow.ops.dispatch import resolve_backend
 from meanflow.reference import jvp_layer_norm_modulate as reference
 
-_spec = importlib.util.spec_from_file_location("meanflow_bench_row_ops",
-                                               Path(__file__).with_name("row_ops.py"))
-row_ops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(row_ops)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-SHAPE = (1, 4608, 3072) if row_ops.CUDA else (1, 256, 256)
+SHAPE = (1, 4608, 3072) if timing.CUDA else (1, 256, 256)
 EPS = 1e-6
 PROVIDERS = ["ours", "compiled_reference", "func_jvp_eager"]
 
 
 def _inputs(requires_grad: bool):
-    gen = torch.Generator(device=row_ops.DEVICE).manual_seed(0)
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(shape, generator=gen, device=row_ops.DEVICE, dtype=row_ops.DTYPE)
+        return torch.randn(shape, generator=gen, device=timing.DEVICE, dtype=timing.DTYPE)
 
     batch, _, dim = SHAPE
     primals = (randn(*SHAPE), randn(batch, dim), randn(batch, dim))
@@ -52,18 +47,18 @@ def _pair_fn(provider: str):
     if provider == "ours":
         return lambda p, t: jvp_layer_norm_modulate_pair(p[0], t[0], p[1], t[1], p[2], t[2], EPS)
     if provider == "compiled_reference":
-        fused = row_ops.compiled(lambda x, s, h, xd, sd, hd: reference.jvp_layer_norm_modulate_forward(
+        fused = timing.compiled(lambda x, s, h, xd, sd, hd: reference.jvp_layer_norm_modulate_forward(
             x, s, h, xd, sd, hd, EPS))
         return lambda p, t: fused(*p, *t)
     return lambda p, t: torch.func.jvp(lambda x, s, h: reference.layer_norm_modulate(x, s, h, EPS), p, t)
 
 
 def _label(provider: str) -> str:
-    return f"ours/{resolve_backend(torch.device(row_ops.DEVICE))}" if provider == "ours" else provider
+    return f"ours/{resolve_backend(torch.device(timing.DEVICE))}" if provider == "ours" else provider
 
 
 def _shape() -> str:
-    return f"x {SHAPE} {str(row_ops.DTYPE).removeprefix('torch.')}"
+    return f"x {SHAPE} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -71,7 +66,7 @@ def test_pair_fwd(benchmark, provider):
     primals, tangents = _inputs(requires_grad=False)
     fn = _pair_fn(provider)
     x = primals[0]
-    row_ops.measure_bandwidth(
+    timing.run(
         benchmark, op="layer_norm_modulate", case="pair_fwd", provider=provider, shape=_shape(),
         target=lambda: fn(primals, tangents), bytes_moved=4 * x.numel() * x.element_size(),
         backend=_label(provider), tolerate_errors=provider == "compiled_reference")
@@ -92,7 +87,7 @@ def test_pair_fwd_bwd(benchmark, provider):
         y, y_dot = fn(primals, tangents)
         y.backward(y_dot.detach())
 
-    row_ops.measure_bandwidth(
+    timing.run(
         benchmark, op="layer_norm_modulate", case="pair_fwd_bwd", provider=provider, shape=_shape(),
         target=target, setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=_label(provider),
         tolerate_errors=provider == "compiled_reference")

@@ -12,8 +12,6 @@ for the backward.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,12 +20,10 @@ import torch.nn.functional as F
 from meanflow.ops import jvp_linear_pair
 from meanflow.reference.jvp_linear import jvp_linear_forward
 
-_spec = importlib.util.spec_from_file_location("_fused_bench", Path(__file__).with_name("_fused_bench.py"))
-fb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fb)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-M, D_IN = (4608, 3072) if fb.CUDA else (256, 512)
-D_OUTS = (3072, 12288) if fb.CUDA else (512,)
+M, D_IN = (4608, 3072) if timing.CUDA else (256, 512)
+D_OUTS = (3072, 12288) if timing.CUDA else (512,)
 PROVIDERS = ["ours", "stacked", "compiled_ref", "func_jvp"]
 
 
@@ -39,19 +35,19 @@ def _provider(provider, monkeypatch):
         return lambda x, xd, w, b: jvp_linear_pair(x, xd, w, b)
     if provider == "func_jvp":
         return lambda x, xd, w, b: torch.func.jvp(lambda x: F.linear(x, w, b), (x,), (xd,))
-    return fb.compiled(lambda x, xd, w, b: (F.linear(x, w, b),
+    return timing.compiled(lambda x, xd, w, b: (F.linear(x, w, b),
                                             jvp_linear_forward(x.detach(), w.detach(), None, xd)[1]))
 
 
 def _inputs(d_out):
-    x = torch.randn(1, M, D_IN, device=fb.DEVICE, dtype=fb.DTYPE, requires_grad=True)
-    w = (torch.randn(d_out, D_IN, device=fb.DEVICE) * D_IN ** -0.5).to(fb.DTYPE).requires_grad_()
-    b = torch.randn(d_out, device=fb.DEVICE, dtype=fb.DTYPE, requires_grad=True)
+    x = torch.randn(1, M, D_IN, device=timing.DEVICE, dtype=timing.DTYPE, requires_grad=True)
+    w = (torch.randn(d_out, D_IN, device=timing.DEVICE) * D_IN ** -0.5).to(timing.DTYPE).requires_grad_()
+    b = torch.randn(d_out, device=timing.DEVICE, dtype=timing.DTYPE, requires_grad=True)
     return x, torch.randn_like(x), w, b
 
 
 def _label(d_out):
-    return f"M={M} {D_IN}->{d_out} {str(fb.DTYPE).removeprefix('torch.')}"
+    return f"M={M} {D_IN}->{d_out} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -59,7 +55,7 @@ def _label(d_out):
 def test_fwd_jvp(benchmark, monkeypatch, d_out, provider):
     fn = _provider(provider, monkeypatch)
     x, xd, w, b = _inputs(d_out)
-    fb.run(benchmark, op="linear", case="fwd_jvp", provider=provider, shape=_label(d_out),
+    timing.run(benchmark, op="linear", case="fwd_jvp", provider=provider, shape=_label(d_out),
            target=lambda: fn(x, xd, w, b), flops=4 * M * D_IN * d_out)
 
 
@@ -70,9 +66,9 @@ def test_fwd_jvp_bwd(benchmark, monkeypatch, d_out, provider):
     x, xd, w, b = _inputs(d_out)
 
     def target():
-        fb.clear_grads(x, w, b)
+        timing.clear_grads(x, w, b)
         y, y_dot = fn(x, xd, w, b)
         y.backward(y_dot.detach())
 
-    fb.run(benchmark, op="linear", case="fwd_jvp_bwd", provider=provider, shape=_label(d_out), target=target,
+    timing.run(benchmark, op="linear", case="fwd_jvp_bwd", provider=provider, shape=_label(d_out), target=target,
            flops=8 * M * D_IN * d_out)

@@ -15,8 +15,6 @@ GB/s in ``extra_info`` counts those minimum bytes.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,21 +23,18 @@ from meanflow.ops import jvp_rms_norm_pair
 from meanflow.ops.dispatch import resolve_backend
 from meanflow.reference import jvp_rms_norm as reference
 
-_spec = importlib.util.spec_from_file_location("meanflow_bench_row_ops",
-                                               Path(__file__).with_name("row_ops.py"))
-row_ops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(row_ops)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-SHAPE = (1, 4608, 24, 128) if row_ops.CUDA else (1, 256, 4, 64)
+SHAPE = (1, 4608, 24, 128) if timing.CUDA else (1, 256, 4, 64)
 EPS = 1e-6
 PROVIDERS = ["ours", "compiled_reference", "func_jvp_eager"]
 
 
 def _inputs(requires_grad: bool):
-    gen = torch.Generator(device=row_ops.DEVICE).manual_seed(0)
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(shape, generator=gen, device=row_ops.DEVICE, dtype=row_ops.DTYPE)
+        return torch.randn(shape, generator=gen, device=timing.DEVICE, dtype=timing.DTYPE)
 
     x = randn(*SHAPE).requires_grad_(requires_grad)
     weight = (1 + 0.1 * randn(SHAPE[-1])).requires_grad_(requires_grad)
@@ -51,24 +46,24 @@ def _pair_fn(provider: str):
     if provider == "ours":
         return lambda x, w, x_dot: jvp_rms_norm_pair(x, x_dot, w, EPS)
     if provider == "compiled_reference":
-        fused = row_ops.compiled(lambda x, w, x_dot: reference.jvp_rms_norm_forward(x, w, EPS, x_dot))
+        fused = timing.compiled(lambda x, w, x_dot: reference.jvp_rms_norm_forward(x, w, EPS, x_dot))
         return fused
     return lambda x, w, x_dot: torch.func.jvp(lambda x: reference.rms_norm(x, w, EPS), (x,), (x_dot,))
 
 
 def _label(provider: str) -> str:
-    return f"ours/{resolve_backend(torch.device(row_ops.DEVICE))}" if provider == "ours" else provider
+    return f"ours/{resolve_backend(torch.device(timing.DEVICE))}" if provider == "ours" else provider
 
 
 def _shape() -> str:
-    return f"x {SHAPE} {str(row_ops.DTYPE).removeprefix('torch.')}"
+    return f"x {SHAPE} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_pair_fwd(benchmark, provider):
     x, w, x_dot = _inputs(requires_grad=False)
     fn = _pair_fn(provider)
-    row_ops.measure_bandwidth(
+    timing.run(
         benchmark, op="rms_norm", case="pair_fwd", provider=provider, shape=_shape(),
         target=lambda: fn(x, w, x_dot), bytes_moved=4 * x.numel() * x.element_size(),
         backend=_label(provider), tolerate_errors=provider == "compiled_reference")
@@ -87,7 +82,7 @@ def test_pair_fwd_bwd(benchmark, provider):
         y, y_dot = fn(x, w, x_dot)
         y.backward(y_dot.detach())
 
-    row_ops.measure_bandwidth(
+    timing.run(
         benchmark, op="rms_norm", case="pair_fwd_bwd", provider=provider, shape=_shape(), target=target,
         setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=_label(provider),
         tolerate_errors=provider == "compiled_reference")

@@ -9,8 +9,6 @@ backward g, dx, the tables).
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +16,9 @@ import torch
 from meanflow.ops import jvp_rope_pair
 from meanflow.reference.jvp_rope import jvp_rope_forward
 
-_spec = importlib.util.spec_from_file_location("_fused_bench", Path(__file__).with_name("_fused_bench.py"))
-fb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fb)
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
-B, H, N, D = (1, 24, 4608, 128) if fb.CUDA else (1, 4, 256, 64)
+B, H, N, D = (1, 24, 4608, 128) if timing.CUDA else (1, 4, 256, 64)
 
 
 def diffusers_rope(x, cos, sin):
@@ -37,18 +33,18 @@ def _provider(provider):
         return jvp_rope_pair
     if provider == "func_jvp":
         return lambda x, xd, c, s: torch.func.jvp(lambda x: diffusers_rope(x, c, s), (x,), (xd,))
-    return fb.compiled(lambda x, xd, c, s: (diffusers_rope(x, c, s), jvp_rope_forward(x.detach(), xd, c, s)[1]))
+    return timing.compiled(lambda x, xd, c, s: (diffusers_rope(x, c, s), jvp_rope_forward(x.detach(), xd, c, s)[1]))
 
 
 def _inputs():
-    x = torch.randn(B, N, H, D, device=fb.DEVICE, dtype=fb.DTYPE).transpose(1, 2).requires_grad_()
-    xd = torch.randn(B, N, H, D, device=fb.DEVICE, dtype=fb.DTYPE).transpose(1, 2)
-    angles = torch.rand(N, D // 2, device=fb.DEVICE).repeat_interleave(2, -1) * 6
+    x = torch.randn(B, N, H, D, device=timing.DEVICE, dtype=timing.DTYPE).transpose(1, 2).requires_grad_()
+    xd = torch.randn(B, N, H, D, device=timing.DEVICE, dtype=timing.DTYPE).transpose(1, 2)
+    angles = torch.rand(N, D // 2, device=timing.DEVICE).repeat_interleave(2, -1) * 6
     return x, xd, angles.cos(), angles.sin()
 
 
 def _label():
-    return f"B={B} H={H} N={N} D={D} {str(fb.DTYPE).removeprefix('torch.')}"
+    return f"B={B} H={H} N={N} D={D} {str(timing.DTYPE).removeprefix('torch.')}"
 
 
 @pytest.mark.parametrize("provider", ["ours", "compiled_ref", "func_jvp"])
@@ -56,7 +52,7 @@ def test_fwd_jvp(benchmark, provider):
     fn = _provider(provider)
     x, xd, cos, sin = _inputs()
     moved = 4 * x.numel() * x.element_size() + 2 * cos.numel() * 4
-    fb.run(benchmark, op="rope", case="fwd_jvp", provider=provider, shape=_label(),
+    timing.run(benchmark, op="rope", case="fwd_jvp", provider=provider, shape=_label(),
            target=lambda: fn(x, xd, cos, sin), bytes_moved=moved)
 
 
@@ -67,9 +63,9 @@ def test_fwd_jvp_bwd(benchmark, provider):
     moved = 6 * x.numel() * x.element_size() + 4 * cos.numel() * 4
 
     def target():
-        fb.clear_grads(x)
+        timing.clear_grads(x)
         y, y_dot = fn(x, xd, cos, sin)
         y.backward(y_dot.detach())
 
-    fb.run(benchmark, op="rope", case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
+    timing.run(benchmark, op="rope", case="fwd_jvp_bwd", provider=provider, shape=_label(), target=target,
            bytes_moved=moved)

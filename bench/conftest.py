@@ -18,6 +18,7 @@ import gc
 import importlib.util
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+
+# The benchmark files share bench/_timing.py; bench/ is not a package.
+sys.path.insert(0, str(Path(__file__).parent))
 
 _RECORDS: list[dict] = []   # extra_info of every benchmark that ran
 _SKIPPED: list[dict] = []   # cases skipped for memory or an unusable provider
