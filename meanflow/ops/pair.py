@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -146,20 +146,3 @@ def apply_pair(
         keep_for_jvp = False
     y, y_dot, *_ = PairFunction.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents)
     return y, y_dot
-
-
-def recompute_backward(primal: Callable[..., Tensor]) -> Callable[..., tuple]:
-    """A ``PairOp.backward`` that recomputes ``primal(*inputs, *options)`` under autograd and
-    takes its vector-Jacobian product: right for cheap elementwise ops, which then save nothing
-    but their inputs."""
-
-    def backward(inputs, y, extras, options, grad_y, needs_input_grad):
-        with torch.enable_grad():
-            inputs = tuple(None if t is None else t.detach().requires_grad_(need)
-                           for t, need in zip(inputs, needs_input_grad))
-            y = primal(*inputs, *options)
-            wanted = [t for t, need in zip(inputs, needs_input_grad) if t is not None and need]
-            grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True) if wanted else ())
-        return tuple(next(grads) if t is not None and need else None for t, need in zip(inputs, needs_input_grad))
-
-    return backward
