@@ -89,7 +89,8 @@ class FluxCondition:
         pooled_projections: (B, pooled_projection_dim) pooled CLIP embedding.
         txt_ids: (T, 3) text position ids (zeros in FLUX).
         img_ids: (N_img, 3) image position ids, (0, row, col) per packed latent token.
-        guidance: None, or (B,) guidance scales g for guidance-distilled models (FLUX.1-dev);
+        guidance: None, or (B,) guidance scales g (a float or 0-d tensor broadcasts) for
+            guidance-distilled models (FLUX.1-dev);
             multiplied by 1000 inside, as diffusers does. Required exactly when the model was
             built with ``guidance_embeds=True``.
         attention_mask: None, a (B, T + N_img) key mask (bool, or 0/1 integers; True = attend)
@@ -312,6 +313,7 @@ def _time_embedding(transformer, delta_embedder, t, r, guidance, pooled, t_dot=N
             raise ValueError("cond.guidance must be given exactly when the transformer has guidance_embeds "
                              f"(it has {'a' if has_guidance else 'no'} guidance embedder)")
         if guidance is not None:
+            guidance = _as_times(guidance, t.shape[0], t, "cond.guidance")
             gproj, _ = _sinusoid(tte.time_proj, guidance.to(td) * 1000, None)
             gemb, _ = _mlp(tte.guidance_embedder, gproj.to(td), None, td, pair)
             temb = temb + gemb
