@@ -754,7 +754,9 @@ class FluxStudent(nn.Module):
 
         ``torch.func.jvp`` and forward-AD dual tensors work through it (attention runs through
         ``meanflow.ops.jvp_attention`` when tangents are present), but the tangent then
-        carries autograd history through the parameters: prefer :meth:`forward_with_tangent`.
+        carries autograd history through the parameters, and with ``gradient_checkpointing``
+        PyTorch's checkpoint raises ``CheckpointError`` under forward AD: prefer
+        :meth:`forward_with_tangent`, which checkpoints fine.
         """
         return _plain_forward(self.transformer, self.delta_embedder, z, r, t, cond, self.gradient_checkpointing)
 
