@@ -71,8 +71,9 @@ def run_one(mode: str, grads: str, args) -> dict:
     torch.manual_seed(0)
     heads = args.hidden // args.head_dim
     config = dict(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
-                  attention_head_dim=args.head_dim, num_attention_heads=heads, joint_attention_dim=args.hidden,
-                  pooled_projection_dim=args.hidden, axes_dims_rope=_rope_axes(args.head_dim))
+                  attention_head_dim=args.head_dim, num_attention_heads=heads,
+                  joint_attention_dim=args.hidden, pooled_projection_dim=args.hidden,
+                  axes_dims_rope=_rope_axes(args.head_dim))
     transformer = FluxTransformer2DModel(**config).to(device)
     side = int(round(args.image_tokens ** 0.5))
     n_img = side * side
@@ -80,8 +81,8 @@ def run_one(mode: str, grads: str, args) -> dict:
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
-    cond = FluxCondition(torch.randn(b, n_txt, args.hidden), torch.randn(b, args.hidden), torch.zeros(n_txt, 3),
-                         img_ids.reshape(-1, 3)).to(device)
+    cond = FluxCondition(torch.randn(b, n_txt, args.hidden), torch.randn(b, args.hidden),
+                         torch.zeros(n_txt, 3), img_ids.reshape(-1, 3)).to(device)
     z, v = torch.randn(b, n_img, 64, device=device), torch.randn(b, n_img, 64, device=device)
     t = torch.rand(b, device=device) * 0.8 + 0.1
     r = t * torch.rand(b, device=device)
@@ -179,7 +180,9 @@ def main(argv=None) -> None:
     modes = args.modes.split(",")
     runs = []  # (column key, grads, environment)
     if args.allocator in ("both", "mmap") or args.device != "cpu":
-        mmap_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else dict(os.environ)
+        mmap_env = dict(os.environ)
+        if args.device == "cpu":
+            mmap_env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         runs += [("pre", "pre", mmap_env), ("none", "none", mmap_env)]
     if args.allocator in ("both", "default") and args.device == "cpu":
         default_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -196,9 +199,10 @@ def main(argv=None) -> None:
 
     heads = args.hidden // args.head_dim
     param_mib = next((r["param_mib"] for r in results.values() if "param_mib" in r), float("nan"))
-    print(f"FLUX-shaped stack: hidden {args.hidden} ({heads} heads x {args.head_dim}), {args.double} double + "
-          f"{args.single} single blocks, {int(round(args.image_tokens ** 0.5)) ** 2} image + {args.text_tokens} "
-          f"text tokens, batch {args.batch}, float32, device {args.device}, {args.threads} thread(s); "
+    n_img = int(round(args.image_tokens ** 0.5)) ** 2
+    print(f"FLUX-shaped stack: hidden {args.hidden} ({heads} heads x {args.head_dim}), "
+          f"{args.double} double + {args.single} single blocks, {n_img} image + {args.text_tokens} text tokens,"
+          f" batch {args.batch}, float32, device {args.device}, {args.threads} thread(s); "
           f"parameters {param_mib:.1f} MiB")
     titles = {"pre": "activations (grads preallocated)", "none": "full step (grads allocated in it)",
               "raw": "full step, default malloc"}

@@ -275,7 +275,8 @@ def _no_autocast(device_type: str):
 
 
 def _time_dtype(transformer) -> torch.dtype:
-    return torch.promote_types(transformer.time_text_embed.timestep_embedder.linear_1.weight.dtype, torch.float32)
+    weight = transformer.time_text_embed.timestep_embedder.linear_1.weight
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _as_times(x, batch: int, like: Tensor, name: str) -> Tensor:
@@ -373,7 +374,8 @@ def _attention_block(attn, x, x_dot, cx, cx_dot, rope, mask, dtype):
         q, k, v = ((torch.cat([c[0], s[0]], dim=1), _cat([c[1], s[1]], [c[0], s[0]], 1))
                    for c, s in ((cq, q), (ck, k), (cv, v)))
     # (B, N, H, D) -> (B, H, N, D)
-    q, k, v = ((y.transpose(1, 2), None if y_dot is None else y_dot.transpose(1, 2)) for y, y_dot in (q, k, v))
+    q, k, v = ((y.transpose(1, 2), None if y_dot is None else y_dot.transpose(1, 2))
+               for y, y_dot in (q, k, v))
     if rope is not None:
         cos, sin = rope
         q, k = _rope(*q, cos, sin), _rope(*k, cos, sin)
@@ -410,7 +412,8 @@ def _double_block(block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype):
     n_text = c.shape[1]
     c_out, a_out = out[:, :n_text], out[:, n_text:]
     c_out_dot, a_out_dot = (None, None) if out_dot is None else (out_dot[:, :n_text], out_dot[:, n_text:])
-    a_out, a_out_dot = _linear(a_out.contiguous(), _contiguous(a_out_dot), attn.to_out[0], dtype, "attn.to_out.0")
+    a_out, a_out_dot = _linear(a_out.contiguous(), _contiguous(a_out_dot), attn.to_out[0], dtype,
+                               "attn.to_out.0")
     c_out, c_out_dot = _linear(c_out.contiguous(), _contiguous(c_out_dot), attn.to_add_out, dtype,
                                "attn.to_add_out")
 
@@ -495,14 +498,16 @@ def _check_transformer(transformer) -> None:
     except ImportError as e:  # pragma: no cover
         raise ImportError("FluxStudent needs diffusers (pip install 'meanflow[flux]')") from e
     if not isinstance(transformer, FluxTransformer2DModel):
-        raise ValueError(f"transformer must be a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+        raise ValueError("transformer must be a diffusers FluxTransformer2DModel, "
+                         f"got {type(transformer).__name__}")
     for block in transformer.transformer_blocks:
         for drop in (block.attn.to_out[1], block.ff.net[1], block.ff_context.net[1]):
             if isinstance(drop, nn.Dropout) and drop.p != 0:
                 raise ValueError("transformer: dropout inside the blocks is not supported (FLUX has none)")
     norm = transformer.norm_out.norm
     if getattr(norm, "weight", None) is not None or not isinstance(norm, nn.LayerNorm):
-        raise ValueError("transformer.norm_out must be FLUX's AdaLayerNormContinuous with a non-affine LayerNorm")
+        raise ValueError("transformer.norm_out must be FLUX's AdaLayerNormContinuous with a non-affine "
+                         "LayerNorm")
 
 
 def _check_inputs(transformer, z, cond) -> None:
@@ -517,16 +522,18 @@ def _check_inputs(transformer, z, cond) -> None:
     b = z.shape[0]
     ehs, pooled = cond.encoder_hidden_states, cond.pooled_projections
     if ehs.dim() != 3 or ehs.shape[0] != b or ehs.shape[-1] != transformer.config.joint_attention_dim:
-        raise ValueError(f"cond.encoder_hidden_states must be (B={b}, T, {transformer.config.joint_attention_dim}), "
-                         f"got {tuple(ehs.shape)}")
+        raise ValueError(f"cond.encoder_hidden_states must be (B={b}, T, "
+                         f"{transformer.config.joint_attention_dim}), got {tuple(ehs.shape)}")
     if pooled.shape != (b, transformer.config.pooled_projection_dim):
-        raise ValueError(f"cond.pooled_projections must be (B={b}, {transformer.config.pooled_projection_dim}), "
-                         f"got {tuple(pooled.shape)}")
+        raise ValueError(f"cond.pooled_projections must be (B={b}, "
+                         f"{transformer.config.pooled_projection_dim}), got {tuple(pooled.shape)}")
     txt, img = _ids(cond.txt_ids), _ids(cond.img_ids)
     if txt.shape[0] != ehs.shape[1]:
-        raise ValueError(f"cond.txt_ids must have one row per text token ({ehs.shape[1]}), got {tuple(txt.shape)}")
+        raise ValueError(f"cond.txt_ids must have one row per text token ({ehs.shape[1]}), "
+                         f"got {tuple(txt.shape)}")
     if img.shape[0] != z.shape[1]:
-        raise ValueError(f"cond.img_ids must have one row per image token ({z.shape[1]}), got {tuple(img.shape)}")
+        raise ValueError(f"cond.img_ids must have one row per image token ({z.shape[1]}), "
+                         f"got {tuple(img.shape)}")
 
 
 def _check_tangent(name: str, tangent, primal: Tensor) -> Tensor | None:
@@ -549,7 +556,8 @@ def _rotary_tables(transformer, cond: FluxCondition):
 
 def _compute_dtype(transformer, device_type: str) -> torch.dtype:
     dtype = transformer.x_embedder.weight.dtype
-    if dtype != torch.float64 and device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type):
+    autocast = device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type)
+    if dtype != torch.float64 and autocast:
         return torch.get_autocast_dtype(device_type)
     return dtype
 
@@ -594,8 +602,8 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
     z_dot = _check_tangent("z_dot", z_dot, z)
     dtype = _compute_dtype(transformer, z.device.type)
 
-    temb, temb_dot = _time_embedding(transformer, delta_embedder, t, r, cond.guidance, cond.pooled_projections,
-                                     t_dot=t_dot, r_dot=r_dot, pair=True)
+    temb, temb_dot = _time_embedding(transformer, delta_embedder, t, r, cond.guidance,
+                                     cond.pooled_projections, t_dot=t_dot, r_dot=r_dot, pair=True)
     with _no_autocast(z.device.type):
         # SiLU(temb) is what every modulation reads (diffusers recomputes it in each AdaLN):
         # once, in the time dtype, then cast to the compute dtype.
@@ -614,7 +622,8 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
                            (_single_block, transformer.single_transformer_blocks)):
             for block in blocks:
                 if use_ckpt:
-                    h, h_dot, c, c_dot = _checkpointed(fn, block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)
+                    h, h_dot, c, c_dot = _checkpointed(fn, block, h, h_dot, c, c_dot, s, s_dot, rope, mask,
+                                                       dtype)
                 else:
                     h, h_dot, c, c_dot = fn(block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)
 
@@ -660,7 +669,9 @@ class FluxStudent(nn.Module):
         _check_transformer(transformer)
         enable_jvp_attention(transformer)
         self.transformer = transformer
-        self.delta_embedder = delta_embedder if delta_embedder is not None else _make_delta_embedder(transformer)
+        if delta_embedder is None:
+            delta_embedder = _make_delta_embedder(transformer)
+        self.delta_embedder = delta_embedder
         _check_timestep_mlp(self.delta_embedder, "delta_embedder")
         self.gradient_checkpointing = False
 
@@ -678,7 +689,8 @@ class FluxStudent(nn.Module):
         from diffusers import FluxTransformer2DModel
 
         if not isinstance(config, dict):
-            raise ValueError(f"config must be a dict of FluxTransformer2DModel arguments, got {type(config).__name__}")
+            raise ValueError("config must be a dict of FluxTransformer2DModel arguments, "
+                             f"got {type(config).__name__}")
         return cls(FluxTransformer2DModel.from_config(config))
 
     @classmethod
@@ -696,8 +708,8 @@ class FluxStudent(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        self.transformer.save_pretrained(os.path.join(directory, TRANSFORMER_SUBFOLDER), safe_serialization=True,
-                                         **kwargs)
+        self.transformer.save_pretrained(os.path.join(directory, TRANSFORMER_SUBFOLDER),
+                                         safe_serialization=True, **kwargs)
         state = {k: v.detach().contiguous().cpu() for k, v in self.delta_embedder.state_dict().items()}
         save_file(state, os.path.join(directory, DELTA_WEIGHTS_NAME), metadata={"format": "pt"})
         ref = self.delta_embedder.linear_1
@@ -717,7 +729,8 @@ class FluxStudent(nn.Module):
 
         path = os.path.join(directory, STUDENT_CONFIG_NAME)
         if not os.path.isfile(path):
-            raise ValueError(f"directory {str(directory)!r} has no {STUDENT_CONFIG_NAME}: not a saved FluxStudent")
+            raise ValueError(f"directory {str(directory)!r} has no {STUDENT_CONFIG_NAME}: "
+                             "not a saved FluxStudent")
         with open(path) as f:
             meta = json.load(f)
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
@@ -758,7 +771,8 @@ class FluxStudent(nn.Module):
         PyTorch's checkpoint raises ``CheckpointError`` under forward AD: prefer
         :meth:`forward_with_tangent`, which checkpoints fine.
         """
-        return _plain_forward(self.transformer, self.delta_embedder, z, r, t, cond, self.gradient_checkpointing)
+        return _plain_forward(self.transformer, self.delta_embedder, z, r, t, cond,
+                              self.gradient_checkpointing)
 
     def forward_with_tangent(self, z: Tensor, r, t, cond: FluxCondition, z_dot: Tensor | None = None,
                              r_dot=None, t_dot=None) -> tuple[Tensor, Tensor]:

@@ -45,8 +45,8 @@ _CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"
 
 
 def _triton(*values):
-    return pytest.param("triton", *values, marks=pytest.mark.skipif(
-        not _CAN_RUN_TRITON, reason="MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import"))
+    reason = "MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import"
+    return pytest.param("triton", *values, marks=pytest.mark.skipif(not _CAN_RUN_TRITON, reason=reason))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,12 +88,13 @@ def _student(stock, *, random_delta: bool = False) -> FluxStudent:
         w = student.delta_embedder.linear_2.weight
         with torch.no_grad():
             w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.2)
-            student.delta_embedder.linear_2.bias.copy_(torch.randn(w.shape[0], generator=g, dtype=w.dtype) * 0.2)
+            b = student.delta_embedder.linear_2.bias
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.2)
     return student
 
 
-def _inputs(config: str, dtype: torch.dtype, *, batch: int = 2, height: int = 3, width: int = 4, text: int = 5,
-            seed: int = 1):
+def _inputs(config: str, dtype: torch.dtype, *, batch: int = 2, height: int = 3, width: int = 4,
+            text: int = 5, seed: int = 1):
     """(z, r, t, cond, z_dot, r_dot): packed latents (B, H·W, 4), times r < t in (0, 1), the
     conditioning of a FLUX pipeline, and random tangents."""
     g = torch.Generator().manual_seed(seed)
@@ -108,7 +109,8 @@ def _inputs(config: str, dtype: torch.dtype, *, batch: int = 2, height: int = 3,
     if CONFIGS[config].get("guidance_embeds"):
         guidance = 1 + 4 * torch.rand(batch, generator=g, dtype=dtype)
     cond = FluxCondition(encoder_hidden_states=randn(batch, text, 32), pooled_projections=randn(batch, 32),
-                         txt_ids=torch.zeros(text, 3, dtype=dtype), img_ids=img_ids.reshape(-1, 3), guidance=guidance)
+                         txt_ids=torch.zeros(text, 3, dtype=dtype), img_ids=img_ids.reshape(-1, 3),
+                         guidance=guidance)
     t = 0.2 + 0.7 * torch.rand(batch, generator=g, dtype=dtype)
     r = t * torch.rand(batch, generator=g, dtype=dtype)
     z = randn(batch, height * width, 4)
@@ -200,7 +202,8 @@ def test_forward_with_tangent_matches_stock_func_jvp(backend, dtype, config):
     stock = _stock(config, dtype)
     student = _student(stock)
     z, r, t, cond, z_dot, _ = _inputs(config, dtype)
-    for t_dot in (torch.ones_like(t), torch.randn(t.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)):
+    random_t_dot = torch.randn(t.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    for t_dot in (torch.ones_like(t), random_t_dot):
         expected, expected_dot = _stock_jvp(stock, z, t, cond, z_dot, t_dot)
         u, u_dot = student.forward_with_tangent(z, r, t, cond, z_dot, torch.zeros_like(r), t_dot)
         _assert_close(u, expected, dtype, "u")
@@ -221,7 +224,8 @@ def test_forward_with_tangent_matches_func_jvp_of_the_student(backend, dtype, co
     student = _student(_stock(config, dtype), random_delta=True)
     z, r, t, cond, z_dot, r_dot = _inputs(config, dtype)
     t_dot = torch.ones_like(t)
-    expected, expected_dot = torch.func.jvp(lambda z, r, t: student(z, r, t, cond), (z, r, t), (z_dot, r_dot, t_dot))
+    expected, expected_dot = torch.func.jvp(lambda z, r, t: student(z, r, t, cond), (z, r, t),
+                                            (z_dot, r_dot, t_dot))
     u, u_dot = student.forward_with_tangent(z, r, t, cond, z_dot, r_dot, t_dot)
     _assert_close(u, expected, dtype, "u")
     _assert_close(u_dot, expected_dot, dtype, "u_dot")
@@ -300,7 +304,8 @@ def test_meanflow_gradients_match_func_jvp_of_the_student(checkpointing, monkeyp
 @pytest.mark.parametrize("backend, dtype, config", [("reference", torch.float64, "deep"),
                                                     ("reference", torch.float32, "deep"),
                                                     _triton(torch.float32, "tiny")], indirect=["backend"])
-def test_checkpointing_gives_the_same_gradients_and_recomputes_only_the_primal(backend, dtype, config, monkeypatch):
+def test_checkpointing_gives_the_same_gradients_and_recomputes_only_the_primal(backend, dtype, config,
+                                                                               monkeypatch):
     student = _student(_stock(config, dtype), random_delta=True)
     z, r, t, cond, v, r_dot = _inputs(config, dtype)
     inputs = (z, r, t, cond, v, r_dot, torch.ones_like(t))
@@ -323,7 +328,8 @@ def test_checkpointing_gives_the_same_gradients_and_recomputes_only_the_primal(b
     monkeypatch.setattr(ops, "jvp_attention", plain)
     student.gradient_checkpointing = True
     u2, u2_dot = student.forward_with_tangent(*inputs)
-    n_blocks = len(student.transformer.transformer_blocks) + len(student.transformer.single_transformer_blocks)
+    blocks = student.transformer
+    n_blocks = len(blocks.transformer_blocks) + len(blocks.single_transformer_blocks)
     assert calls == {"pair": n_blocks, "plain": 0}
     assert torch.equal(u2, u) and torch.equal(u2_dot, u_dot)
     actual = _grads(student, _meanflow_loss(u2, u2_dot, v, r, t))  # no CheckpointError
