@@ -7,7 +7,7 @@
 Each step runs in a fresh subprocess. On the CPU its cost is the growth of the process's peak
 resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the step, measured after
 the model and the inputs exist; on CUDA the growth of ``torch.cuda.max_memory_allocated``.
-Steps (float32, B=2, MEANFLOW_BACKEND as set, default auto):
+Steps (``--dtype``, default float32; B=2; MEANFLOW_BACKEND as set, default auto):
 
 - ``plain``: a flow-matching step, stock diffusers forward (default SDPA) + backward;
 - ``pair``: a MeanFlow step in pair mode: ``student.forward_with_tangent`` (u and the detached
@@ -15,6 +15,8 @@ Steps (float32, B=2, MEANFLOW_BACKEND as set, default auto):
 - ``jvp``: ``torch.func.jvp`` of the stock model under math SDPA (the only stock backend with
   forward AD) + backward through u;
 - ``two_pass``: the common workaround: the JVP under ``no_grad``, then a second forward with grad;
+- ``two_pass_fused``: the same with the best attention kernel for its JVP pass (``jvp_attention``
+  through ``enable_jvp_attention``) and the stock SDPA for the forward with grad;
 - ``*+ckpt``: the same with per-block activation checkpointing (``jvp+ckpt`` raises
   ``CheckpointError`` in PyTorch; reported as such).
 
@@ -42,7 +44,8 @@ import subprocess
 import sys
 import time
 
-MODES = ["plain", "pair", "jvp", "two_pass", "plain+ckpt", "pair+ckpt", "two_pass+ckpt", "jvp+ckpt"]
+MODES = ["plain", "pair", "jvp", "two_pass", "two_pass_fused", "plain+ckpt", "pair+ckpt", "two_pass+ckpt",
+         "jvp+ckpt"]
 
 
 def _rope_axes(head_dim: int) -> list[int]:
@@ -63,27 +66,29 @@ def run_one(mode: str, grads: str, args) -> dict:
     from diffusers.utils import logging as diffusers_logging
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from meanflow.models.flux import enable_jvp_attention
     from meanflow.models.flux_student import FluxCondition, FluxStudent
 
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     heads = args.hidden // args.head_dim
     config = dict(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
                   attention_head_dim=args.head_dim, num_attention_heads=heads,
                   joint_attention_dim=args.hidden, pooled_projection_dim=args.hidden,
                   axes_dims_rope=_rope_axes(args.head_dim))
-    transformer = FluxTransformer2DModel(**config).to(device)
+    transformer = FluxTransformer2DModel(**config).to(device=device, dtype=dtype)
     side = int(round(args.image_tokens ** 0.5))
     n_img = side * side
     b, n_txt = args.batch, args.text_tokens
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
-    cond = FluxCondition(torch.randn(b, n_txt, args.hidden), torch.randn(b, args.hidden),
+    cond = FluxCondition(torch.randn(b, n_txt, args.hidden, dtype=dtype), torch.randn(b, args.hidden, dtype=dtype),
                          torch.zeros(n_txt, 3), img_ids.reshape(-1, 3)).to(device)
-    z, v = torch.randn(b, n_img, 64, device=device), torch.randn(b, n_img, 64, device=device)
+    z, v = (torch.randn(b, n_img, 64, device=device, dtype=dtype) for _ in range(2))
     t = torch.rand(b, device=device) * 0.8 + 0.1
     r = t * torch.rand(b, device=device)
     ones = torch.ones_like(t)
@@ -96,6 +101,8 @@ def run_one(mode: str, grads: str, args) -> dict:
         model = transformer
         if ckpt:
             model.enable_gradient_checkpointing()
+        if base == "two_pass_fused":  # jvp_attention where tangents flow, stock SDPA elsewhere
+            enable_jvp_attention(transformer)
 
     def stock(z_, t_):
         return transformer(hidden_states=z_, encoder_hidden_states=cond.encoder_hidden_states,
@@ -118,6 +125,10 @@ def run_one(mode: str, grads: str, args) -> dict:
             loss = meanflow_loss(u, u_dot)
         elif base == "two_pass":
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+                _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
+            loss = meanflow_loss(stock(z, t), u_dot)
+        elif base == "two_pass_fused":
+            with torch.no_grad():
                 _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
             loss = meanflow_loss(stock(z, t), u_dot)
         loss.backward()
@@ -165,6 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image-tokens", type=int, default=256)
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -202,7 +214,7 @@ def main(argv=None) -> None:
     n_img = int(round(args.image_tokens ** 0.5)) ** 2
     print(f"FLUX-shaped stack: hidden {args.hidden} ({heads} heads x {args.head_dim}), "
           f"{args.double} double + {args.single} single blocks, {n_img} image + {args.text_tokens} text tokens,"
-          f" batch {args.batch}, float32, device {args.device}, {args.threads} thread(s); "
+          f" batch {args.batch}, {args.dtype}, device {args.device}, {args.threads} thread(s); "
           f"parameters {param_mib:.1f} MiB")
     titles = {"pre": "activations (grads preallocated)", "none": "full step (grads allocated in it)",
               "raw": "full step, default malloc"}

@@ -10,10 +10,12 @@
 #    without a regular install, and fails loudly if it is not;
 # 4. runs the GPU tests (`pytest tests -m gpu`), then the benchmarks (`pytest bench
 #    --benchmark-only`), each under a wall-clock cap, so the whole stays under 8 minutes;
-# 5. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
+# 5. times a MeanFlow step on a FLUX-width stack (bench/flux_memory.py; needs diffusers, which
+#    the GPU image lacks: carry its wheel in .whl/);
+# 6. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
 #
-# Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 200),
-# BENCH_LIMIT_S (default 240), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384).
+# Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 150),
+# BENCH_LIMIT_S (default 210), FLUX_LIMIT_S (default 120), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384).
 # Exit status: non-zero if the import check, the GPU tests or the benchmarks failed (the
 # benchmarks and the table still run after failing tests).
 set -euo pipefail
@@ -132,27 +134,41 @@ main() {
     fi
     local tests_rc=0
     # Tests pin each kernel to its default tile (no autotuning): correctness, not speed.
-    run_capped "${TESTS_LIMIT_S:-200}" "$OUT/gpu_tests.log" \
+    run_capped "${TESTS_LIMIT_S:-150}" "$OUT/gpu_tests.log" \
         env MEANFLOW_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -rA ${timeout_opt[@]+"${timeout_opt[@]}"} \
         --junitxml="$OUT/gpu_tests.xml" || tests_rc=$?
     case $tests_rc in
         0) echo "GPU tests passed" ;;
         5) echo "no GPU tests collected" ;;
-        124) echo "GPU tests: TIMED OUT after ${TESTS_LIMIT_S:-200} s"; status=1 ;;
+        124) echo "GPU tests: TIMED OUT after ${TESTS_LIMIT_S:-150} s"; status=1 ;;
         *) echo "GPU tests: FAILED (pytest exit $tests_rc)"; status=1 ;;
     esac
 
     section "benchmarks: pytest bench --benchmark-only"
     local bench_rc=0
     rm -f "$OUT/bench.json"
-    run_capped "${BENCH_LIMIT_S:-240}" "$OUT/bench.log" \
+    run_capped "${BENCH_LIMIT_S:-210}" "$OUT/bench.log" \
         env TRITON_PRINT_AUTOTUNING=1 "$PY" -m pytest bench --benchmark-only -q -s --benchmark-json="$OUT/bench.json" \
         --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
     case $bench_rc in
         0) echo "benchmarks done" ;;
-        124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-240} s (partial results)"; status=1 ;;
+        124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-210} s (partial results)"; status=1 ;;
         *) echo "benchmarks: FAILED (pytest exit $bench_rc)"; status=1 ;;
     esac
+
+    section "FLUX-width stack: MeanFlow step in pair mode against the baselines"
+    # hidden 3072, 24 heads of 128, 1 double + 1 single block, 4096 image + 512 text tokens, bf16:
+    # peak memory and step time of plain / pair / torch.func.jvp + math SDPA / two-pass schemes.
+    local flux_rc=0
+    if "$PY" -c 'import diffusers' >/dev/null 2>&1; then
+        run_capped "${FLUX_LIMIT_S:-120}" "$OUT/flux_block.md" \
+            "$PY" bench/flux_memory.py --device cuda --dtype bfloat16 --hidden 3072 --head-dim 128 \
+            --double 1 --single 1 --image-tokens 4096 --text-tokens 512 --batch 1 --repeat 3 \
+            --modes plain,pair,jvp,two_pass,two_pass_fused,pair+ckpt || flux_rc=$?
+        [[ $flux_rc == 0 ]] || { echo "FLUX-width stack: FAILED or timed out ($flux_rc)"; status=1; }
+    else
+        echo "diffusers not importable: carry its wheel in .whl/ to run this step"
+    fi
 
     section "summary"
     echo "total $((SECONDS - start)) s; status $status; files in $OUT"
