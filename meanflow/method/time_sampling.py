@@ -1,0 +1,76 @@
+"""Time sampling for MeanFlow (DESIGN §2, "Time sampling").
+
+(r, t) are two independent logit-normal draws, sigmoid(N(mean, std²)), sorted so r ≤ t; a
+fraction of the batch (default 25 %, MeanFlow's best ablation) is then set to r = t, i.e. plain
+(instantaneous) velocity distillation on those rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._util import positive_int, unit_interval
+
+
+@dataclass
+class TimeSamplerConfig:
+    """Options of :func:`sample_times`.
+
+    Attributes:
+        mean: mean of the normal before the sigmoid (default -0.4, MeanFlow's ImageNet value).
+        std: its standard deviation (default 1.0); must be > 0.
+        equal_fraction: fraction of the batch with r = t (default 0.25); in [0, 1]. The number
+            of such rows is ``round(equal_fraction * B)`` exactly, at random positions.
+    """
+
+    mean: float = -0.4
+    std: float = 1.0
+    equal_fraction: float = 0.25
+
+    def __post_init__(self):
+        if not float(self.std) > 0:
+            raise ValueError(f"std: expected a positive value, got {self.std!r}")
+        unit_interval(self.equal_fraction, "equal_fraction")
+
+
+def logit_normal(shape, mean: float, std: float, generator: torch.Generator | None = None,
+                 device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """sigmoid(mean + std·n), n ~ N(0, 1): a ``shape`` tensor of ``dtype`` in (0, 1)."""
+    dev = generator.device if generator is not None else device
+    n = torch.randn(shape, generator=generator, device=dev, dtype=torch.float64)
+    return torch.sigmoid(mean + std * n).to(device=device if device is not None else dev, dtype=dtype)
+
+
+def sample_times(batch: int, config: TimeSamplerConfig | None = None,
+                 generator: torch.Generator | None = None, device=None,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Draw (r, t) for one batch.
+
+    Args:
+        batch: B, the number of samples (positive int).
+        config: the distribution (default :class:`TimeSamplerConfig`).
+        generator: a ``torch.Generator`` for reproducible draws (its device is used to draw;
+            the results are moved to ``device``).
+        device: device of the results (default: the generator's, else the default device).
+        dtype: floating dtype of the results (default float32; the student's time path runs in
+            fp32).
+
+    Returns:
+        r, t: (B,) tensors of ``dtype`` in (0, 1) with r ≤ t; exactly
+        ``round(config.equal_fraction * B)`` rows have r == t.
+    """
+    positive_int(batch, "batch")
+    config = config or TimeSamplerConfig()
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+    draws = logit_normal((2, batch), config.mean, config.std, generator, device, torch.float64)
+    r, t = draws.min(dim=0).values, draws.max(dim=0).values
+    n_equal = int(round(config.equal_fraction * batch))
+    if n_equal:
+        dev = generator.device if generator is not None else draws.device
+        rows = torch.randperm(batch, generator=generator, device=dev)[:n_equal].to(draws.device)
+        r = r.clone()
+        r[rows] = t[rows]
+    return r.to(dtype), t.to(dtype)
