@@ -1,5 +1,8 @@
 """Comparison helpers shared by the tests and the GPU check.
 
+``check_pair_op`` checks a whole fused JVP op (pair form, ``torch.func.jvp``, forward-AD dual
+tensors, gradients) against its plain-torch formula in float64, with that rule.
+
 The rule, as FlashAttention's tests use it: a kernel in a low-precision dtype may be at most
 ``ratio`` times further from a float64 oracle than PyTorch's own computation in that dtype,
 plus a floor of the dtype's rounding level (relative to the oracle's norm, and absolute for
@@ -8,7 +11,10 @@ visible key, still leaves room for rounding).
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
+import torch.autograd.forward_ad as fwAD
 
 # Absolute floors of the relative error, per dtype.
 ERROR_FLOOR = {
@@ -60,3 +66,104 @@ def assert_close_to_oracle(
         raise AssertionError(f"{name}: error norm {diff:.3e} > bound {bound:.3e} (baseline {base:.3e}, "
                              f"oracle norm {oracle.norm().item():.3e}, dtype {actual.dtype})")
     return relative_error(actual, oracle)
+
+
+def _select(full: Sequence, which: Sequence[int], values: Sequence) -> list:
+    out = list(full)
+    for i, v in zip(which, values):
+        out[i] = v
+    return out
+
+
+def _jvp_and_grads(fn, primals, tangents, diff, grad_out):
+    """(y, ẏ, grads of diff primals) of ``fn`` by torch.func.jvp over the primals with tangents,
+    then autograd of y. Primals without a tangent are closed over."""
+    primals = [p.detach().requires_grad_(i in diff) if isinstance(p, torch.Tensor) else p
+               for i, p in enumerate(primals)]
+    moving = [i for i, t in enumerate(tangents) if t is not None]
+    if moving:
+        y, y_dot = torch.func.jvp(lambda *m: fn(*_select(primals, moving, m)),
+                                  tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving))
+    else:
+        y, y_dot = fn(*primals), None
+    grads = torch.autograd.grad(y, [primals[i] for i in diff], grad_out) if diff else ()
+    return y, y_dot, grads
+
+
+def check_pair_op(
+    formula: Callable[..., torch.Tensor],
+    functional: Callable[..., torch.Tensor],
+    pair: Callable[[Sequence, Sequence], tuple[torch.Tensor, torch.Tensor]],
+    primals: Sequence[torch.Tensor | None],
+    tangents: Sequence[torch.Tensor | None],
+    differentiable: Sequence[bool],
+    grad_out: torch.Tensor,
+    magnitude: float = 1.0,
+    tangent_magnitude: float | None = None,
+) -> dict[str, float]:
+    """Asserts that the op matches ``formula`` and returns the relative errors.
+
+    Args:
+        formula: the plain-torch formula f(*primals) (run in float64 for the oracle and in the
+            test dtype as the baseline).
+        functional: our drop-in f(*primals).
+        pair: ours ``(primals, tangents) -> (y, ẏ)``.
+        primals: the inputs in the test dtype (None for an absent optional input).
+        tangents: one per primal, None where absent.
+        differentiable: per primal, whether its gradient is checked.
+        grad_out: the output gradient, in the output's dtype.
+        magnitude, tangent_magnitude: the typical size of the intermediates (see
+            ``assert_close_to_oracle``) for y/gradients and for ẏ.
+    """
+    dtype = grad_out.dtype
+    diff = [i for i, d in enumerate(differentiable) if d]
+    tangent_magnitude = magnitude if tangent_magnitude is None else tangent_magnitude
+
+    def wide(t):
+        return t.double() if isinstance(t, torch.Tensor) else t
+
+    oracle = _jvp_and_grads(formula, [wide(p) for p in primals], [wide(t) for t in tangents], diff, wide(grad_out))
+    baseline = (None if dtype == torch.float64
+                else _jvp_and_grads(formula, primals, tangents, diff, grad_out))
+    errors: dict[str, float] = {}
+
+    def check(name, actual, index, grad_index=None, mag=magnitude):
+        exp = oracle[index] if grad_index is None else oracle[2][grad_index]
+        base = None if baseline is None else (baseline[index] if grad_index is None else baseline[2][grad_index])
+        errors[name] = assert_close_to_oracle(name, actual, exp, base, magnitude=mag)
+
+    # Pair form: y differentiable, ẏ detached.
+    leaves = [p.detach().requires_grad_(i in diff) if isinstance(p, torch.Tensor) else p
+              for i, p in enumerate(primals)]
+    y, y_dot = pair(leaves, tangents)
+    assert y.dtype == dtype, (y.dtype, dtype)
+    assert y_dot.grad_fn is None and not y_dot.requires_grad, "the pair tangent must be detached"
+    check("y", y, 0)
+    if oracle[1] is not None:
+        check("y_dot", y_dot, 1, mag=tangent_magnitude)
+    else:
+        assert not y_dot.any(), "no tangent given: ẏ must be zeros"
+    if diff:
+        grads = torch.autograd.grad(y, [leaves[i] for i in diff], grad_out)
+        for k, (i, g) in enumerate(zip(diff, grads)):
+            check(f"grad[{i}]", g, 2, k)
+
+    if oracle[1] is None:
+        return errors
+    # torch.func.jvp of the drop-in, then backward through its primal.
+    y2, y2_dot, grads2 = _jvp_and_grads(functional, primals, tangents, diff, grad_out)
+    assert not y2_dot.requires_grad, "the forward-AD tangent must carry no graph"
+    check("func.jvp y", y2, 0)
+    errors["func.jvp y_dot"] = assert_close_to_oracle(
+        "func.jvp y_dot", y2_dot, oracle[1], None if baseline is None else baseline[1], magnitude=tangent_magnitude)
+    for k, (i, g) in enumerate(zip(diff, grads2)):
+        check(f"func.jvp grad[{i}]", g, 2, k)
+    # forward_ad dual tensors.
+    with fwAD.dual_level():
+        duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        y3 = functional(*duals)
+        y3_primal, y3_dot = fwAD.unpack_dual(y3)
+        assert y3_dot is not None and y3_dot.grad_fn is None
+        errors["dual y_dot"] = assert_close_to_oracle(
+            "dual y_dot", y3_dot, oracle[1], None if baseline is None else baseline[1], magnitude=tangent_magnitude)
+    return errors

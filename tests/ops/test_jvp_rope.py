@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from meanflow.ops import jvp_rope, jvp_rope_pair
 from meanflow.testing import assert_close_to_oracle
-from meanflow.testing_jvp import check_pair_op
+from meanflow.testing import check_pair_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
