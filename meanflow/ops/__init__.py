@@ -27,3 +27,8 @@ __all__ = [
     "JVP_ROPE", "jvp_rope", "jvp_rope_pair",
     "JVP_SILU", "jvp_silu", "jvp_silu_pair",
 ]
+from meanflow.ops.adaptive_weighted_loss import AdaptiveWeightedLoss, adaptive_weighted_loss
+from meanflow.ops.alignment_loss import AlignmentLoss, alignment_direction, alignment_loss
+
+__all__ += ["AdaptiveWeightedLoss", "AlignmentLoss", "adaptive_weighted_loss", "alignment_direction",
+            "alignment_loss"]

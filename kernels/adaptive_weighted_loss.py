@@ -1,0 +1,90 @@
+"""Triton kernels for ``adaptive_weighted_loss``: MeanFlow's per-sample squared error in one pass.
+
+    d = u − u_tgt        S_b = Σ_j d_bj²        (float32 accumulation)
+
+Forward: one pass over u and u_tgt. A grid of (chunks, B) programs, each walking CHUNK
+elements of one sample in BLOCK-wide steps, writes one float32 partial sum per (sample, chunk)
+and, when the gradient is needed, the residual d (in u's dtype). The partials are summed by
+torch in a fixed order, so the result is deterministic (no atomics).
+
+The adaptive weight w_b = 1/(S_b + c)^p is known only once the whole sample is reduced, so the
+gradient dloss/du = (2/B)·w_b·m_b·d cannot be finished in the same pass without reading u and
+u_tgt a second time. The forward therefore stores d, and the backward writes
+grad_b,j = scale_b · d_b,j (scale_b = grad_output·(2/B)·w_b·m_b) in one elementwise pass: the
+same traffic as multiplying a stored gradient by grad_output, and one pass over the inputs.
+
+Inputs are (B, N) with unit stride on N and any row stride; fp16 / bf16 / fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK, NUM_WARPS = 1024, 4
+CHUNK = 16384  # elements of one sample per forward program
+
+
+@triton.jit
+def _adaptive_weighted_loss_fwd_kernel(
+    u_ptr, t_ptr, d_ptr, partial_ptr, s_ub, s_tb, n_elem, n_chunks,
+    STORE_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        j = (chunk * CHUNK + start + tl.arange(0, BLOCK)).to(tl.int64)
+        mask = j < n_elem
+        u = tl.load(u_ptr + b * s_ub + j, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + b * s_tb + j, mask=mask, other=0.0).to(tl.float32)
+        d = u - t
+        acc += d * d
+        if STORE_D:
+            tl.store(d_ptr + b * n_elem + j, d.to(d_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _adaptive_weighted_loss_bwd_kernel(d_ptr, scale_ptr, grad_ptr, n_elem, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    j = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = j < n_elem
+    scale = tl.load(scale_ptr + b)
+    d = tl.load(d_ptr + b * n_elem + j, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_ptr + b * n_elem + j, (scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def adaptive_weighted_loss_forward(
+    u: torch.Tensor, u_tgt: torch.Tensor, need_residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(S (B,) float32 = Σ_j (u − u_tgt)², d = u − u_tgt (B, N) contiguous in u's dtype or None).
+
+    u, u_tgt (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
+    u, u_tgt = _unit_last(u), _unit_last(u_tgt)
+    batch, n_elem = u.shape
+    n_chunks = triton.cdiv(n_elem, CHUNK)
+    block = min(BLOCK, triton.next_power_of_2(n_elem))
+    chunk = min(CHUNK, triton.cdiv(n_elem, block) * block)  # a multiple of block
+    partial = torch.empty((batch, n_chunks), device=u.device, dtype=torch.float32)
+    d = torch.empty((batch, n_elem), device=u.device, dtype=u.dtype) if need_residual else None
+    _adaptive_weighted_loss_fwd_kernel[(n_chunks, batch)](
+        u, u_tgt, u if d is None else d, partial, u.stride(0), u_tgt.stride(0), n_elem, n_chunks,
+        STORE_D=need_residual, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS,
+    )
+    return partial.sum(1), d
+
+
+def adaptive_weighted_loss_backward(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad (B, N) in residual's dtype: scale[b] · residual[b, :] (scale (B,) float32)."""
+    batch, n_elem = residual.shape
+    grad = torch.empty_like(residual)
+    block = min(BLOCK, triton.next_power_of_2(n_elem))
+    _adaptive_weighted_loss_bwd_kernel[(triton.cdiv(n_elem, block), batch)](
+        residual, scale.to(torch.float32).contiguous(), grad, n_elem, BLOCK=block, num_warps=NUM_WARPS,
+    )
+    return grad
