@@ -205,7 +205,9 @@ def split_target(student: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
         u_tgt = ((s − r)·u1 + (t − s)·u2)/(t − r) = (1 − λ)·u1 + λ·u2,
 
     v on rows with r = t (where the identity says nothing). With the exact average velocity it
-    is exact for every λ; λ → 0 (s → t) is the differential target's limit.
+    is exact for every λ. As λ → 0 (s → t) it tends to the student's own u_θ(z_t, r, t), and
+    (u_tgt − u_θ)/λ → (differential target − u_θ) with the student's r = t velocity as the
+    tangent: small λ gives the differential target's direction with a step shrunk by λ.
 
     Args:
         student: u(z, r, t) (called without gradient). z, v: (B, ...); r, t: (B,).
