@@ -63,7 +63,8 @@ class GuidanceConfig:
         if not self.scales:
             raise ValueError("scales: expected at least one guidance scale")
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
-            raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+            raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1, "
+                             f"got {self.t_min}, {self.t_max}")
 
     @property
     def mixing(self) -> bool:
@@ -91,13 +92,15 @@ def set_guidance(cond: Any, g: Tensor) -> Any:
 def cfg_combine(v_cond: Tensor, v_uncond: Tensor, w: Tensor | float) -> Tensor:
     """True CFG: v_u + w·(v_c − v_u); w a float or (B,). Returns (B, ...)."""
     if v_cond.shape != v_uncond.shape:
-        raise ValueError(f"v_uncond: expected the shape of v_cond {tuple(v_cond.shape)}, got {tuple(v_uncond.shape)}")
+        raise ValueError(f"v_uncond: expected the shape of v_cond {tuple(v_cond.shape)}, "
+                         f"got {tuple(v_uncond.shape)}")
     if isinstance(w, Tensor):
         w = per_sample(w, v_cond)
     return v_uncond + w * (v_cond - v_uncond)
 
 
-def mix_with_student(v: Tensor, u_cond: Tensor, u_uncond: Tensor, t: Tensor, config: GuidanceConfig) -> Tensor:
+def mix_with_student(v: Tensor, u_cond: Tensor, u_uncond: Tensor, t: Tensor,
+                     config: GuidanceConfig) -> Tensor:
     """MeanFlow's ṽ = ω·v + κ·u_c + (1 − ω − κ)·u_u on rows with t in [t_min, t_max], else v.
 
     Args:
@@ -108,7 +111,7 @@ def mix_with_student(v: Tensor, u_cond: Tensor, u_uncond: Tensor, t: Tensor, con
     """
     w, k = config.omega, config.kappa
     mixed = w * v + k * u_cond + (1 - w - k) * u_uncond
-    on = per_sample(((t >= config.t_min) & (t <= config.t_max)).to(v.dtype), v) > 0
+    on = per_sample(((t >= config.t_min) & (t <= config.t_max)).to(v.dtype), v) > 0  # (B, 1, ...)
     return torch.where(on, mixed, v).detach()
 
 

@@ -75,8 +75,8 @@ def test_discrete_targets_and_sampler_run(models):
     t = torch.tensor([0.9, 0.5, 1.0], dtype=D)
     v = teacher.velocity(z, t, cond)
     for kind in ("teacher_solver", "alphaflow", "split"):
-        out = discrete_target(DiscreteTargetConfig(kind=kind, solver_steps=2, split_lambda=0.5), z=z, r=r, t=t,
-                              v=v, velocity=lambda z, t: teacher.velocity(z, t, cond),
+        cfg = DiscreteTargetConfig(kind=kind, solver_steps=2, split_lambda=0.5)
+        out = discrete_target(cfg, z=z, r=r, t=t, v=v, velocity=lambda z, t: teacher.velocity(z, t, cond),
                               student=lambda z, r, t: student(z, r, t, cond))
         assert out.shape == z.shape and torch.isfinite(out).all() and not out.requires_grad
         assert torch.equal(out[1], v[1])  # the r = t row

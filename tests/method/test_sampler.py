@@ -10,7 +10,8 @@ D = torch.float64
 
 
 def _oracle():
-    return GaussianOracle(mean=torch.tensor([2.0, -1.0, 0.5], dtype=D), std=torch.tensor([0.5, 2.0, 0.1], dtype=D))
+    return GaussianOracle(mean=torch.tensor([2.0, -1.0, 0.5], dtype=D),
+                          std=torch.tensor([0.5, 2.0, 0.1], dtype=D))
 
 
 @pytest.mark.parametrize("steps,shift", [(1, "none"), (2, "none"), (4, "flux")])
@@ -41,7 +42,8 @@ def test_conditioning_times_and_trajectory():
     assert len(traj) == 3 and torch.allclose(z, -torch.ones(2, 4))
     (r0, t0, c0), (r1, t1, _) = calls
     assert c0 == "c" and r0.dtype == torch.float32 and r0.shape == (2,)
-    assert torch.equal(t0, torch.ones(2)) and torch.equal(r0, torch.full((2,), 0.75)) and torch.equal(r1, torch.zeros(2))
+    assert torch.equal(t0, torch.ones(2)) and torch.equal(r0, torch.full((2,), 0.75))
+    assert torch.equal(t1, torch.full((2,), 0.75)) and torch.equal(r1, torch.zeros(2))
 
 
 def test_grids():
@@ -55,7 +57,8 @@ def test_grids():
     assert shifted[1].item() == pytest.approx(e / (e + (1 / 0.3 - 1)))
     grid = time_grid(SamplerConfig(steps=4, shift="flux"), image_seq_len=4096)
     assert bool((grid[1:-1] > torch.tensor([0.75, 0.5, 0.25], dtype=D)).all())
-    assert torch.allclose(time_grid(SamplerConfig(steps=3, shift="fixed", mu=0.0)), time_grid(SamplerConfig(steps=3)))
+    unshifted = time_grid(SamplerConfig(steps=3, shift="fixed", mu=0.0))
+    assert torch.allclose(unshifted, time_grid(SamplerConfig(steps=3)))
 
 
 def test_errors():

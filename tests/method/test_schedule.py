@@ -19,7 +19,8 @@ def test_phases_by_steps_per_step_mixing():
     for j in range(21):
         assert sum(b[:j]) == (j * (j - 1)) // 40
     assert sum(b[:10]) < sum(b[10:])
-    assert objs[0].discrete_kind == "teacher_solver" and objs[0].needs_discrete and not objs[0].needs_differential
+    assert objs[0].discrete_kind == "teacher_solver"
+    assert objs[0].needs_discrete and not objs[0].needs_differential
 
 
 def test_per_sample_mixing_and_mask():
