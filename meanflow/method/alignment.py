@@ -71,7 +71,8 @@ class AlignmentConfig:
         if not (float(self.weight) >= 0):
             raise ValueError(f"weight: expected a number >= 0, got {self.weight!r}")
         if not (0.0 <= float(self.t_min) < float(self.t_max) <= 1.0):
-            raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max <= 1, got {self.t_min!r}, {self.t_max!r}")
+            raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max <= 1, "
+                             f"got {self.t_min!r}, {self.t_max!r}")
         if not (float(self.eps) > 0):
             raise ValueError(f"eps: expected a number > 0, got {self.eps!r}")
 
@@ -216,7 +217,8 @@ def trajectory_alignment(
         stage = choose_stage(steps, generator)
     _, x_hat = rollout(student, noise, grid, stage, cond)
     b = noise.shape[0]
-    t = renoise_times(b, config, grid, stage, generator=generator, device=noise.device, dtype=_time_dtype(noise))
+    t = renoise_times(b, config, grid, stage, generator=generator, device=noise.device,
+                      dtype=_time_dtype(noise))
     eps = _randn_like(x_hat, generator)
     with torch.no_grad():
         x_t = renoise(x_hat.detach(), t, eps)

@@ -78,7 +78,8 @@ def alignment_loss(
     x0_teacher: torch.Tensor,
     eps: float = DEFAULT_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_align = mean_b ½‖x̂_b − sg(x̂_b − g_b)‖², g_b = (x0_fake − x0_teacher)_b / max(mean|x̂ − x0_teacher|_b, eps).
+    """L_align = mean_b ½‖x̂_b − sg(x̂_b − g_b)‖², g_b = (x0_fake − x0_teacher)_b / D_b,
+    D_b = max(mean|x̂ − x0_teacher|_b, eps).
 
     Args:
         x_hat: (B, ...) the student's clean estimate (the only input that gets a gradient:

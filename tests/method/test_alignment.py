@@ -57,7 +57,8 @@ def test_rollout_keeps_gradient_only_at_the_chosen_stage(steps):
         x_hat.sum().backward()
         tau = float(grid[stage])
         torch.testing.assert_close(student.a.grad, -tau * z_k.sum(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(student.b.grad, torch.tensor(-tau * tau * 15, dtype=D), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(student.b.grad, torch.tensor(-tau * tau * 15, dtype=D),
+                                   rtol=1e-12, atol=1e-12)
         # The values are the sampler's.
         z = noise
         for j in range(stage):
@@ -129,8 +130,8 @@ def test_alignment_gradient_reaches_the_student_only():
 def test_fake_equal_to_teacher_gives_zero_loss():
     """With the exact average velocity of Gaussian data and v_φ = v_T, g vanishes."""
     oracle = GaussianOracle(mean=torch.tensor([0.7, -1.2, 0.0]), std=torch.tensor([0.3, 1.5, 0.5]))
-    out = trajectory_alignment(lambda z, r, t: oracle.average_velocity(z, r, t), oracle.velocity, oracle.velocity,
-                               torch.randn(8, 3, dtype=D), AlignmentConfig(steps=2), stage=1)
+    out = trajectory_alignment(lambda z, r, t: oracle.average_velocity(z, r, t), oracle.velocity,
+                               oracle.velocity, torch.randn(8, 3, dtype=D), AlignmentConfig(steps=2), stage=1)
     assert out.loss.item() == 0.0 and bool((out.per_sample == 0).all())
 
 
@@ -164,8 +165,8 @@ def test_fake_flow_matching_loss():
     assert samples.grad is None and fake_net.weight.grad is not None
     # Default times lie in (t_min, t_max].
     times = []
-    fake_flow_matching_loss(lambda x, tt: times.append(tt) or x, samples, AlignmentConfig(t_min=0.2, t_max=0.3),
-                            generator=torch.Generator().manual_seed(0))
+    fake_flow_matching_loss(lambda x, tt: times.append(tt) or x, samples,
+                            AlignmentConfig(t_min=0.2, t_max=0.3), generator=torch.Generator().manual_seed(0))
     assert bool((times[0] > 0.2).all()) and bool((times[0] <= 0.3).all())
 
 

@@ -117,7 +117,8 @@ def test_gradient_is_exactly_g_over_batch(backend):
 
 
 def test_eps_guard(monkeypatch):
-    """x̂ equal to the teacher's estimate: the denominator is eps, the gradient (x0_fake − x0_teacher)/(B·eps)."""
+    """x̂ equal to the teacher's estimate: the denominator is eps, the gradient
+    (x0_fake − x0_teacher)/(B·eps)."""
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
     t = torch.randn(2, 8, dtype=torch.float64)
     f = t + 1e-6
