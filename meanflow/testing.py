@@ -25,6 +25,16 @@ ERROR_FLOOR = {
 }
 
 
+def backend_dtypes(backend: str) -> list[torch.dtype]:
+    """The dtypes a backend is tested in here: the Triton interpreter's bf16 products are wrong,
+    so on a CPU-only machine Triton is checked in float32 and float16 (bf16 by the GPU tests)."""
+    if backend == "reference":
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    if torch.cuda.is_available():
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (NaN if either holds a NaN)."""
     actual, expected = actual.double(), expected.double()

@@ -47,3 +47,12 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    """Runs a test on each backend; Triton's outputs are NaN-poisoned (see poison_empty)."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
+    if request.param == "triton":
+        request.getfixturevalue("poison_empty")
+    return request.param

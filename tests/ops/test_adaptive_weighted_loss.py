@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -24,20 +24,6 @@ def formula(u, u_tgt, weights=None, p=1.0, c=1e-3):
     if weights is not None:
         w = w * weights
     return (w * per_sample).mean(), per_sample
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_loss(shape, dtype, *, weights="none", p=1.0, c=1e-3, scale=1.0, gap=1.0, strided=False,
@@ -98,7 +84,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_formula(backend, case):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_loss(dtype=dtype, **CASES[case])
 
 

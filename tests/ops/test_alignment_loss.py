@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import alignment_direction, alignment_loss
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -24,20 +24,6 @@ def formula(x_hat, x0_fake, x0_teacher, eps=EPS):
     g = ((f - t) / denom).detach()
     per_sample = 0.5 * (x - (x - g).detach()).square().sum(1)
     return per_sample.mean(), per_sample
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _rand(shape, dtype, scale=1.0):
@@ -90,7 +76,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_formula(backend, case):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_alignment(dtype=dtype, **CASES[case])
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_gelu_tanh, jvp_gelu_tanh_pair, jvp_silu, jvp_silu_pair
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 from meanflow.testing import check_pair_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,20 +21,6 @@ KINDS = {
     "silu": (F.silu, jvp_silu, jvp_silu_pair),
 }
 SHAPES = {"ragged_1d": (37,), "over_one_block": (5, 1001), "3d": (2, 3, 7), "single": (1,)}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_activation(kind, shape, dtype, std=1.0, with_tangent=True, transpose=False):
@@ -51,13 +37,13 @@ def check_activation(kind, shape, dtype, std=1.0, with_tangent=True, transpose=F
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_activation_matches_torch(backend, kind, shape):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_activation(kind, SHAPES[shape], dtype)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_saturated_tails_and_non_contiguous_input(backend, kind):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_activation(kind, (3, 40), dtype, std=12.0, transpose=True)
         check_activation(kind, (50,), dtype, with_tangent=False)
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow.ops import jvp_attention, jvp_attention_pair
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -146,23 +146,9 @@ def _grad_like(primals, case, dtype):
     return torch.randn(shape, dtype=torch.float64).to(device=primals[0].device, dtype=dtype)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
-
-
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_jvp_attention_matches_math_sdpa(backend, case_name):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_against_math_sdpa(CASES[case_name], dtype)
 
 

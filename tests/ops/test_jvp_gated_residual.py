@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_gated_residual, jvp_gated_residual_pair
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 from meanflow.testing import check_pair_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,20 +18,6 @@ INTERPRETED_DTYPES = [torch.float32, torch.float16]
 
 def formula(h, gate, y):
     return h + (gate.unsqueeze(1) if gate.dim() == 2 else gate) * y
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _randn(*shape, dtype):
@@ -69,7 +55,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gated_residual_matches_formula(backend, case):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_gated(dtype=dtype, **CASES[case])
 
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_layer_norm_modulate, jvp_layer_norm_modulate_pair
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -71,20 +71,6 @@ def finite_or_none(baseline, i):
     return baseline[i]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
-
-
 CASES = {
     "d48": dict(batch=2, tokens=7, dim=48),
     "d100_3d_modulation": dict(batch=3, tokens=5, dim=100, per_batch_3d=True),
@@ -97,7 +83,7 @@ CASES = {
 
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_matches_torch(backend, case_name):
-    for dtype in dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_against_torch(dtype=dtype, **CASES[case_name])
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_rope, jvp_rope_pair
-from meanflow.testing import assert_close_to_oracle
+from meanflow.testing import assert_close_to_oracle, backend_dtypes
 from meanflow.testing import check_pair_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,20 +36,6 @@ def flux_tables(n, d, theta=10000.0):
     freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     angles = (pos * freqs).repeat_interleave(2, dim=-1)
     return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", request.param)
-    if request.param == "triton":
-        request.getfixturevalue("poison_empty")
-    return request.param
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return INTERPRETED_DTYPES if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_rope(shape, dtype, transposed=False, generic_tables=False, with_tangent=True):
@@ -79,7 +65,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_rope_matches_formula(backend, case):
-    for dtype in _dtypes_for(backend):
+    for dtype in backend_dtypes(backend):
         check_rope(dtype=dtype, **CASES[case])
 
 
