@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the package for an H100 (sm_90) on a CPU-only machine.
 
-For each kernel variant, dtype, head dim and autotune configuration, this compiles the kernel
+For each kernel variant, dtype, shape and autotune configuration, this compiles the kernel
 with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (no GPU needed, DESIGN §5) and reads
 from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wheel:
 
@@ -11,7 +11,8 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
     smem     shared memory per CTA, bytes: static (cubin; 1 KiB on sm_90 is the system-reserved
              block) + dynamic (compiled metadata ``shared``); an H100 CTA fits in 228 KiB total
              (227 KiB opt-in + that reserved 1 KiB)
-    hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback)
+    hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback; only the
+             attention kernels have matrix products: the row and elementwise kernels show 0)
     cta/sm   CTAs per SM allowed by registers, shared memory and warps
     keep     whether the autotuner's early pruning (shared memory, registers) keeps the configuration
 
@@ -20,9 +21,17 @@ Triton specializes integer arguments on divisibility by 16 and on == 1, so the a
 built as the launchers in ``meanflow.kernels.jvp_attention`` pass them and specialized with
 Triton's own rules. Head dim 72 is padded to BLOCK_D = 128 as the launcher does.
 
-    python bench/hopper_report.py                 # every configuration (about 5 min on 2 cores)
-    python bench/hopper_report.py --quick         # per kernel variant at d=128 bf16, the first
-                                                  # configuration the autotuner's pruning keeps
+The other kernels (RMS norm, LayerNorm + modulation, activations, RoPE, gated residual; the
+linear op is cuBLAS, no Triton kernel) are built the same way from their launchers' calls at
+FLUX's shapes, one function per op below (``_rms_norm_values`` ...; its docstring says which
+shapes), in bf16 and fp16, as variants fwd_jvp (every tangent given), fwd (primal only) and
+bwd: the autotuned row kernels for every configuration their own pruning keeps (at these
+shapes it drops only repeats of a kept tiling), the others for the one configuration their
+launcher passes (with Triton's default num_stages). They are printed in a second table.
+
+    python bench/hopper_report.py                 # every configuration (about 8 min on 2 cores)
+    python bench/hopper_report.py --quick         # per kernel variant in bf16 (attention at d=128),
+                                                  # the first configuration the pruning keeps
     python bench/hopper_report.py --json out.json # where the rows go (default bench/hopper_report.json)
 
 The exit status is 1 if any compile failed. The helpers (``compile_and_inspect``,
@@ -81,15 +90,20 @@ def missing_tools() -> list[str]:
             if not os.access(bin_dir / name, os.X_OK)]
 
 
-def _jvp_attention_module():
+def _kernel_module(name: str = "jvp_attention"):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has one config of its own, no compiler")
-    from meanflow.kernels import jvp_attention
+    import importlib
 
-    fn = jvp_attention._jvp_attention_fwd_kernel.fn
-    if jvp_attention.is_interpreting() or not hasattr(fn, "arg_names"):
-        raise RuntimeError("meanflow.kernels.jvp_attention was imported in interpreter mode")
-    return jvp_attention
+    module = importlib.import_module(f"meanflow.kernels.{name}")
+    fn = importlib.import_module("meanflow.kernels.jvp_attention")._jvp_attention_fwd_kernel.fn
+    if not hasattr(fn, "arg_names"):
+        raise RuntimeError("meanflow.kernels was imported in interpreter mode")
+    return module
+
+
+def _jvp_attention_module():
+    return _kernel_module("jvp_attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,21 +144,203 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
     )
     fn = getattr(ja, KERNEL_OF[variant]).fn
+    for name in fn.arg_names:
+        if name.startswith("stride_m"):
+            values[name] = mask_strides["bhmn".index(name[-1])]
+        elif name.startswith("stride_"):
+            values[name] = strides[name[len("stride_"):-1]]["bhmn".index(name[-1]) if name[-1] != "n" else 2]
+    return build_args(fn, values, torch_dtype, skip=("BLOCK_M", "BLOCK_N"))
+
+
+def build_args(fn, values: dict, dtype, skip=()) -> dict:
+    """Name -> value of every argument of ``fn`` (a JITFunction) except ``skip``: from ``values``,
+    else, for a pointer (a capitalised name, or one ending in ``_ptr``), a ``MockTensor`` of
+    ``dtype`` (a torch dtype: the inputs', which the outputs and gradients share)."""
+    from triton.runtime.jit import MockTensor
+
     args = {}
     for name in fn.arg_names:
-        if name in ("BLOCK_M", "BLOCK_N"):
+        if name in skip:
             continue
         if name in values:
             args[name] = values[name]
-        elif name.startswith("stride_m"):
-            args[name] = mask_strides["bhmn".index(name[-1])]
-        elif name.startswith("stride_"):
-            args[name] = strides[name[len("stride_"):-1]]["bhmn".index(name[-1]) if name[-1] != "n" else 2]
-        elif name[0].isupper():  # Q, K, V, tangents, outputs, gradients: the inputs' dtype
-            args[name] = MockTensor(torch_dtype)
+        elif name[0].isupper() or name.endswith("_ptr"):
+            args[name] = MockTensor(dtype)
         else:
             raise KeyError(f"no value for argument {name!r} of {fn.__name__}")
     return args
+
+
+# --------------------------------------------------------------------------------------------
+# The other kernels: row-wise and elementwise, as their launchers call them at FLUX's shapes
+# --------------------------------------------------------------------------------------------
+
+H100_SMS = 132
+WIDTH, MLP_WIDTH = 3072, 12288  # FLUX's hidden size and MLP width
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def _reduction_programs(n_blocks: int) -> int:
+    """``jvp_rms_norm.reduction_programs`` on an H100: 4 programs per SM, at most one per row block."""
+    return max(1, min(4 * H100_SMS, n_blocks))
+
+
+def _rms_norm_values(variant: str, dtype: str) -> dict:
+    """the q/k norms: x (1, 24, 4608, 128) as 110592 contiguous rows of 128, weight (128,) in x's
+    dtype, eps 1e-6; fwd_jvp with the tangents of x and weight; bwd needs dx and dw."""
+    from triton.runtime.jit import MockTensor
+
+    rn = _kernel_module("jvp_rms_norm")
+    n_rows, d = FLUX["batch"] * FLUX["heads"] * FLUX["tokens"], 128
+    block_d = rn.row_block(d)
+    values = dict(n_rows=n_rows, n_cols=d, stride_x=d, eps=1e-6, HAS_W=True, BLOCK_D=block_d)
+    if variant == "bwd":
+        n_blocks = -(-n_rows // rn.rows_per_program(rn.ROW_TILES[0][0], block_d))
+        return dict(values, stride_g=d, n_programs=_reduction_programs(n_blocks), NEEDS_DX=True,
+                    NEEDS_DW=True, DW_PARTIAL=MockTensor(_torch_dtype("fp32")))
+    tangent = variant == "fwd_jvp"
+    return dict(values, stride_x_dot=d, HAS_X_DOT=tangent, HAS_W_DOT=tangent)
+
+
+def _layer_norm_modulate_values(variant: str, dtype: str) -> dict:
+    """x (1, 4608, 3072) contiguous, scale and shift (1, 3072) in x's dtype, eps 1e-6; fwd_jvp with
+    the tangents of x, scale and shift; bwd needs dx, dscale and dshift."""
+    from triton.runtime.jit import MockTensor
+
+    ln = _kernel_module("jvp_layer_norm_modulate")
+    batch, n, d = FLUX["batch"], FLUX["tokens"], WIDTH
+    block_d = ln.row_block(d)
+    x_strides = dict(stride_x_b=n * d, stride_x_n=d)
+    if variant == "bwd":
+        n_blocks = -(-n // ln.rows_per_program(ln.ROW_TILES[0][0], block_d))
+        n_programs = min(max(1, _reduction_programs(n_blocks * batch) // batch), n_blocks)
+        fp32 = MockTensor(_torch_dtype("fp32"))
+        return dict(x_strides, n_tokens=n, n_cols=d, stride_g_b=n * d, stride_g_n=d, stride_scale_b=d,
+                    eps=1e-6, n_programs=n_programs, NEEDS_DX=True, NEEDS_DSCALE=True, NEEDS_DSHIFT=True,
+                    BLOCK_D=block_d, DSCALE_PARTIAL=fp32, DSHIFT_PARTIAL=fp32)
+    tangent = variant == "fwd_jvp"
+    return dict(x_strides, n_rows=batch * n, n_tokens=n, n_cols=d, stride_x_dot_b=n * d, stride_x_dot_n=d,
+                stride_scale_b=d, stride_scale_dot_b=d, stride_shift_b=d, stride_shift_dot_b=d, eps=1e-6,
+                HAS_X_DOT=tangent, HAS_SCALE_DOT=tangent, HAS_SHIFT_DOT=tangent, BLOCK_D=block_d)
+
+
+def _activation_values(variant: str, dtype: str, kind: str = "gelu_tanh") -> dict:
+    """the MLP: x (1, 4608, 12288) contiguous, GELU (tanh) and SiLU; fwd_jvp with ẋ; bwd is the
+    same kernel with the output gradient as the tangent and no primal output."""
+    act = _kernel_module("jvp_activation")
+    return dict(n_elements=FLUX["batch"] * FLUX["tokens"] * MLP_WIDTH, TWO_C=act._TWO_C, A=act._A,
+                KIND=act._KINDS[kind], WRITE_PRIMAL=variant != "bwd", HAS_TANGENT=variant != "fwd",
+                BLOCK=act.BLOCK)
+
+
+def _rope_values(variant: str, dtype: str) -> dict:
+    """q/k: x (1, 24, 4608, 128) a transposed view of (1, 4608, 24, 128) (and ẋ alike), cos and
+    sin (4608, 128) fp32 (FluxPosEmbed's); bwd: the transposed rotation of a contiguous gradient."""
+    import triton
+    from triton.runtime.jit import MockTensor
+
+    rope = _kernel_module("jvp_rope")
+    b, h, n, d = FLUX["batch"], FLUX["heads"], FLUX["tokens"], 128
+    strides = (n * h * d, d, h * d) if variant != "bwd" else (h * n * d, n * d, d)  # of b, h, n
+    fp32 = MockTensor(_torch_dtype("fp32"))
+    return dict(cos_ptr=fp32, sin_ptr=fp32, **dict(zip(("stride_xb", "stride_xh", "stride_xn"), strides)),
+                **dict(zip(("stride_tb", "stride_th", "stride_tn"), strides)), stride_cn=d, stride_sn=d,
+                n_heads=h, n_tokens=n, dim=d, HAS_TANGENT=variant == "fwd_jvp", TRANSPOSE=variant == "bwd",
+                BLOCK_N=rope.BLOCK_N, BLOCK_D=max(triton.next_power_of_2(d), 2))
+
+
+def _gated_residual_values(variant: str, dtype: str) -> dict:
+    """h, y (1, 4608, 3072) contiguous, gate (1, 3072) in their dtype; fwd_jvp with the tangents
+    of h, gate and y; bwd needs dy and dgate."""
+    from triton.runtime.jit import MockTensor
+
+    gr = _kernel_module("jvp_gated_residual")
+    b, n, d = FLUX["batch"], FLUX["tokens"], WIDTH
+    blocks = dict(BLOCK_N=gr.BLOCK_N, BLOCK_D=gr.BLOCK_D)
+    if variant == "bwd":
+        return dict(blocks, dg_partial_ptr=MockTensor(_torch_dtype("fp32")), s_gob=n * d, s_gon=d, s_gb=d,
+                    s_yb=n * d, s_yn=d, n_tokens=n, dim=d, n_batch=b, NEED_Y=True, NEED_G=True,
+                    CHUNK_N=gr.CHUNK_N)
+    tangent = variant == "fwd_jvp"
+    return dict(blocks, s_hb=n * d, s_hn=d, s_gb=d, s_yb=n * d, s_yn=d, s_hdb=n * d, s_hdn=d, s_gdb=d,
+                s_ydb=n * d, s_ydn=d, n_tokens=n, dim=d, HAS_H_DOT=tangent, HAS_G_DOT=tangent,
+                HAS_Y_DOT=tangent)
+
+
+# op -> (module in meanflow.kernels, kernel per variant, argument values (variant, dtype, **case),
+#        the cases: keyword arguments of the values function, the same keys in each; the first is --quick's).
+OPS = {
+    "rms_norm": ("jvp_rms_norm", dict(fwd_jvp="_jvp_rms_norm_kernel", fwd="_jvp_rms_norm_kernel",
+                                      bwd="_rms_norm_bwd_kernel"), _rms_norm_values, [{}]),
+    "layer_norm_modulate": ("jvp_layer_norm_modulate",
+                            dict(fwd_jvp="_jvp_layer_norm_modulate_kernel",
+                                 fwd="_jvp_layer_norm_modulate_kernel",
+                                 bwd="_layer_norm_modulate_bwd_kernel"),
+                            _layer_norm_modulate_values, [{}]),
+    "activation": ("jvp_activation", dict.fromkeys(("fwd_jvp", "fwd", "bwd"), "_jvp_activation_kernel"),
+                   _activation_values, [dict(kind="gelu_tanh"), dict(kind="silu")]),
+    "rope": ("jvp_rope", dict.fromkeys(("fwd_jvp", "fwd", "bwd"), "_jvp_rope_kernel"), _rope_values, [{}]),
+    "gated_residual": ("jvp_gated_residual",
+                       dict(fwd_jvp="_jvp_gated_residual_fwd_kernel", fwd="_jvp_gated_residual_fwd_kernel",
+                            bwd="_jvp_gated_residual_bwd_kernel"), _gated_residual_values, [{}]),
+}
+# Kernels without autotuning: the meta-parameters their launchers pass from module constants
+# (shown as the configuration), with the module's NUM_WARPS and Triton's default num_stages.
+FIXED_META = {
+    "_jvp_activation_kernel": ("BLOCK",),
+    "_jvp_rope_kernel": ("BLOCK_N",),
+    "_jvp_gated_residual_fwd_kernel": ("BLOCK_N", "BLOCK_D"),
+    "_jvp_gated_residual_bwd_kernel": ("CHUNK_N", "BLOCK_N", "BLOCK_D"),
+}
+
+
+def _kernel(case: dict):
+    """The case's kernel object: an Autotuner or a JITFunction."""
+    module, kernels = (("jvp_attention", KERNEL_OF) if case["op"] == "attention"
+                       else OPS[case["op"]][:2])
+    return getattr(_kernel_module(module), kernels[case["variant"]])
+
+
+def _jit(kernel):
+    """The JITFunction of an Autotuner or JITFunction."""
+    return kernel.fn if hasattr(kernel, "configs") else kernel
+
+
+def case_args(case: dict) -> dict:
+    """Name -> value of every argument of the case's kernel except the autotuned meta-parameters."""
+    if case["op"] == "attention":
+        return launch_args(case["variant"], case["dtype"], case["d"], causal=case["causal"],
+                           mask=case["mask"])
+    kernel = _kernel(case)
+    _, _, values_of, extras = OPS[case["op"]]
+    values = values_of(case["variant"], case["dtype"], **{k: case[k] for k in extras[0]})
+    configs = getattr(kernel, "configs", [])
+    return build_args(_jit(kernel), values, _torch_dtype(case["dtype"]),
+                      skip={name for c in configs for name in c.kwargs})
+
+
+def kernel_configs(kernel, args: dict) -> tuple[list, list]:
+    """(configurations, those kept): an autotuned kernel's, and what its early pruning keeps for
+    these arguments as the launcher's call (its constexprs by keyword) would; a kernel without
+    autotuning: the one configuration its launcher gives it (kept)."""
+    import triton
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    if not hasattr(kernel, "configs"):
+        module = sys.modules[kernel.fn.__module__]
+        config = triton.Config({name: args[name] for name in FIXED_META[kernel.__name__]},
+                               num_warps=module.NUM_WARPS, num_stages=CUDAOptions.num_stages)
+        return [config], [config]
+    flags = {name: args[name] for i, name in enumerate(kernel.fn.arg_names)
+             if i in kernel.fn.constexprs and name in args}  # what the launcher passes by keyword
+    kept = kernel.early_config_prune(kernel.configs, args, **flags) if kernel.early_config_prune \
+        else kernel.configs
+    return kernel.configs, kept
 
 
 _TYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
@@ -224,14 +420,15 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
     )
 
 
-def compile_and_inspect(fn, args: dict, block_m: int, block_n: int, num_warps: int, num_stages: int,
+def compile_and_inspect(fn, args: dict, num_warps: int, num_stages: int,
                         capability: int = TARGET_ARCH) -> dict:
-    """Compile ``fn`` (a JITFunction) for sm_``capability`` and return its resource usage."""
+    """Compile ``fn`` (a JITFunction) with ``args`` (every argument, the configuration's
+    meta-parameters included) for sm_``capability`` and return its resource usage."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    signature, constexprs, attrs = specialize(fn, dict(args, BLOCK_M=block_m, BLOCK_N=block_n))
+    signature, constexprs, attrs = specialize(fn, args)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     start = time.perf_counter()
@@ -261,42 +458,39 @@ def compile_and_inspect(fn, args: dict, block_m: int, block_n: int, num_warps: i
 # --------------------------------------------------------------------------------------------
 
 def tasks(quick: bool) -> list[dict]:
-    """Every (variant, dtype, head dim, mask, causal, config) to compile."""
-    ja = _jvp_attention_module()
-    cases = [dict(variant=v, dtype=t, d=d, causal=False, mask="none")
+    """Every (op, variant, dtype, head dim, mask, causal, config) to compile."""
+    cases = [dict(op="attention", variant=v, dtype=t, d=d, causal=False, mask="none")
              for t in DTYPES for d in HEAD_DIMS for v in VARIANTS]
-    cases += [dict(variant=v, dtype="bf16", d=128, causal=c, mask=m)
+    cases += [dict(op="attention", variant=v, dtype="bf16", d=128, causal=c, mask=m)
               for c, m in ((True, "none"), (False, "keys")) for v in VARIANTS]
     if quick:
         cases = [c for c in cases if c["dtype"] == "bf16" and c["d"] == 128 and not c["causal"]
                  and c["mask"] == "none"]
+    for op, (_, kernels, _, extras) in OPS.items():
+        cases += [dict(extra, op=op, variant=v, dtype=t) for extra in (extras[:1] if quick else extras)
+                  for t in (DTYPES[:1] if quick else DTYPES) for v in kernels]
     out = []
     for case in cases:
-        autotuner = getattr(ja, KERNEL_OF[case["variant"]])
-        args = launch_args(case["variant"], case["dtype"], case["d"], causal=case["causal"],
-                           mask=case["mask"])
-        flags = {name: args[name] for i, name in enumerate(autotuner.fn.arg_names)
-                 if i in autotuner.fn.constexprs and name in args}  # what the launcher passes by keyword
-        kept = autotuner.early_config_prune(autotuner.configs, {"Q": args["Q"]}, **flags) if autotuner.early_config_prune \
-            else autotuner.configs
-        for index, config in enumerate(autotuner.configs):
-            if quick and config is not next(c for c in autotuner.configs if c in kept):
+        kernel = _kernel(case)
+        configs, kept = kernel_configs(kernel, case_args(case))
+        for index, config in enumerate(configs):
+            if quick and config is not next(c for c in configs if c in kept):
+                continue
+            if case["op"] != "attention" and config not in kept:  # here: repeats of a kept tiling
                 continue
             if config.num_ctas != 1 or config.maxnreg is not None:
                 raise NotImplementedError(f"config {config} sets num_ctas / maxnreg")
-            out.append(dict(case, kernel=KERNEL_OF[case["variant"]], config=index,
-                            BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"],
+            meta = dict(config.kwargs) if case["op"] == "attention" else dict(meta=dict(config.kwargs))
+            out.append(dict(case, kernel=_jit(kernel).__name__, config=index, **meta,
                             warps=config.num_warps, stages=config.num_stages, kept=config in kept))
     return out
 
 
 def run_task(task: dict) -> dict:
-    ja = _jvp_attention_module()
-    fn = getattr(ja, task["kernel"]).fn
-    args = launch_args(task["variant"], task["dtype"], task["d"], causal=task["causal"], mask=task["mask"])
+    meta = task["meta"] if "meta" in task else dict(BLOCK_M=task["BLOCK_M"], BLOCK_N=task["BLOCK_N"])
+    args = dict(case_args(task), **meta)
     try:
-        result = compile_and_inspect(fn, args, task["BLOCK_M"], task["BLOCK_N"], task["warps"],
-                                     task["stages"])
+        result = compile_and_inspect(_jit(_kernel(task)), args, task["warps"], task["stages"])
     except Exception as error:  # a failed compile is a finding, not a crash of the report
         result = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
     return dict(task, **result)
@@ -309,15 +503,31 @@ COLUMNS = [  # header, key, width
     ("hgmma", "hgmma", 5), ("cta/sm", "ctas_per_sm", 6), ("keep", "keep", 4), ("sec", "compile_s", 5),
     ("notes", "notes", 0),
 ]
+OTHER_COLUMNS = [  # the other kernels: their configuration's meta-parameters instead of head dim and tiles
+    ("kernel", "kernel", 31), ("variant", "label", 17), ("dtype", "dtype", 5), ("config", "meta_text", 34),
+    *COLUMNS[6:],
+]
 
 
 def _label(row: dict) -> str:
+    if row["op"] != "attention":
+        return row["variant"] + "".join(f"+{row[k]}" for k in OPS[row["op"]][3][0])
     causal = "+causal" if row["causal"] else ""
     return row["variant"] + causal + ("+keymask" if row["mask"] != "none" else "")
 
 
-def format_row(row: dict) -> str:
-    cells = dict(row, label=_label(row), keep="yes" if row["kept"] else "no")
+def _order(row: dict) -> tuple:
+    if row["op"] == "attention":
+        return (0, row["causal"], row["mask"] != "none", VARIANTS.index(row["variant"]),
+                DTYPES.index(row["dtype"]), row["d"], row["config"])
+    _, kernels, _, extras = OPS[row["op"]]
+    return (1, list(OPS).index(row["op"]), extras.index({k: row[k] for k in extras[0]}),
+            list(kernels).index(row["variant"]), DTYPES.index(row["dtype"]), row["config"])
+
+
+def format_row(row: dict, columns: list = COLUMNS) -> str:
+    cells = dict(row, label=_label(row), keep="yes" if row["kept"] else "no",
+                 meta_text=" ".join(f"{k}={v}" for k, v in row.get("meta", {}).items()))
     if "error" in row:
         cells["notes"] = "COMPILE FAILED: " + row["error"]
     else:
@@ -327,21 +537,21 @@ def format_row(row: dict) -> str:
             notes.append("SPILLS IN LOOP" if row["loop_stl"] or row["loop_ldl"] else "spills outside loop")
         if not row["fits_smem"]:
             notes.append(f"SMEM > {SMEM_PER_CTA_MAX // 1024} KiB")
-        if row["hgmma"] == 0:
+        if row["hgmma"] == 0 and row["op"] == "attention":
             notes.append("no wgmma")
         cells["notes"] = ", ".join(notes)
     return " ".join(str(cells.get(key, "-")).rjust(width) if width else str(cells.get(key, ""))
-                    for _, key, width in COLUMNS)
+                    for _, key, width in columns)
 
 
-def header() -> str:
-    return " ".join(h.rjust(w) if w else h for h, _, w in COLUMNS)
+def header(columns: list = COLUMNS) -> str:
+    return " ".join(h.rjust(w) if w else h for h, _, w in columns)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="d=128 bf16, the first configuration the pruning keeps")
+                        help="bf16 (attention at d=128), the first configuration the pruning keeps")
     parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")),
                         help="where to write the rows")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -360,7 +570,8 @@ def main(argv=None) -> int:
     import triton
 
     start = time.perf_counter()
-    todo = sorted(tasks(opts.quick), key=lambda t: (t["variant"] != "fwd_jvp", -t["BLOCK_M"] * t["BLOCK_N"]))
+    todo = sorted(tasks(opts.quick), key=lambda t: (t["op"] != "attention", t["variant"] != "fwd_jvp",
+                                                     -t.get("BLOCK_M", 0) * t.get("BLOCK_N", 0)))
     rows = []
     print(f"# triton {triton.__version__}, target cuda sm_{TARGET_ARCH}, {len(todo)} compiles on "
           f"{opts.workers} worker(s); FLUX shapes B={FLUX['batch']} H={FLUX['heads']} N={FLUX['tokens']}",
@@ -374,12 +585,18 @@ def main(argv=None) -> int:
             rows = [run_task(t) for t in todo]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    rows.sort(key=lambda r: (r["causal"], r["mask"] != "none", order[r["variant"]], DTYPES.index(r["dtype"]),
-                             r["d"], r["config"]))
+    rows.sort(key=_order)
     print(header())
     for row in rows:
-        print(format_row(row))
+        if row["op"] == "attention":
+            print(format_row(row))
+    print("# the other kernels at FLUX's shapes:")
+    for op, (_, _, values_of, _) in OPS.items():
+        print(f"#   {op}: " + " ".join(values_of.__doc__.split()))
+    print(header(OTHER_COLUMNS))
+    for row in rows:
+        if row["op"] != "attention":
+            print(format_row(row, OTHER_COLUMNS))
     elapsed = time.perf_counter() - start
     failed = [r for r in rows if "error" in r]
     spilled = [r for r in rows if r.get("spill")]

@@ -1,9 +1,11 @@
-"""The attention kernels compile for an H100 (sm_90) without a GPU, use wgmma and do not spill.
+"""Every Triton kernel compiles for an H100 (sm_90) without a GPU and does not spill; the
+attention kernels use wgmma (the row and elementwise kernels have no matrix products).
 
-Runs ``bench/hopper_report.py --quick`` (per kernel variant at d=128 bf16, FLUX shapes, the
-first autotune configuration that the shared-memory pruning keeps) in a subprocess: the CPU
-test session runs Triton in interpreter mode, which has no compiler and its own single
-configuration, so the kernels must be imported afresh without TRITON_INTERPRET. About 20 s on 2 cores.
+Runs ``bench/hopper_report.py --quick`` (per kernel variant in bf16 at FLUX shapes, attention at
+d=128, the first autotune configuration that the pruning keeps, or the one configuration of a
+kernel without autotuning) in a subprocess: the CPU test session runs Triton in interpreter
+mode, which has no compiler and its own single configuration, so the kernels must be imported
+afresh without TRITON_INTERPRET. About 25 s on 2 cores.
 """
 import importlib.util
 import json
@@ -36,30 +38,51 @@ def rows(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(REPORT), "--quick", "--json", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert out.exists(), f"report failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    by_variant = {}
+    for row in json.loads(out.read_text())["rows"]:
+        key = row["op"], row["variant"]
+        assert key not in by_variant, f"two --quick rows for {key}"
+        by_variant[key] = row
+    return by_variant
 
 
-VARIANTS = ["fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq"]
+VARIANTS = ["fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq"]  # attention
+OTHER_OPS = ["rms_norm", "layer_norm_modulate", "activation", "rope", "gated_residual"]
+OTHER_VARIANTS = [(op, variant) for op in OTHER_OPS for variant in ("fwd_jvp", "fwd", "bwd")]
 
 
 def _describe(row):
-    return (f"{row['kernel']} BLOCK_M={row['BLOCK_M']} BLOCK_N={row['BLOCK_N']} "
-            f"warps={row['warps']} stages={row['stages']} d={row['d']} {row['dtype']}")
+    config = (" ".join(f"{k}={v}" for k, v in row["meta"].items()) if "meta" in row
+              else f"BLOCK_M={row['BLOCK_M']} BLOCK_N={row['BLOCK_N']} d={row['d']}")
+    return (f"{row['kernel']} ({row['variant']}) {config} warps={row['warps']} stages={row['stages']} "
+            f"{row['dtype']}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_first_config_compiles_with_wgmma(rows, variant):
-    assert variant in rows, f"no row for {variant}"
-    row = rows[variant]
+    assert ("attention", variant) in rows, f"no row for {variant}"
+    row = rows["attention", variant]
     assert "error" not in row, f"{_describe(row)} does not compile for sm_90: {row['error']}"
     assert row["hgmma"] > 0, f"{_describe(row)}: no HGMMA (wgmma) in the SASS"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_first_config_does_not_spill(rows, variant):
-    row = rows[variant]
-    if "error" in row:
-        pytest.skip("does not compile (see test_first_config_compiles_with_wgmma)")
+def _assert_no_spill(row):
     assert row["spill"] == 0, (f"{_describe(row)} spills: {row['regs']} registers, {row['spill']} bytes "
                                f"stack/local, {row['stl']} STL / {row['ldl']} LDL "
                                f"({row['loop_stl']} / {row['loop_ldl']} inside a loop)")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_first_config_does_not_spill(rows, variant):
+    row = rows["attention", variant]
+    if "error" in row:
+        pytest.skip("does not compile (see test_first_config_compiles_with_wgmma)")
+    _assert_no_spill(row)
+
+
+@pytest.mark.parametrize("op, variant", OTHER_VARIANTS)
+def test_other_kernel_first_config_compiles_without_spills(rows, op, variant):
+    assert (op, variant) in rows, f"no row for {op} {variant}"
+    row = rows[op, variant]
+    assert "error" not in row, f"{_describe(row)} does not compile for sm_90: {row['error']}"
+    _assert_no_spill(row)
