@@ -272,6 +272,32 @@ def _gated_residual_values(variant: str, dtype: str) -> dict:
                 HAS_Y_DOT=tangent)
 
 
+LATENT = 4096 * 64  # FLUX's packed latents of one 1024² image: 4096 tokens × 64 channels
+
+
+def _loss_values(variant: str, dtype: str, module: str) -> dict:
+    """the losses over B = 8 samples of packed latents (8, 4096·64), contiguous: fwd stores the
+    residual for the backward (fwd_jvp: the call with a gradient; fwd: without)."""
+    from triton.runtime.jit import MockTensor
+
+    loss = _kernel_module(module)
+    n_chunks = -(-LATENT // loss.CHUNK)
+    fp32 = MockTensor(_torch_dtype("fp32"))
+    partials = (dict(partial_ptr=fp32) if module == "adaptive_weighted_loss"
+                else dict(abs_partial_ptr=fp32, sq_partial_ptr=fp32))
+    strides = {name: LATENT for name in ("s_ub", "s_tb", "s_xb", "s_fb")}
+    return dict(partials, **strides, n_elem=LATENT, n_chunks=n_chunks, STORE_D=variant == "fwd_jvp",
+                CHUNK=loss.CHUNK, BLOCK=loss.BLOCK)
+
+
+def _per_sample_scale_values(variant: str, dtype: str) -> dict:
+    """the losses' backward: grad (8, 4096·64) = scale (8,) float32 · residual."""
+    from triton.runtime.jit import MockTensor
+
+    return dict(scale_ptr=MockTensor(_torch_dtype("fp32")), n_elem=LATENT,
+                BLOCK=_kernel_module("per_sample_scale").BLOCK)
+
+
 # op -> (module in meanflow.kernels, kernel per variant, argument values (variant, dtype, **case),
 #        the cases: keyword arguments of the values function, the same keys in each; the first is --quick's).
 OPS = {
@@ -288,6 +314,14 @@ OPS = {
     "gated_residual": ("jvp_gated_residual",
                        dict(fwd_jvp="_jvp_gated_residual_fwd_kernel", fwd="_jvp_gated_residual_fwd_kernel",
                             bwd="_jvp_gated_residual_bwd_kernel"), _gated_residual_values, [{}]),
+    # Loss kernels: "fwd_jvp" is the forward that also stores the residual for the backward.
+    "adaptive_weighted_loss": ("adaptive_weighted_loss",
+                               dict.fromkeys(("fwd_jvp", "fwd"), "_adaptive_weighted_loss_fwd_kernel"),
+                               _loss_values, [dict(module="adaptive_weighted_loss")]),
+    "alignment_loss": ("alignment_loss", dict.fromkeys(("fwd_jvp", "fwd"), "_alignment_loss_fwd_kernel"),
+                       _loss_values, [dict(module="alignment_loss")]),
+    "per_sample_scale": ("per_sample_scale", dict(bwd="_per_sample_scale_kernel"), _per_sample_scale_values,
+                         [{}]),
 }
 # Kernels without autotuning: the meta-parameters their launchers pass from module constants
 # (shown as the configuration), with the module's NUM_WARPS and Triton's default num_stages.
@@ -296,6 +330,9 @@ FIXED_META = {
     "_jvp_rope_kernel": ("BLOCK_N",),
     "_jvp_gated_residual_fwd_kernel": ("BLOCK_N", "BLOCK_D"),
     "_jvp_gated_residual_bwd_kernel": ("CHUNK_N", "BLOCK_N", "BLOCK_D"),
+    "_adaptive_weighted_loss_fwd_kernel": ("CHUNK", "BLOCK"),
+    "_alignment_loss_fwd_kernel": ("CHUNK", "BLOCK"),
+    "_per_sample_scale_kernel": ("BLOCK",),
 }
 
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
+
 BLOCK, NUM_WARPS = 1024, 4
 CHUNK = 16384  # elements of one sample per forward program
 
@@ -45,27 +47,13 @@ def _adaptive_weighted_loss_fwd_kernel(
     tl.store(partial_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
-@triton.jit
-def _adaptive_weighted_loss_bwd_kernel(d_ptr, scale_ptr, grad_ptr, n_elem, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    j = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = j < n_elem
-    scale = tl.load(scale_ptr + b)
-    d = tl.load(d_ptr + b * n_elem + j, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + b * n_elem + j, (scale * d).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def adaptive_weighted_loss_forward(
     u: torch.Tensor, u_tgt: torch.Tensor, need_residual: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(S (B,) float32 = Σ_j (u − u_tgt)², d = u − u_tgt (B, N) contiguous in u's dtype or None).
 
     u, u_tgt (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
-    u, u_tgt = _unit_last(u), _unit_last(u_tgt)
+    u, u_tgt = unit_last(u), unit_last(u_tgt)
     batch, n_elem = u.shape
     n_chunks = triton.cdiv(n_elem, CHUNK)
     block = min(BLOCK, triton.next_power_of_2(n_elem))
@@ -81,10 +69,4 @@ def adaptive_weighted_loss_forward(
 
 def adaptive_weighted_loss_backward(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad (B, N) in residual's dtype: scale[b] · residual[b, :] (scale (B,) float32)."""
-    batch, n_elem = residual.shape
-    grad = torch.empty_like(residual)
-    block = min(BLOCK, triton.next_power_of_2(n_elem))
-    _adaptive_weighted_loss_bwd_kernel[(triton.cdiv(n_elem, block), batch)](
-        residual, scale.to(torch.float32).contiguous(), grad, n_elem, BLOCK=block, num_warps=NUM_WARPS,
-    )
-    return grad
+    return per_sample_scale(residual, scale)

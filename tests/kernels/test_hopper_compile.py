@@ -48,7 +48,10 @@ def rows(tmp_path_factory):
 
 VARIANTS = ["fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq"]  # attention
 OTHER_OPS = ["rms_norm", "layer_norm_modulate", "activation", "rope", "gated_residual"]
-OTHER_VARIANTS = [(op, variant) for op in OTHER_OPS for variant in ("fwd_jvp", "fwd", "bwd")]
+OTHER_VARIANTS = [(op, variant) for op in OTHER_OPS for variant in ("fwd_jvp", "fwd", "bwd")] + [
+    ("adaptive_weighted_loss", "fwd_jvp"), ("adaptive_weighted_loss", "fwd"),
+    ("alignment_loss", "fwd_jvp"), ("alignment_loss", "fwd"), ("per_sample_scale", "bwd"),
+]
 
 
 def _describe(row):
