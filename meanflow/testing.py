@@ -25,6 +25,30 @@ ERROR_FLOOR = {
 }
 
 
+# diffusers' own test configuration of FluxTransformer2DModel, and variants with more blocks and
+# with the guidance embedding: the models of the FLUX exactness tests.
+TINY_FLUX_CONFIG = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        axes_dims_rope=[4, 4, 8])
+FLUX_TEST_CONFIGS = {
+    "tiny": TINY_FLUX_CONFIG,
+    "deep": dict(TINY_FLUX_CONFIG, num_layers=2, num_single_layers=2),
+    "guided": dict(TINY_FLUX_CONFIG, guidance_embeds=True),
+}
+
+
+def triton_param(*values):
+    """A pytest parameter set whose first value is the 'triton' backend, skipped where Triton
+    cannot run (no CUDA, and no TRITON_INTERPRET=1 set before import)."""
+    import os
+
+    import pytest
+
+    can_run = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    reason = "MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import"
+    return pytest.param("triton", *values, marks=pytest.mark.skipif(not can_run, reason=reason))
+
+
 def backend_dtypes(backend: str) -> list[torch.dtype]:
     """The dtypes a backend is tested in here: the Triton interpreter's bf16 products are wrong,
     so on a CPU-only machine Triton is checked in float32 and float16 (bf16 by the GPU tests)."""

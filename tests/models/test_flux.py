@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 import meanflow.models.flux as flux  # noqa: E402
 from meanflow.models.flux import (  # noqa: E402
@@ -31,42 +29,14 @@ from meanflow.models.flux import (  # noqa: E402
 
 # The module, not the function of the same name that meanflow.ops re-exports.
 jvp_attention_module = importlib.import_module("meanflow.ops.jvp_attention")
+from meanflow.testing import FLUX_TEST_CONFIGS, TINY_FLUX_CONFIG, triton_param  # noqa: E402
 
-TINY = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-DEEP = dict(TINY, num_layers=2, num_single_layers=2)
-CONFIGS = {"tiny": TINY, "deep": DEEP}
+CONFIGS = FLUX_TEST_CONFIGS
+TINY = TINY_FLUX_CONFIG
 
 # Relative to the largest magnitude of the expected tensor. float32: attention in a different
 # summation order, through a handful of blocks; float64: the same, at double precision.
 REL_TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
-
-_CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-_NO_TRITON = "MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import (no CUDA here)"
-
-
-def _triton(*values):
-    """A parameter set whose first value is the 'triton' backend, skipped where it cannot run."""
-    return pytest.param("triton", *values, marks=pytest.mark.skipif(not _CAN_RUN_TRITON, reason=_NO_TRITON))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_diffusers():
-    # `.to(float64)` on a diffusers model logs a warning about float32 modules; not our concern.
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    yield
-    diffusers_logging.set_verbosity(level)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads buy nothing, and on a busy 2-core machine
-    # OpenMP's spinning made each small GEMM ~20x slower than a single thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _device() -> torch.device:
@@ -172,7 +142,7 @@ def test_plain_forward_is_the_stock_computation(config, dtype):
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("reference", torch.float32),
-                                            _triton(torch.float32)], indirect=["backend"])
+                                            triton_param(torch.float32)], indirect=["backend"])
 def test_plain_forward_through_jvp_attention_matches_stock(backend, dtype):
     stock, ours = _models("tiny", dtype, always_jvp=True)
     inputs = _inputs(dtype, batch=2)
@@ -197,8 +167,8 @@ def test_stock_model_has_no_forward_ad_without_the_math_backend():
     ("reference", torch.float64, "tiny"),
     ("reference", torch.float64, "deep"),
     ("reference", torch.float32, "deep"),
-    _triton(torch.float32, "tiny"),
-    _triton(torch.float32, "deep"),
+    triton_param(torch.float32, "tiny"),
+    triton_param(torch.float32, "deep"),
 ], indirect=["backend"])
 def test_jvp_matches_stock_math_sdpa(backend, dtype, config):
     stock, ours = _models(config, dtype)
@@ -277,7 +247,7 @@ def _meanflow_grads(model, inputs, *, math_sdpa: bool = False):
 @pytest.mark.parametrize("backend, dtype, config", [
     ("reference", torch.float64, "deep"),
     ("reference", torch.float32, "tiny"),
-    _triton(torch.float32, "tiny"),
+    triton_param(torch.float32, "tiny"),
 ], indirect=["backend"])
 def test_meanflow_loss_gradients_match_stock_math_sdpa(backend, dtype, config):
     stock, ours = _models(config, dtype)

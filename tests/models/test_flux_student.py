@@ -14,7 +14,6 @@ one thread: the whole file runs in well under a minute and a half on a loaded 2-
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -22,17 +21,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from meanflow import ops  # noqa: E402
 from meanflow.models.flux import JVPFluxAttnProcessor  # noqa: E402
 from meanflow.models.flux_student import FluxCondition, FluxStudent, FluxTeacher  # noqa: E402
+from meanflow.testing import FLUX_TEST_CONFIGS, TINY_FLUX_CONFIG, triton_param  # noqa: E402
 
-TINY = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-DEEP = dict(TINY, num_layers=2, num_single_layers=2)
-GUIDED = dict(TINY, guidance_embeds=True)
-CONFIGS = {"tiny": TINY, "deep": DEEP, "guided": GUIDED}
+CONFIGS = FLUX_TEST_CONFIGS
+TINY = TINY_FLUX_CONFIG
 
 # Relative to the largest magnitude of the expected tensor. float32: attention, norms and the
 # stacked linear in another summation order, through a few blocks. float64: diffusers computes
@@ -40,30 +36,6 @@ CONFIGS = {"tiny": TINY, "deep": DEEP, "guided": GUIDED}
 # (the fused ops keep float64), so the float64 comparisons sit near float32's rounding
 # (observed: float32 up to 7e-7, float64 up to 1.1e-8).
 REL_TOL = {torch.float32: 5e-6, torch.float64: 1e-7}
-
-_CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton(*values):
-    reason = "MEANFLOW_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import"
-    return pytest.param("triton", *values, marks=pytest.mark.skipif(not _CAN_RUN_TRITON, reason=reason))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a busy 2-core machine: OpenMP spinning makes small GEMMs far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_diffusers():
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    yield
-    diffusers_logging.set_verbosity(level)
 
 
 @pytest.fixture
@@ -193,8 +165,8 @@ def test_teacher_is_frozen():
     ("reference", torch.float64, "deep"),
     ("reference", torch.float32, "deep"),
     ("reference", torch.float64, "guided"),
-    _triton(torch.float32, "tiny"),
-    _triton(torch.float32, "deep"),
+    triton_param(torch.float32, "tiny"),
+    triton_param(torch.float32, "deep"),
 ], indirect=["backend"])
 def test_forward_with_tangent_matches_stock_func_jvp(backend, dtype, config):
     """Through z and t (MeanFlow's tangent (v, 0, 1) and a random one), at r < t: at
@@ -216,7 +188,7 @@ def test_forward_with_tangent_matches_stock_func_jvp(backend, dtype, config):
 @pytest.mark.parametrize("backend, dtype, config", [
     ("reference", torch.float64, "deep"),
     ("reference", torch.float64, "guided"),
-    _triton(torch.float32, "tiny"),
+    triton_param(torch.float32, "tiny"),
 ], indirect=["backend"])
 def test_forward_with_tangent_matches_func_jvp_of_the_student(backend, dtype, config):
     """With a trained-looking (t − r) embedder, through z, r and t: torch.func.jvp of
@@ -261,7 +233,7 @@ def _grads(module, loss):
 @pytest.mark.parametrize("backend, dtype, config", [
     ("reference", torch.float64, "deep"),
     ("reference", torch.float32, "tiny"),
-    _triton(torch.float32, "tiny"),
+    triton_param(torch.float32, "tiny"),
 ], indirect=["backend"])
 def test_meanflow_loss_gradients_match_the_stock_path(backend, dtype, config):
     stock = _stock(config, dtype)
@@ -303,7 +275,7 @@ def test_meanflow_gradients_match_func_jvp_of_the_student(checkpointing, monkeyp
 
 @pytest.mark.parametrize("backend, dtype, config", [("reference", torch.float64, "deep"),
                                                     ("reference", torch.float32, "deep"),
-                                                    _triton(torch.float32, "tiny")], indirect=["backend"])
+                                                    triton_param(torch.float32, "tiny")], indirect=["backend"])
 def test_checkpointing_gives_the_same_gradients_and_recomputes_only_the_primal(backend, dtype, config,
                                                                                monkeypatch):
     student = _student(_stock(config, dtype), random_delta=True)
