@@ -26,10 +26,10 @@ from meanflow.models.flux import (  # noqa: E402
     enable_jvp_attention,
     jvp_attention_enabled,
 )
+from meanflow.testing import FLUX_TEST_CONFIGS, TINY_FLUX_CONFIG, triton_param  # noqa: E402
 
 # The module, not the function of the same name that meanflow.ops re-exports.
 jvp_attention_module = importlib.import_module("meanflow.ops.jvp_attention")
-from meanflow.testing import FLUX_TEST_CONFIGS, TINY_FLUX_CONFIG, triton_param  # noqa: E402
 
 CONFIGS = FLUX_TEST_CONFIGS
 TINY = TINY_FLUX_CONFIG
