@@ -5,7 +5,7 @@
 There is no Triton GEMM here on purpose: cuBLAS is the kernel, and a Triton GEMM would lose
 to it. What this module decides is how the two products are issued:
 
-- default: two GEMMs, y by ``addmm`` (the bias in cuBLAS's epilogue) and ẏ by ``mm``; no copies.
+- default: two GEMMs (the reference's ``F.linear`` calls: y with the bias in cuBLAS's epilogue, ẏ); no copies.
 - stacked (``MEANFLOW_LINEAR_STACKED=1``): x and ẋ copied into one (2M, Din) buffer and
   multiplied by Wᵀ once, then b added to the x rows. y must not share storage with ẏ
   (downstream ops save y for backward; a y that viewed the stacked output would pin the
@@ -15,14 +15,20 @@ to it. What this module decides is how the two products are issued:
   copy of [x; ẋ] and the separate bias pass cost more than the taller GEMM gains. It stays
   for the benchmark (bench/bench_jvp_linear.py, provider ``stacked``) and small-M experiments.
 
-Backward (from the saved x, no recompute): dx = g W, dW = gᵀ x, db = Σ g, in cuBLAS.
-Launchers take (..., Din) inputs with any layout and return contiguous outputs; no autograd.
+The default path, the parameters' tangents and the backward (from the saved x: dx = g W,
+dW = gᵀ x, db = Σ g) are the reference's own cuBLAS calls; only the stacked form is here.
+Launchers take (..., Din) inputs with any layout; no autograd.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from meanflow.reference.jvp_linear import add_parameter_tangent, jvp_linear_backward
+from meanflow.reference.jvp_linear import jvp_linear_forward as _two_gemms
+
+__all__ = ["jvp_linear_forward", "jvp_linear_backward"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -44,36 +50,12 @@ def jvp_linear_forward(
         x_dot, weight_dot, bias_dot: None or shaped like their primals.
     """
     if x_dot is None or os.environ.get("MEANFLOW_LINEAR_STACKED", "0") != "1":
-        y = torch.nn.functional.linear(x, weight, bias)
-        y_dot = None if x_dot is None else torch.nn.functional.linear(x_dot, weight)
-    else:
-        lead, d_out = x.shape[:-1], weight.shape[0]
-        # (2M, Dout) from one GEMM, seen as (2, ..., Dout): [0] the primal rows, [1] the tangent.
-        out = torch.mm(torch.cat((_rows(x), _rows(x_dot))), weight.t()).view(2, *lead, d_out)
-        # A fresh buffer for y (never a view of the stacked output), made by the bias add.
-        y = torch.add(out[0], bias) if bias is not None else out[0].clone()
-        # The tangent rows as a plain tensor, not an autograd view: the output buffer is freed
-        # when the tangent is dropped.
-        y_dot = out[1].detach()
-    if weight_dot is not None:
-        y_dot = torch.nn.functional.linear(x, weight_dot) if y_dot is None else y_dot.add_(
-            torch.nn.functional.linear(x, weight_dot))
-    if bias_dot is not None:
-        y_dot = bias_dot.expand(y.shape).clone() if y_dot is None else y_dot.add_(bias_dot)
-    return y, y_dot
-
-
-def jvp_linear_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    need_x: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dW, db), None where not needed: dx = g W, dW = gᵀ x, db = Σ g."""
-    g2 = _rows(grad_y)
-    dx = torch.mm(g2, weight).view(*x.shape[:-1], weight.shape[1]) if need_x else None
-    dw = torch.mm(g2.t(), _rows(x)) if need_weight else None
-    db = g2.sum(0) if need_bias else None
-    return dx, dw, db
+        return _two_gemms(x, weight, bias, x_dot, weight_dot, bias_dot)
+    lead, d_out = x.shape[:-1], weight.shape[0]
+    # (2M, Dout) from one GEMM, seen as (2, ..., Dout): [0] the primal rows, [1] the tangent.
+    out = torch.mm(torch.cat((_rows(x), _rows(x_dot))), weight.t()).view(2, *lead, d_out)
+    # A fresh buffer for y (never a view of the stacked output), made by the bias add.
+    y = torch.add(out[0], bias) if bias is not None else out[0].clone()
+    # The tangent rows as a plain tensor, not an autograd view: the output buffer is freed
+    # when the tangent is dropped.
+    return y, add_parameter_tangent(out[1].detach(), x, weight_dot, bias_dot, y.shape)

@@ -24,15 +24,24 @@ def jvp_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, ẏ): ẏ is None when every tangent is None."""
     y = F.linear(x, weight, bias)
-    y_dot = None
-    if x_dot is not None:
-        y_dot = F.linear(x_dot, weight)
+    y_dot = None if x_dot is None else F.linear(x_dot, weight)
+    return y, add_parameter_tangent(y_dot, x, weight_dot, bias_dot, y.shape)
+
+
+def add_parameter_tangent(
+    y_dot: torch.Tensor | None,
+    x: torch.Tensor,
+    weight_dot: torch.Tensor | None,
+    bias_dot: torch.Tensor | None,
+    shape: torch.Size,
+) -> torch.Tensor | None:
+    """ẏ + x Ẇᵀ + ḃ (the parameters' tangents, rare), shaped ``shape`` = y's; None if all absent."""
     if weight_dot is not None:
         term = F.linear(x, weight_dot)
         y_dot = term if y_dot is None else y_dot + term
     if bias_dot is not None:
-        y_dot = bias_dot.expand(y.shape).clone() if y_dot is None else y_dot + bias_dot
-    return y, y_dot
+        y_dot = bias_dot.expand(shape).clone() if y_dot is None else y_dot + bias_dot
+    return y_dot
 
 
 def jvp_linear_backward(
