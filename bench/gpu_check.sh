@@ -52,7 +52,30 @@ EOF
     local wheels=(.whl/*.whl)
     shopt -u nullglob
     if ((${#wheels[@]})); then
-        printf '  %s\n' "${wheels[@]}"
+        # A carried wheel fills a gap: skipped where the machine already has that distribution at
+        # the same or a newer version (so torch's own numpy or typing_extensions is not shadowed).
+        mapfile -t wheels < <("$PY" - "${wheels[@]}" <<'EOF'
+import re, sys
+from importlib import metadata
+try:
+    from packaging.version import Version
+except ImportError:
+    Version = None
+for path in sys.argv[1:]:
+    name, version = re.match(r"(?:.*/)?([^-]+)-([^-]+)-", path).groups()
+    try:
+        have = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is not None and Version is not None and Version(have) >= Version(version):
+        print(f"  skip {name} {version}: have {have}", file=sys.stderr)
+    else:
+        print(f"  install {name} {version} (have {have})", file=sys.stderr)
+        print(path)
+EOF
+)
+    fi
+    if ((${#wheels[@]})); then
         mkdir -p "$SITE"
         if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}"; then
             echo "pip --target failed; unpacking the wheels (pure Python) into $SITE instead"

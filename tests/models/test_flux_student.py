@@ -488,3 +488,47 @@ def test_float16_model(monkeypatch):
     assert u.dtype == torch.float16 and torch.isfinite(u_dot).all()
     assert (u - expected).abs().max() <= 5e-3 * scale
     assert (plain - expected).abs().max() <= 5e-3 * scale
+
+
+# --------------------------------------------------------------------------------------------
+# (e) on a GPU: the Triton kernels through the whole student
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_pair_mode_on_cuda_matches_float64_stock_jvp(autocast, monkeypatch):
+    """The student on CUDA (Triton backend: attention, norms, rope, activations, residuals,
+    cuBLAS linears) against torch.func.jvp of the stock model in float64 on the CPU, for u,
+    du/dt and the MeanFlow loss's gradients. float32 with TF32 off; bf16 autocast within 5 %."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "auto")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    stock = _stock("deep", torch.float64)
+    z, r, t, cond, v, _ = _inputs("deep", torch.float64, height=8, width=6, text=7)
+    t_dot = torch.ones_like(t)
+    u64, u64_dot = _stock_jvp(stock, z, t, cond, v, t_dot)
+    expected = _grads(stock, _meanflow_loss(u64, u64_dot, v, r, t))
+
+    cuda = torch.device("cuda")
+    student = _student(stock).to(cuda, torch.float32)
+    to = lambda x: None if x is None else x.to(cuda, torch.float32)  # noqa: E731
+    cond32 = FluxCondition(**{k: to(getattr(cond, k)) for k in
+                              ("encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids",
+                               "guidance")})
+    z32, r32, t32, v32 = to(z), to(r), to(t), to(v)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        u, u_dot = student.forward_with_tangent(z32, r32, t32, cond32, v32, None, 1.0)
+        loss = _meanflow_loss(u.float(), u_dot.float(), v32, r32, t32)
+    actual = _grads(student, loss)
+
+    def rel(a, b):
+        return ((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm()).item()
+
+    tol = 5e-2 if autocast else 1e-4
+    errors = {"u": rel(u, u64), "u_dot": rel(u_dot, u64_dot)}
+    errors.update({name: rel(actual[f"transformer.{name}"], grad) for name, grad in expected.items()
+                   if grad.norm() > 0})
+    worst = max(errors, key=errors.get)
+    print(f"\nworst relative error ({'bf16 autocast' if autocast else 'float32'}): "
+          f"{worst} {errors[worst]:.2e}; u {errors['u']:.2e}, u_dot {errors['u_dot']:.2e}")
+    assert errors[worst] <= tol, errors
