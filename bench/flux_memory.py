@@ -57,9 +57,11 @@ def _rope_axes(head_dim: int) -> list[int]:
     return [first, second, rest - second]
 
 
-def run_one(mode: str, grads: str, args) -> dict:
-    """One step in this process; returns {'mib': ..., 'ms': ...} or {'error': ...}."""
-    import resource
+def run_one(mode: str, grads_columns: list[str], args) -> dict:
+    """Steps of one mode in this process, one measured step per gradient column ("pre": the
+    parameter gradients exist before the step, "none": the step allocates them); returns
+    {column: {'mib': ..., 'ms': ...} or {'error': ...}}. On the CPU the peak RSS only grows, so
+    each column needs its own process; on CUDA the peak counter is reset between columns."""
 
     import torch
     from diffusers import FluxTransformer2DModel
@@ -79,7 +81,8 @@ def run_one(mode: str, grads: str, args) -> dict:
                   attention_head_dim=args.head_dim, num_attention_heads=heads,
                   joint_attention_dim=args.hidden, pooled_projection_dim=args.hidden,
                   axes_dims_rope=_rope_axes(args.head_dim))
-    transformer = FluxTransformer2DModel(**config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a CPU init of a FLUX-width block takes seconds
+        transformer = FluxTransformer2DModel(**config).to(dtype=dtype)
     side = int(round(args.image_tokens ** 0.5))
     n_img = side * side
     b, n_txt = args.batch, args.text_tokens
@@ -136,11 +139,19 @@ def run_one(mode: str, grads: str, args) -> dict:
             torch.cuda.synchronize()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if grads == "pre":
-        for p in params:
-            p.grad = torch.zeros_like(p)
     param_mib = sum(p.numel() * p.element_size() for p in params) / 2**20
+    return {grads: measure(step, params, grads, device, args.repeat) | {"param_mib": param_mib}
+            for grads in grads_columns}
 
+
+def measure(step, params, grads: str, device, repeat: int) -> dict:
+    """Peak memory growth (MiB) over one ``step()`` and its median time over ``repeat`` more."""
+    import resource
+
+    import torch
+
+    for p in params:
+        p.grad = torch.zeros_like(p) if grads == "pre" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -156,14 +167,13 @@ def run_one(mode: str, grads: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for p in params:
             p.grad = torch.zeros_like(p) if grads == "pre" else None
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1e3)
-    return {"mib": (peak - before) / 2**20, "ms": sorted(times)[len(times) // 2] if times else first_ms,
-            "param_mib": param_mib}
+    return {"mib": (peak - before) / 2**20, "ms": sorted(times)[len(times) // 2] if times else first_ms}
 
 
 def main(argv=None) -> None:
@@ -181,33 +191,37 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--allocator", choices=("both", "mmap", "default"), default="both")
-    parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS_COLUMNS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args)))
+        print(json.dumps(run_one(args.one[0], args.one[1].split(","), args)))
         return
 
     passthrough = list(argv if argv is not None else sys.argv[1:])
     modes = args.modes.split(",")
-    runs = []  # (column key, grads, environment)
-    if args.allocator in ("both", "mmap") or args.device != "cpu":
-        mmap_env = dict(os.environ)
-        if args.device == "cpu":
-            mmap_env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        runs += [("pre", "pre", mmap_env), ("none", "none", mmap_env)]
-    if args.allocator in ("both", "default") and args.device == "cpu":
-        default_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        runs.append(("raw", "none", default_env))
+    runs = []  # (column keys, their gradient columns, environment): one subprocess each
+    if args.device != "cpu":
+        runs.append((["pre", "none"], ["pre", "none"], dict(os.environ)))
+    else:
+        if args.allocator in ("both", "mmap"):
+            mmap_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            runs += [(["pre"], ["pre"], mmap_env), (["none"], ["none"], mmap_env)]
+        if args.allocator in ("both", "default"):
+            default_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            runs.append((["raw"], ["none"], default_env))
     results = {}
     for mode in modes:
-        for key, grads, env in runs:
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode, grads],
+        for keys, grads_columns, env in runs:
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode, ",".join(grads_columns)],
                                  capture_output=True, text=True, env=env)
             try:
-                results[mode, key] = json.loads(out.stdout.strip().splitlines()[-1])
+                got = json.loads(out.stdout.strip().splitlines()[-1])
             except (IndexError, json.JSONDecodeError):
-                results[mode, key] = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:80]}
+                got = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:80]}
+            for key, grads in zip(keys, grads_columns):
+                results[mode, key] = got.get(grads, got)
+                print(f"  {mode} [{key}]: {results[mode, key]}", file=sys.stderr, flush=True)
 
     heads = args.hidden // args.head_dim
     param_mib = next((r["param_mib"] for r in results.values() if "param_mib" in r), float("nan"))
@@ -218,7 +232,7 @@ def main(argv=None) -> None:
           f"parameters {param_mib:.1f} MiB")
     titles = {"pre": "activations (grads preallocated)", "none": "full step (grads allocated in it)",
               "raw": "full step, default malloc"}
-    keys = [key for key, _, _ in runs]
+    keys = [key for run_keys, _, _ in runs for key in run_keys]
     print("Peak memory growth over one step (MiB); ratios against `plain` in the same column.\n")
     print("| step | " + " | ".join(f"{titles[k]} | ratio" for k in keys) + " | ms/step |")
     print("|---|" + "---:|---:|" * len(keys) + "---:|")

@@ -15,7 +15,8 @@
 # 6. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
 #
 # Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 150),
-# BENCH_LIMIT_S (default 210), FLUX_LIMIT_S (default 120), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384).
+# BENCH_LIMIT_S (default 210), FLUX_LIMIT_S (default 120), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384),
+# STEPS (which of tests,bench,flux to run; default all three).
 # Exit status: non-zero if the import check, the GPU tests or the benchmarks failed (the
 # benchmarks and the table still run after failing tests).
 set -euo pipefail
@@ -53,21 +54,18 @@ EOF
     shopt -u nullglob
     if ((${#wheels[@]})); then
         # A carried wheel fills a gap: skipped where the machine already has that distribution at
-        # the same or a newer version (so torch's own numpy or typing_extensions is not shadowed).
+        # any version (a newer huggingface_hub over the image's broke its transformers, and
+        # with it diffusers' import).
         mapfile -t wheels < <("$PY" - "${wheels[@]}" <<'EOF'
 import re, sys
 from importlib import metadata
-try:
-    from packaging.version import Version
-except ImportError:
-    Version = None
 for path in sys.argv[1:]:
     name, version = re.match(r"(?:.*/)?([^-]+)-([^-]+)-", path).groups()
     try:
         have = metadata.version(name)
     except metadata.PackageNotFoundError:
         have = None
-    if have is not None and Version is not None and Version(have) >= Version(version):
+    if have is not None:
         print(f"  skip {name} {version}: have {have}", file=sys.stderr)
     else:
         print(f"  install {name} {version} (have {have})", file=sys.stderr)
@@ -150,47 +148,54 @@ main() {
     local start=$SECONDS status=0
     setup_environment
 
-    section "GPU tests: pytest tests -m gpu"
-    local timeout_opt=()
-    if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
-        timeout_opt=(--timeout 240)
+    local steps=",${STEPS:-tests,bench,flux},"
+    if [[ $steps == *,tests,* ]]; then
+        section "GPU tests: pytest tests -m gpu"
+        local timeout_opt=()
+        if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
+            timeout_opt=(--timeout 240)
+        fi
+        local tests_rc=0
+        # Tests pin each kernel to its default tile (no autotuning): correctness, not speed.
+        run_capped "${TESTS_LIMIT_S:-150}" "$OUT/gpu_tests.log" \
+            env MEANFLOW_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -rA ${timeout_opt[@]+"${timeout_opt[@]}"} \
+            --junitxml="$OUT/gpu_tests.xml" || tests_rc=$?
+        case $tests_rc in
+            0) echo "GPU tests passed" ;;
+            5) echo "no GPU tests collected" ;;
+            124) echo "GPU tests: TIMED OUT after ${TESTS_LIMIT_S:-150} s"; status=1 ;;
+            *) echo "GPU tests: FAILED (pytest exit $tests_rc)"; status=1 ;;
+        esac
     fi
-    local tests_rc=0
-    # Tests pin each kernel to its default tile (no autotuning): correctness, not speed.
-    run_capped "${TESTS_LIMIT_S:-150}" "$OUT/gpu_tests.log" \
-        env MEANFLOW_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -rA ${timeout_opt[@]+"${timeout_opt[@]}"} \
-        --junitxml="$OUT/gpu_tests.xml" || tests_rc=$?
-    case $tests_rc in
-        0) echo "GPU tests passed" ;;
-        5) echo "no GPU tests collected" ;;
-        124) echo "GPU tests: TIMED OUT after ${TESTS_LIMIT_S:-150} s"; status=1 ;;
-        *) echo "GPU tests: FAILED (pytest exit $tests_rc)"; status=1 ;;
-    esac
 
-    section "benchmarks: pytest bench --benchmark-only"
-    local bench_rc=0
-    rm -f "$OUT/bench.json"
-    run_capped "${BENCH_LIMIT_S:-210}" "$OUT/bench.log" \
-        env TRITON_PRINT_AUTOTUNING=1 "$PY" -m pytest bench --benchmark-only -q -s --benchmark-json="$OUT/bench.json" \
-        --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
-    case $bench_rc in
-        0) echo "benchmarks done" ;;
-        124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-210} s (partial results)"; status=1 ;;
-        *) echo "benchmarks: FAILED (pytest exit $bench_rc)"; status=1 ;;
-    esac
+    if [[ $steps == *,bench,* ]]; then
+        section "benchmarks: pytest bench --benchmark-only"
+        local bench_rc=0
+        rm -f "$OUT/bench.json"
+        run_capped "${BENCH_LIMIT_S:-210}" "$OUT/bench.log" \
+            env TRITON_PRINT_AUTOTUNING=1 "$PY" -m pytest bench --benchmark-only -q -s --benchmark-json="$OUT/bench.json" \
+            --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
+        case $bench_rc in
+            0) echo "benchmarks done" ;;
+            124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-210} s (partial results)"; status=1 ;;
+            *) echo "benchmarks: FAILED (pytest exit $bench_rc)"; status=1 ;;
+        esac
+    fi
 
-    section "FLUX-width stack: MeanFlow step in pair mode against the baselines"
-    # hidden 3072, 24 heads of 128, 1 double + 1 single block, 4096 image + 512 text tokens, bf16:
-    # peak memory and step time of plain / pair / torch.func.jvp + math SDPA / two-pass schemes.
-    local flux_rc=0
-    if "$PY" -c 'import diffusers' >/dev/null 2>&1; then
-        run_capped "${FLUX_LIMIT_S:-120}" "$OUT/flux_block.md" \
-            "$PY" bench/flux_memory.py --device cuda --dtype bfloat16 --hidden 3072 --head-dim 128 \
-            --double 1 --single 1 --image-tokens 4096 --text-tokens 512 --batch 1 --repeat 3 \
-            --modes plain,pair,jvp,two_pass,two_pass_fused,pair+ckpt || flux_rc=$?
-        [[ $flux_rc == 0 ]] || { echo "FLUX-width stack: FAILED or timed out ($flux_rc)"; status=1; }
-    else
-        echo "diffusers not importable: carry its wheel in .whl/ to run this step"
+    if [[ $steps == *,flux,* ]]; then
+        section "FLUX-width stack: MeanFlow step in pair mode against the baselines"
+        # hidden 3072, 24 heads of 128, 1 double + 1 single block, 4096 image + 512 text tokens, bf16:
+        # peak memory and step time of plain / pair / torch.func.jvp + math SDPA / two-pass schemes.
+        local flux_rc=0
+        if "$PY" -c 'from diffusers import FluxTransformer2DModel' >/dev/null 2>&1; then
+            run_capped "${FLUX_LIMIT_S:-120}" "$OUT/flux_block.md" \
+                "$PY" bench/flux_memory.py --device cuda --dtype bfloat16 --hidden 3072 --head-dim 128 \
+                --double 1 --single 1 --image-tokens 4096 --text-tokens 512 --batch 1 --repeat 3 \
+                --modes plain,pair,jvp,two_pass,two_pass_fused,pair+ckpt || flux_rc=$?
+            [[ $flux_rc == 0 ]] || { echo "FLUX-width stack: FAILED or timed out ($flux_rc)"; status=1; }
+        else
+            echo "diffusers' FluxTransformer2DModel not importable: carry diffusers' wheel (and its missing dependencies) in .whl/"
+        fi
     fi
 
     section "summary"
@@ -199,7 +204,7 @@ main() {
     echo
     if [[ -s "$OUT/bench.json" ]]; then
         "$PY" bench/summary.py "$OUT/bench.json" | tee "$OUT/summary.md" || status=1
-    else
+    elif [[ $steps == *,bench,* ]]; then
         echo "no $OUT/bench.json: no benchmark ran"
         status=1
     fi
