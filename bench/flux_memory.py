@@ -144,6 +144,15 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
             for grads in grads_columns}
 
 
+def _describe(error: Exception) -> str:
+    """``Type: first line (at file:line)`` of the innermost frame, for the table."""
+    import traceback
+
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:100] if str(error).strip() else ''}{where}"
+
+
 def measure(step, params, grads: str, device, repeat: int) -> dict:
     """Peak memory growth (MiB) over one ``step()`` and its median time over ``repeat`` more."""
     import resource
@@ -152,18 +161,18 @@ def measure(step, params, grads: str, device, repeat: int) -> dict:
 
     for p in params:
         p.grad = torch.zeros_like(p) if grads == "pre" else None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:
+    try:  # a CUDA error of an earlier asynchronous launch surfaces at a synchronize: report it too
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.max_memory_allocated()
+        else:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         start = time.perf_counter()
         step()
         first_ms = (time.perf_counter() - start) * 1e3
     except Exception as e:  # noqa: BLE001 - reported in the table
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+        return {"error": _describe(e)}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
@@ -218,7 +227,8 @@ def main(argv=None) -> None:
             try:
                 got = json.loads(out.stdout.strip().splitlines()[-1])
             except (IndexError, json.JSONDecodeError):
-                got = {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:80]}
+                lines = out.stderr.strip().splitlines()  # the exception's line, not CUDA's hint after it
+                got = {"error": ([line for line in lines if "Error" in line] or lines or ["no output"])[-1][:120]}
             for key, grads in zip(keys, grads_columns):
                 results[mode, key] = got.get(grads, got)
                 print(f"  {mode} [{key}]: {results[mode, key]}", file=sys.stderr, flush=True)

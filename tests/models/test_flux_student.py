@@ -497,9 +497,15 @@ def test_float16_model(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_pair_mode_on_cuda_matches_float64_stock_jvp(autocast, monkeypatch):
-    """The student on CUDA (Triton backend: attention, norms, rope, activations, residuals,
+    """The student on CUDA (Triton backend: attention, norms, rope, activations, residuals;
     cuBLAS linears) against torch.func.jvp of the stock model in float64 on the CPU, for u,
-    du/dt and the MeanFlow loss's gradients. float32 with TF32 off; bf16 autocast within 5 %."""
+    du/dt and every gradient of the MeanFlow loss (relative L2 error per tensor).
+
+    float32 (TF32 off): no worse than twice the error of the stock model itself run the same
+    way on CUDA in float32 (math SDPA), plus 1e-6 — a bias gradient summed over a few tokens
+    can cancel, so a fixed relative bound would test the data, not the kernels (on an H100 the
+    worst tensor read 2.1e-4 while u read 6e-7). bf16 autocast: within 5 %.
+    """
     monkeypatch.setenv("MEANFLOW_BACKEND", "auto")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -510,25 +516,34 @@ def test_pair_mode_on_cuda_matches_float64_stock_jvp(autocast, monkeypatch):
     expected = _grads(stock, _meanflow_loss(u64, u64_dot, v, r, t))
 
     cuda = torch.device("cuda")
-    student = _student(stock).to(cuda, torch.float32)
     to = lambda x: None if x is None else x.to(cuda, torch.float32)  # noqa: E731
     cond32 = FluxCondition(**{k: to(getattr(cond, k)) for k in
                               ("encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids",
                                "guidance")})
     z32, r32, t32, v32 = to(z), to(r), to(t), to(v)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        u, u_dot = student.forward_with_tangent(z32, r32, t32, cond32, v32, None, 1.0)
-        loss = _meanflow_loss(u.float(), u_dot.float(), v32, r32, t32)
-    actual = _grads(student, loss)
 
     def rel(a, b):
         return ((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm()).item()
 
-    tol = 5e-2 if autocast else 1e-4
-    errors = {"u": rel(u, u64), "u_dot": rel(u_dot, u64_dot)}
-    errors.update({name: rel(actual[f"transformer.{name}"], grad) for name, grad in expected.items()
-                   if grad.norm() > 0})
-    worst = max(errors, key=errors.get)
-    print(f"\nworst relative error ({'bf16 autocast' if autocast else 'float32'}): "
-          f"{worst} {errors[worst]:.2e}; u {errors['u']:.2e}, u_dot {errors['u_dot']:.2e}")
-    assert errors[worst] <= tol, errors
+    def errors(u, u_dot, grads, prefix):
+        out = {"u": rel(u, u64), "u_dot": rel(u_dot, u64_dot)}
+        out.update({name: rel(grads[prefix + name], grad) for name, grad in expected.items()
+                    if grad.norm() > 0})
+        return out
+
+    student = _student(stock).to(cuda, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        u, u_dot = student.forward_with_tangent(z32, r32, t32, cond32, v32, None, 1.0)
+        loss = _meanflow_loss(u.float(), u_dot.float(), v32, r32, t32)
+    ours = errors(u, u_dot, _grads(student, loss), "transformer.")
+    if autocast:
+        bound = {name: 5e-2 for name in ours}
+    else:
+        stock32 = copy.deepcopy(stock).to(cuda, torch.float32)
+        u_s, u_s_dot = _stock_jvp(stock32, z32, t32, cond32, v32, torch.ones_like(t32))
+        floor = errors(u_s, u_s_dot, _grads(stock32, _meanflow_loss(u_s, u_s_dot, v32, r32, t32)), "")
+        bound = {name: 2 * floor[name] + 1e-6 for name in ours}
+    worst = max(ours, key=lambda name: ours[name] / bound[name])
+    print(f"\n{'bf16 autocast' if autocast else 'float32'}: worst {worst} {ours[worst]:.2e} "
+          f"(bound {bound[worst]:.2e}); u {ours['u']:.2e}, u_dot {ours['u_dot']:.2e}")
+    assert all(ours[name] <= bound[name] for name in ours), {n: (ours[n], bound[n]) for n in ours}

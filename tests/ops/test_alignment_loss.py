@@ -36,7 +36,7 @@ def check_alignment(shape, dtype, *, scale=1.0, gap=0.3, equal=False, strided=Fa
     b = shape[0]
     x0_teacher = _rand(shape, dtype, scale)
     x_hat = x0_teacher.clone() if equal else _rand(shape, dtype, scale)
-    x0_fake = (x0_teacher.double() + gap * scale * torch.randn(*shape, dtype=torch.float64)).to(dtype)
+    x0_fake = (x0_teacher.double() + gap * scale * _rand(shape, torch.float64)).to(dtype)
     if strided:  # rows of a wider buffer: unit inner stride, row stride > N
         n = x_hat[0].numel()
         wide = _rand((b, n + 3), dtype)
