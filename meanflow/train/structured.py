@@ -33,9 +33,14 @@ class ConfigError(ValueError):
     """A configuration problem. ``key`` is the dotted key, ``problem`` the rest of the message.
 
     ``str(err) == f"{key}: {problem}"``, e.g. ``"optim.lr: expected a number > 0, got -1"``.
+    Built as ``ConfigError(key, problem)`` or ``ConfigError("key: problem")`` (one message that
+    starts with the key; its part before the first ``": "`` becomes ``key``).
     """
 
-    def __init__(self, key: str, problem: str):
+    def __init__(self, key: str, problem: str | None = None):
+        if problem is None:
+            key, sep, rest = str(key).partition(": ")
+            key, problem = (key, rest) if sep else ("<config>", key)
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}")

@@ -156,3 +156,11 @@ def test_every_field_is_documented():
             else:
                 assert f.name in cls.__doc__, f"{cls.__name__}.{f.name} undocumented"
     walk(TrainConfig)
+
+
+def test_config_error_forms():
+    a = ConfigError("run.out_dir", "already holds a run")
+    b = ConfigError("run.out_dir: already holds a run")
+    assert str(a) == str(b) == "run.out_dir: already holds a run" and a.key == b.key == "run.out_dir"
+    assert isinstance(a, ValueError) and b.problem == "already holds a run"
+    assert a.prefixed("x").key == "x.run.out_dir"
