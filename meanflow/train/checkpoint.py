@@ -324,5 +324,6 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
     try:
         rng = join_tensors(_read(folder / "rng.json"), rng_tensors)
     except KeyError as err:
-        raise ValueError(f"{folder / 'rng.json'}: names a tensor missing from rng.safetensors ({err})") from None
+        raise ValueError(f"{folder / 'rng.json'}: names a tensor missing from "
+                         f"rng.safetensors ({err})") from None
     return Checkpoint(folder, manifest, state, rng)

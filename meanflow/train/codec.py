@@ -104,7 +104,8 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def save_optimizer(optimizer_or_state: torch.optim.Optimizer | dict, path_stem: str | os.PathLike) -> list[Path]:
+def save_optimizer(optimizer_or_state: torch.optim.Optimizer | dict,
+                   path_stem: str | os.PathLike) -> list[Path]:
     """Writes an optimizer's state_dict as ``<stem>.safetensors`` (tensors) + ``<stem>.json``.
 
     Exact for torch.optim optimizers (AdamW's exp_avg / exp_avg_sq / step keep their dtypes and

@@ -90,7 +90,8 @@ class EMA:
             | {"num_updates"}
         if set(state) != expected:
             diff = sorted(set(state) ^ expected)
-            raise ValueError(f"state: keys differ from this EMA's: {diff[:5]}{' ...' if len(diff) > 5 else ''}")
+            more = " ..." if len(diff) > 5 else ""
+            raise ValueError(f"state: keys differ from this EMA's: {diff[:5]}{more}")
         for k, v in self.params.items():
             v.copy_(state[f"params.{k}"])
         for k, v in self.buffers.items():

@@ -93,8 +93,8 @@ class RunLogger:
         self.columns += [c for c in columns if c not in self.columns]
         self._file: TextIO | None = None
         self._rewrite(rows)
-        self.writer = _tensorboard_writer(self.out_dir / "tb", None if resume_step is None else resume_step + 1) \
-            if tensorboard else None
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = _tensorboard_writer(self.out_dir / "tb", purge) if tensorboard else None
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         """Atomically replaces the CSV with ``rows`` under the current columns; reopens for append."""
