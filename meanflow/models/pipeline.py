@@ -9,7 +9,8 @@ such as ``"black-forest-labs/FLUX.1-dev"`` or a local ``FluxPipeline`` folder), 
     pipe = MeanFlowFluxPipeline.from_pretrained("runs/flux-dev/student",
                                                 base="black-forest-labs/FLUX.1-dev",
                                                 torch_dtype=torch.bfloat16).to("cuda")
-    image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe("a photo of a cat", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
     pipe.save_pretrained("exported")          # student + meanflow_pipeline.json naming the base
     pipe = MeanFlowFluxPipeline.from_pretrained("exported")   # base read from the JSON
 
@@ -37,7 +38,8 @@ from torch import Tensor
 from meanflow.models.flux_student import FluxCondition, FluxStudent
 
 __all__ = ["MeanFlowFluxPipeline", "MeanFlowFluxPipelineOutput", "encode_flux_prompts", "pack_latents",
-           "unpack_latents", "latent_image_ids", "decode_packed", "check_resolution", "default_max_sequence_length", "dtype_kwargs"]
+           "unpack_latents", "latent_image_ids", "decode_packed", "check_resolution",
+           "default_max_sequence_length", "dtype_kwargs"]
 
 PIPELINE_CONFIG_NAME = "meanflow_pipeline.json"
 _FORMAT = "meanflow.MeanFlowFluxPipeline"
@@ -56,7 +58,8 @@ def _vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def check_resolution(height: Any, width: Any, vae_scale_factor: int, name: str = "resolution") -> tuple[int, int]:
+def check_resolution(height: Any, width: Any, vae_scale_factor: int,
+                     name: str = "resolution") -> tuple[int, int]:
     """(height, width) as ints, each a positive multiple of 2·``vae_scale_factor`` (the VAE's
     downsampling times FLUX's 2×2 packing); ValueError naming ``name`` otherwise."""
     multiple = 2 * vae_scale_factor
@@ -210,7 +213,7 @@ class MeanFlowFluxPipeline:
     """Few-step text-to-image sampling with a MeanFlow FLUX student (see the module docstring).
 
     Args:
-        student: the :class:`FluxStudent`.
+        student: the :class:`FluxStudent` (set to eval mode, gradients off).
         base_pipeline: a ``diffusers.FluxPipeline`` supplying tokenizers, text encoders and VAE
             (its transformer is not used and may be None).
         base: the base's model id or folder, recorded by :meth:`save_pretrained` (optional).
@@ -219,8 +222,8 @@ class MeanFlowFluxPipeline:
             if smaller).
     """
 
-    def __init__(self, student: FluxStudent, base_pipeline, base: str | None = None, revision: str | None = None,
-                 max_sequence_length: int | None = None):
+    def __init__(self, student: FluxStudent, base_pipeline, base: str | None = None,
+                 revision: str | None = None, max_sequence_length: int | None = None):
         if not isinstance(student, FluxStudent):
             raise ValueError(f"student: expected a FluxStudent, got {type(student).__name__}")
         for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
@@ -293,9 +296,11 @@ class MeanFlowFluxPipeline:
         try:
             base_pipeline = FluxPipeline.from_pretrained(base, transformer=None, revision=revision, **kwargs)
         except (OSError, ValueError) as err:
-            raise ValueError(f"base: cannot load a FluxPipeline from {base!r} ({type(err).__name__}: {err})") from err
+            raise ValueError(f"base: cannot load a FluxPipeline from {base!r} "
+                             f"({type(err).__name__}: {err})") from err
         student = FluxStudent.from_pretrained(student_dir, **dtype_kwargs(torch_dtype))
-        pipe = cls(student, base_pipeline, base=base, revision=revision, max_sequence_length=max_sequence_length)
+        pipe = cls(student, base_pipeline, base=base, revision=revision,
+                   max_sequence_length=max_sequence_length)
         return pipe if device is None else pipe.to(device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -376,17 +381,20 @@ class MeanFlowFluxPipeline:
         from meanflow.method.sampler import SamplerConfig, sample, time_grid
 
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        if not isinstance(prompts, (list, tuple)) or not prompts \
+                or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r:.80}")
         if type(num_inference_steps) is not int or num_inference_steps not in STEP_COUNTS:
-            raise ValueError(f"num_inference_steps: the student samples in {', '.join(map(str, STEP_COUNTS))} "
+            raise ValueError(f"num_inference_steps: the student samples in "
+                             f"{', '.join(map(str, STEP_COUNTS))} "
                              f"steps, got {num_inference_steps!r}")
         height, width = check_resolution(height, width, self.vae_scale_factor, "height, width")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: expected one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+            raise ValueError(f"output_type: expected one of {', '.join(map(repr, OUTPUT_TYPES))}, "
+                             f"got {output_type!r}")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale: expected a number, got {guidance_scale!r}")
 

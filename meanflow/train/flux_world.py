@@ -79,7 +79,8 @@ def find_captioned_images(image_dir: str | os.PathLike, name: str = "image_dir")
         try:
             text = caption.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"{name}: cannot read the caption {str(caption)!r} as UTF-8 text ({err})") from None
+            raise ValueError(f"{name}: cannot read the caption {str(caption)!r} as UTF-8 text "
+                             f"({err})") from None
         pairs.append((path, " ".join(text.split())))
     if not pairs:
         raise ValueError(f"{name}: {str(folder)!r} holds no captioned image (expected files "
@@ -110,7 +111,8 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> Tensor:
 
 def _to_uint8(images: Tensor) -> Tensor:
     """(N, C, H, W) float in [-1, 1] → (N, H, W, C) uint8."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    pixels = (images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class FluxWorld(World):
@@ -154,7 +156,8 @@ class FluxWorld(World):
         self.config = config
         self.device = torch.device(device)
         self.log = log
-        if isinstance(encode_batch_size, bool) or not isinstance(encode_batch_size, int) or encode_batch_size < 1:
+        if isinstance(encode_batch_size, bool) or not isinstance(encode_batch_size, int) \
+                or encode_batch_size < 1:
             raise ValueError(f"encode_batch_size: expected a positive int, got {encode_batch_size!r}")
         self.encode_batch_size = encode_batch_size
 
@@ -189,8 +192,9 @@ class FluxWorld(World):
         in_channels = pipeline.transformer.config.in_channels
         latent_channels = pipeline.vae.config.latent_channels
         if in_channels != 4 * latent_channels:
-            raise ValueError(f"pipeline: the transformer takes {in_channels} channels per token, but 2×2 "
-                             f"packing of the VAE's {latent_channels} latent channels gives {4 * latent_channels}")
+            raise ValueError(f"pipeline: the transformer takes {in_channels} channels per token, but "
+                             f"2×2 packing of the VAE's {latent_channels} latent channels gives "
+                             f"{4 * latent_channels}")
         s2 = 2 * self.vae_scale_factor
         self.latent_shape = ((self.height // s2) * (self.width // s2), in_channels)
         self.img_ids = latent_image_ids(self.height, self.width, self.vae_scale_factor, device=self.device)
@@ -273,8 +277,15 @@ class FluxWorld(World):
             raise ValueError(f"latents: expected (N, {self.latent_shape[0]}, {self.latent_shape[1]}), got "
                              f"{tuple(getattr(latents, 'shape', ()))}")
         if len(prompts) != latents.shape[0] or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts: expected {latents.shape[0]} strings (one per latent), got {len(prompts)}")
+            raise ValueError(f"prompts: expected {latents.shape[0]} strings (one per latent), "
+                             f"got {len(prompts)}")
         self._latents = (latents.detach().float().cpu(), list(prompts))
+
+    @property
+    def training_data(self) -> tuple[Tensor, list[str]] | None:
+        """(latents (N, N_img, C) float32 on the CPU, N prompts) the batches are drawn from, or
+        None before :meth:`use_latents` (``data.source: teacher``)."""
+        return self._latents
 
     def training_batch(self, batch: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
         """(x (B, N_img, C) float32 on the device, B prompts): rows drawn uniformly with
@@ -307,7 +318,8 @@ class FluxWorld(World):
             info = _read_info(path)
             for key in ("teacher", "resolution") + (("image_dir",) if image_dir is not None else ()):
                 if info.get(key) != expected[key]:
-                    raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of {key} {info.get(key)!r}, "
+                    raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of {key} "
+                                     f"{info.get(key)!r}, "
                                      f"this run wants {expected[key]!r}; delete it or choose another "
                                      "data.latents_cache")
             latents, prompts = load_latents(path)
@@ -317,8 +329,8 @@ class FluxWorld(World):
             self.log(f"training on {latents.shape[0]} cached dataset latents from {path}")
             return latents, prompts
         if image_dir is None:
-            raise ValueError(f"image_dir: data.source 'dataset' needs an image–caption folder; pass image_dir "
-                             f"or set ${IMAGE_DIR_ENV} (or use data.source teacher)")
+            raise ValueError(f"image_dir: data.source 'dataset' needs an image–caption folder; pass "
+                             f"image_dir or set ${IMAGE_DIR_ENV} (or use data.source teacher)")
         pairs = find_captioned_images(image_dir, name)
         self.log(f"encoding {len(pairs)} captioned images from {image_dir} at {self.height}×{self.width} "
                  f"into {path}")
@@ -339,7 +351,8 @@ class FluxWorld(World):
         dtype = next(vae.parameters()).dtype
         out = []
         for i in range(0, len(paths), self.encode_batch_size):
-            pixels = torch.stack([load_image(p, self.height, self.width) for p in paths[i:i + self.encode_batch_size]])
+            chunk = paths[i:i + self.encode_batch_size]
+            pixels = torch.stack([load_image(p, self.height, self.width) for p in chunk])
             z = vae.encode(pixels.to(device=self.device, dtype=dtype)).latent_dist.mean.float()
             out.append(pack_latents((z - shift) * scale).cpu())
         return torch.cat(out)

@@ -40,8 +40,8 @@ def _tokenizer(max_length: int):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
-                                   bos_token="[BOS]", model_max_length=max_length)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[EOS]", bos_token="[BOS]", model_max_length=max_length)
 
 
 def _tiny_pipeline() -> FluxPipeline:
@@ -49,15 +49,18 @@ def _tiny_pipeline() -> FluxPipeline:
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=C, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True)
+                                         attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=32, pooled_projection_dim=32,
+                                         axes_dims_rope=(4, 6, 6), guidance_embeds=True)
     clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=2, vocab_size=1000, projection_dim=32, bos_token_id=0,
-                                        pad_token_id=1, eos_token_id=2)).eval()
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000)).eval()
+                                        num_hidden_layers=2, vocab_size=1000, projection_dim=32,
+                                        bos_token_id=0, pad_token_id=1, eos_token_id=2)).eval()
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                                 vocab_size=1000)).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1)
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=0.5,
+                        shift_factor=0.1)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                         tokenizer=_tokenizer(77), text_encoder_2=t5, tokenizer_2=_tokenizer(T5_LEN),
                         transformer=transformer)
@@ -112,7 +115,7 @@ def prompt_file(tmp_path_factory):
 
 
 def _config(pipe_dir, prompt_file, tmp_path, *overrides):
-    return load_config("tiny", None, [f"model.kind=flux", f"model.teacher={pipe_dir}",
+    return load_config("tiny", None, ["model.kind=flux", f"model.teacher={pipe_dir}",
                                       f"data.prompts={prompt_file}", "data.source=teacher",
                                       f"run.out_dir={tmp_path / 'run'}", "run.eval_at_end=false",
                                       "method.guidance.mode=embedded", "method.guidance.scales=[3.5]",
@@ -121,7 +124,8 @@ def _config(pipe_dir, prompt_file, tmp_path, *overrides):
 
 @pytest.fixture
 def world(pipe, pipe_dir, prompt_file, tmp_path):
-    return FluxWorld(_config(pipe_dir, prompt_file, tmp_path), "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
+    return FluxWorld(_config(pipe_dir, prompt_file, tmp_path), "cpu", pipeline=pipe, resolution=RES,
+                     log=lambda *_: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     config = _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset",
                      f"data.latents_cache={tmp_path / 'cache'}")
     world = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=images, log=lambda *_: None)
-    latents, prompts = world._latents
+    latents, prompts = world.training_data
     assert latents.shape == (3, N_IMG, C) and latents.dtype == torch.float32
     assert prompts == captions
     assert (tmp_path / "cache" / DATASET_LATENTS_FILE).is_file()
@@ -232,7 +236,7 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     monkeypatch.setattr(pipe.vae, "encode", fail)
     monkeypatch.setenv("MEANFLOW_IMAGE_DIR", str(images))
     again = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
-    assert torch.equal(again._latents[0], latents) and again._latents[1] == captions
+    assert torch.equal(again.training_data[0], latents) and again.training_data[1] == captions
     with pytest.raises(ValueError, match="data.latents_cache"):   # the cache is of another folder
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=tmp_path, log=lambda *_: None)
 
