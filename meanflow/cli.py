@@ -1,7 +1,14 @@
 """The ``meanflow`` command.
 
-    meanflow            # = meanflow demo
-    meanflow demo       # jvp_attention under torch.func.jvp against math SDPA, on this machine
+    meanflow                    # = meanflow demo
+    meanflow demo               # jvp_attention under torch.func.jvp against math SDPA, on this machine
+    meanflow distill            # the digits preset: distill the shipped teacher, report in runs/digits
+    meanflow distill --preset flux-dev --set run.out_dir=runs/flux     # FLUX.1-dev on a GPU
+    meanflow distill --resume --out runs/digits                         # continue a run
+    meanflow sample --run runs/digits --prompt "a handwritten digit three" --steps 1 2 4
+    meanflow eval --run runs/digits --output runs/digits/eval-again
+    meanflow generate-data --num 2048 --output data/teacher_latents.safetensors
+    meanflow presets
 
 ``demo`` runs the MeanFlow pattern (output and tangent in one pass, then a backward through
 the output) at a small size on the backend ``MEANFLOW_BACKEND`` selects, checks it against
@@ -10,6 +17,7 @@ PyTorch's math SDPA in float64, and prints the errors and the time of both.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -74,18 +82,182 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _config_args(parser: argparse.ArgumentParser, default_preset: str | None = "digits") -> None:
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"named preset (default {default_preset}; `meanflow presets` lists them)")
+    parser.add_argument("--config", metavar="FILE", help="a YAML file over the preset")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one key, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--out", metavar="DIR", help="the run folder (= --set run.out_dir=DIR)")
+
+
+def _load(args) -> "TrainConfig":
+    from meanflow.train.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"run.out_dir={args.out}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def _run_config(run_dir: str) -> "TrainConfig":
+    """The resolved config a run folder recorded."""
+    from meanflow.train.config import ConfigError, load_config
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--run: {run_dir!r} has no config.yaml (not a meanflow distill run folder)")
+    return load_config(None, path, [])
+
+
+def cmd_distill(args) -> int:
+    from meanflow.train.distill import distill
+
+    return distill(_load(args), resume=args.resume)
+
+
+def cmd_presets(args) -> int:
+    from meanflow.train.config import list_presets
+
+    print("\n".join(list_presets()))
+    return 0
+
+
+def _world_and_student(args):
+    """(config, world, student) from --run (a run folder) or --student + the config options."""
+    from meanflow.models.flux_student import FluxStudent
+    from meanflow.train.world import make_world
+
+    if args.run:
+        config = _run_config(args.run)
+        student_dir = args.student or os.path.join(args.run, "student")
+    else:
+        config = _load(args)
+        student_dir = args.student
+    world = make_world(config)
+    student = None
+    if student_dir:
+        if not os.path.isdir(student_dir):
+            raise ValueError(f"--student: no such folder {student_dir!r}")
+        student = FluxStudent.from_pretrained(student_dir).to(world.device).eval()
+    return config, world, student
+
+
+def cmd_sample(args) -> int:
+    from meanflow.train.loop import sample_student
+    from meanflow.train.world import read_prompt_file
+
+    config, world, student = _world_and_student(args)
+    if student is None:
+        raise ValueError("--student: give a student folder (or --run with a finished run)")
+    prompts = list(args.prompt) + (read_prompt_file(args.prompts) if args.prompts else [])
+    if not prompts:
+        prompts = world.eval_prompts()
+    os.makedirs(args.output, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    for steps in args.steps:
+        images = []
+        for index, text in enumerate(prompts):
+            noise = torch.randn((args.num, *world.latent_shape), generator=generator)
+            images.append(world.decode(sample_student(student, world, [text] * args.num, steps, noise,
+                                                      config.sample.shift)))
+        path = os.path.join(args.output, f"samples-{steps}step.png")
+        world.save_grid(torch.cat(images), path, nrow=args.num)
+        print(f"{path}: {len(prompts)} prompts (one per row) x {args.num}, {steps} step(s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from meanflow.eval.evaluate import evaluate, json_ready, markdown_table
+
+    config, world, student = _world_and_student(args)
+    if args.teacher_steps is not None:
+        config.eval.teacher_steps = tuple(args.teacher_steps)
+    if args.student_steps is not None:
+        config.eval.student_steps = tuple(args.student_steps)
+    if student is None:
+        config.eval.student_steps = ()
+    result = evaluate(world, student, config)
+    table = markdown_table(result)
+    print(table)
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "eval.json"), "w") as f:
+            json.dump(json_ready(result), f, indent=2)
+        with open(os.path.join(args.output, "eval.md"), "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def cmd_generate_data(args) -> int:
+    from meanflow.train.data import save_latents, teacher_latents
+    from meanflow.train.world import make_world, read_prompt_file
+
+    config = _load(args)
+    world = make_world(config)
+    prompts = read_prompt_file(args.prompts) if args.prompts else world.train_prompts()
+    steps = args.steps or max(config.eval.teacher_steps)
+    latents, chosen = teacher_latents(world, prompts, args.num, steps, config.method.guidance,
+                                      shift=config.sample.shift, seed=args.seed, batch_size=config.eval.batch_size)
+    path = save_latents(args.output, latents, chosen, {"steps": steps, "guidance": config.method.guidance.mode})
+    print(f"{path}: {latents.shape[0]} latents {tuple(latents.shape[1:])} ({steps} teacher steps); train on "
+          f"them with --set data.source=teacher --set data.latents_cache={os.path.dirname(os.path.abspath(path))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meanflow", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
     demo_parser = commands.add_parser("demo", help="jvp_attention under torch.func.jvp vs math SDPA")
     for name, default in (("batch", 1), ("heads", 4), ("tokens", 1024), ("head-dim", 64), ("seed", 0)):
         demo_parser.add_argument(f"--{name}", type=int, default=default)
+    demo_parser.set_defaults(func=demo)
+
+    p = commands.add_parser("distill", help="distill a teacher into a few-step student (default preset: digits)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    p.set_defaults(func=cmd_distill)
+
+    p = commands.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=cmd_presets)
+
+    for name, helptext in (("sample", "PNG samples of a student with K = 1, 2 or 4 steps"),
+                           ("eval", "few-step metrics of a student and its teacher (JSON and markdown)")):
+        p = commands.add_parser(name, help=helptext)
+        _config_args(p)
+        p.add_argument("--run", metavar="DIR", help="a finished run folder: its config and student/")
+        p.add_argument("--student", metavar="DIR", help="a student folder (FluxStudent.save_pretrained)")
+        if name == "sample":
+            p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+            p.add_argument("--prompts", metavar="FILE", help="a prompt file, one per line")
+            p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], choices=(1, 2, 4))
+            p.add_argument("--num", type=int, default=8, help="images per prompt")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--output", default="samples", metavar="DIR")
+            p.set_defaults(func=cmd_sample)
+        else:
+            p.add_argument("--teacher-steps", type=int, nargs="*")
+            p.add_argument("--student-steps", type=int, nargs="*")
+            p.add_argument("--output", metavar="DIR", help="write eval.json and eval.md there")
+            p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("generate-data", help="teacher latents from prompts, cached for data.source=teacher")
+    _config_args(p)
+    p.add_argument("--prompts", metavar="FILE", help="prompt file (default: the world's training prompts)")
+    p.add_argument("--num", type=int, default=2048)
+    p.add_argument("--steps", type=int, help="teacher Euler steps (default: the largest eval.teacher_steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_generate_data)
+
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
     try:
-        return demo(args)
-    except ValueError as error:
+        return args.func(args)
+    except ValueError as error:  # ConfigError included: a clear message, nothing touched
         print(f"meanflow: error: {error}", file=sys.stderr)
         return 2
 

@@ -818,3 +818,23 @@ class FluxTeacher(nn.Module):
 
     def forward(self, z: Tensor, t, cond: FluxCondition) -> Tensor:
         return self.velocity(z, t, cond)
+
+
+class FluxVelocity(nn.Module):
+    """A trainable velocity v_φ(z, t, c) on a FLUX transformer: the fake velocity network of
+    trajectory alignment (DESIGN §2), started as a copy of the teacher. Same top-level forward
+    and float32 time path as :class:`FluxTeacher`, with gradients.
+
+    Args:
+        transformer: a ``FluxTransformer2DModel`` (owned; copy the teacher's first).
+    """
+
+    def __init__(self, transformer):
+        super().__init__()
+        _check_transformer(transformer)
+        self.transformer = transformer
+        self.gradient_checkpointing = False
+
+    def forward(self, z: Tensor, t, cond: FluxCondition) -> Tensor:
+        """v_φ(z, t, c): (B, N_img, C) for z (B, N_img, C) and t (B,) (or 0-d / float)."""
+        return _plain_forward(self.transformer, None, z, None, t, cond, self.gradient_checkpointing)

@@ -15,10 +15,8 @@
   resolution, encoded once through the VAE (the posterior mean) and cached in
   ``dataset_latents.safetensors`` (in ``data.latents_cache``, else the run folder).
 
-Settings the configuration does not carry yet are resolved in this order: the constructor
-argument, the config field (``model.resolution``, ``data.images``, once they exist), the
-environment (``MEANFLOW_RESOLUTION``: ``1024`` or ``768x1344`` as height×width;
-``MEANFLOW_IMAGE_DIR``), the default (1024; no image folder).
+The resolution and the image folder come from the config (``model.resolution``,
+``data.images``) unless the constructor is given them.
 """
 from __future__ import annotations
 
@@ -36,12 +34,12 @@ from meanflow.models.pipeline import (_vae_scale_factor, check_resolution, decod
                                       latent_image_ids, pack_latents)
 from meanflow.train.world import World, read_prompt_file
 
+BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "presets", "flux_prompts.txt")
+
 __all__ = ["FluxWorld", "IMAGE_EXTENSIONS", "DATASET_LATENTS_FILE", "find_captioned_images", "load_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 DATASET_LATENTS_FILE = "dataset_latents.safetensors"
-RESOLUTION_ENV = "MEANFLOW_RESOLUTION"
-IMAGE_DIR_ENV = "MEANFLOW_IMAGE_DIR"
 EVAL_PROMPTS = 8
 
 
@@ -127,9 +125,9 @@ class FluxWorld(World):
             (its dtype is kept).
         resolution: the training / sampling image size: an int (square) or (height, width) in
             pixels, multiples of 2 × the VAE scale factor (16 for FLUX). Default:
-            ``model.resolution`` if the config has it, else ``$MEANFLOW_RESOLUTION``, else 1024.
+            ``model.resolution``.
         image_dir: the image–caption folder for ``data.source: dataset``. Default:
-            ``data.images`` if the config has it, else ``$MEANFLOW_IMAGE_DIR``.
+            ``data.images``.
         max_sequence_length: T5 tokens per prompt (default 512, or the T5 tokenizer's maximum if
             smaller).
         encode_batch_size: images per VAE call when encoding the dataset / decoding (default 4).
@@ -148,7 +146,6 @@ class FluxWorld(World):
     """
 
     name = "flux"
-    default_resolution: int = 1024
 
     def __init__(self, config, device: str | torch.device = "cpu", pipeline=None, resolution=None,
                  image_dir: str | os.PathLike | None = None, max_sequence_length: int | None = None,
@@ -162,10 +159,9 @@ class FluxWorld(World):
         self.encode_batch_size = encode_batch_size
 
         # Prompts first: cheap to check, before loading gigabytes.
-        if config.data.prompts == "builtin":
-            raise ValueError("data.prompts: the flux world has no builtin prompts; give a prompt file "
-                             "(one prompt per line)")
-        self._prompts = read_prompt_file(config.data.prompts)
+        # "builtin": the prompt list shipped beside the presets (meanflow/train/presets/flux_prompts.txt).
+        prompts = BUILTIN_PROMPTS if config.data.prompts == "builtin" else config.data.prompts
+        self._prompts = read_prompt_file(prompts)
 
         if pipeline is None:
             pipeline = self._load_pipeline(config)
@@ -180,12 +176,8 @@ class FluxWorld(World):
 
         self.vae_scale_factor = _vae_scale_factor(pipeline.vae)
         name = "resolution"
-        if resolution is None and getattr(config.model, "resolution", None) is not None:
-            resolution, name = config.model.resolution, "model.resolution"
-        if resolution is None and os.environ.get(RESOLUTION_ENV):
-            resolution, name = os.environ[RESOLUTION_ENV], f"${RESOLUTION_ENV}"
         if resolution is None:
-            resolution = self.default_resolution
+            resolution, name = config.model.resolution, "model.resolution"
         height, width = _parse_resolution(resolution, name)
         self.height, self.width = check_resolution(height, width, self.vae_scale_factor, name)
 
@@ -221,10 +213,8 @@ class FluxWorld(World):
         self._latents: tuple[Tensor, list[str]] | None = None
         if self.source == "dataset":
             name = "image_dir"
-            if image_dir is None and getattr(config.data, "images", None) is not None:
+            if image_dir is None:
                 image_dir, name = config.data.images, "data.images"
-            if image_dir is None and os.environ.get(IMAGE_DIR_ENV):
-                image_dir, name = os.environ[IMAGE_DIR_ENV], f"${IMAGE_DIR_ENV}"
             self._latents = self._dataset_latents(image_dir, name)
 
     # -- loading -------------------------------------------------------------------------------
@@ -330,7 +320,7 @@ class FluxWorld(World):
             return latents, prompts
         if image_dir is None:
             raise ValueError(f"image_dir: data.source 'dataset' needs an image–caption folder; pass "
-                             f"image_dir or set ${IMAGE_DIR_ENV} (or use data.source teacher)")
+                             f"image_dir or set data.images (or use data.source teacher)")
         pairs = find_captioned_images(image_dir, name)
         self.log(f"encoding {len(pairs)} captioned images from {image_dir} at {self.height}×{self.width} "
                  f"into {path}")

@@ -89,8 +89,6 @@ def _quiet_and_single_threaded():
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")   # no Triton interpreter on the CPU
-    monkeypatch.delenv("MEANFLOW_RESOLUTION", raising=False)
-    monkeypatch.delenv("MEANFLOW_IMAGE_DIR", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +158,17 @@ def test_construction_errors(pipe, pipe_dir, prompt_file, tmp_path, monkeypatch)
     config = _config(pipe_dir, prompt_file, tmp_path)
     with pytest.raises(ValueError, match="resolution"):
         FluxWorld(config, "cpu", pipeline=pipe, resolution=30)
-    monkeypatch.setenv("MEANFLOW_RESOLUTION", "24x18")
-    with pytest.raises(ValueError, match="MEANFLOW_RESOLUTION"):
+    config.model.resolution = 30  # not a multiple of 2 × the tiny VAE scale factor
+    with pytest.raises(ValueError, match="model.resolution"):
         FluxWorld(config, "cpu", pipeline=pipe)
-    monkeypatch.setenv("MEANFLOW_RESOLUTION", "16x32")   # height × width
-    assert FluxWorld(config, "cpu", pipeline=pipe).latent_shape == (4 * 8, C)
+    assert FluxWorld(config, "cpu", pipeline=pipe, resolution=(16, 32)).latent_shape == (4 * 8, C)  # height × width
     with pytest.raises(ValueError, match="default_guidance"):
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, default_guidance="high")
     config.model.teacher = str(tmp_path / "no-such-pipeline")
     with pytest.raises(ValueError, match="model.teacher"):
         FluxWorld(config, "cpu", resolution=RES)
-    config.data.prompts = "builtin"
-    with pytest.raises(ValueError, match="data.prompts"):
-        FluxWorld(config, "cpu", pipeline=pipe, resolution=RES)
+    config.data.prompts = "builtin"   # the prompt list shipped with the presets
+    assert len(FluxWorld(config, "cpu", pipeline=pipe, resolution=RES).train_prompts()) >= 20
 
 
 def test_teacher_latents_and_training_batch(world):
@@ -212,7 +208,7 @@ def _write_images(folder):
 def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, monkeypatch):
     images = tmp_path / "images"
     captions = _write_images(images)
-    config = _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset",
+    config = _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset", f"data.images={images}",
                      f"data.latents_cache={tmp_path / 'cache'}")
     world = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=images, log=lambda *_: None)
     latents, prompts = world.training_data
@@ -229,12 +225,12 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     x, batch_prompts = world.training_batch(2, torch.Generator().manual_seed(0))
     assert x.shape == (2, N_IMG, C) and set(batch_prompts) <= set(captions)
 
-    # A second construction reads the cache: the VAE encoder must not run (folder from the env).
+    # A second construction reads the cache: the VAE encoder must not run (folder from the config).
     def fail(*args, **kwargs):
         raise AssertionError("the VAE encoded again despite the cache")
 
     monkeypatch.setattr(pipe.vae, "encode", fail)
-    monkeypatch.setenv("MEANFLOW_IMAGE_DIR", str(images))
+    config.data.images = str(images)
     again = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
     assert torch.equal(again.training_data[0], latents) and again.training_data[1] == captions
     with pytest.raises(ValueError, match="data.latents_cache"):   # the cache is of another folder
@@ -242,7 +238,10 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
 
 
 def test_dataset_errors(pipe, pipe_dir, prompt_file, tmp_path):
-    config = _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset")
+    with pytest.raises(ValueError, match="data.images"):  # the config refuses a dataset run without images
+        _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset")
+    config = _config(pipe_dir, prompt_file, tmp_path)
+    config.data.source = "dataset"  # past the config's check: the world's own
     with pytest.raises(ValueError, match="image_dir"):
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES)
     with pytest.raises(ValueError, match="image_dir.*no such folder"):
@@ -341,8 +340,7 @@ def test_meanflow_pipeline_end_to_end(pipe, pipe_dir, tmp_path):
 def test_distill_through_the_flux_world(pipe_dir, prompt_file, tmp_path, monkeypatch):
     from meanflow.train.distill import distill
 
-    monkeypatch.setenv("MEANFLOW_RESOLUTION", "16")   # until model.resolution exists
-    config = _config(pipe_dir, prompt_file, tmp_path, "data.num_teacher_latents=4", "eval.teacher_steps=[2]",
+    config = _config(pipe_dir, prompt_file, tmp_path, "model.resolution=16", "data.num_teacher_latents=4", "eval.teacher_steps=[2]",
                      "data.batch_size=2", "sample.per_prompt=1")
     assert distill(config, log=lambda *_: None) == 0
     run = tmp_path / "run"

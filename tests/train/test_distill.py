@@ -1,0 +1,174 @@
+"""``meanflow distill | sample | eval | generate-data`` end to end on the tiny preset (the
+shipped digits teacher, a few steps), resume exactness, Ctrl-C, the non-finite guard, and the
+errors that must leave everything untouched."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from meanflow.cli import main  # noqa: E402
+from meanflow.train import loop as loop_module  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _distill(out, *overrides, resume=False):
+    args = ["distill", "--preset", "tiny", "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    return main(args + (["--resume"] if resume else []))
+
+
+def _rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _student_weights(run):
+    return load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_distill_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    assert _distill(run) == 0
+    for name in ("config.yaml", "metrics.csv", "eval.json", "report.md", "loss.png", "eval-teacher.png",
+                 "eval-student.png", "samples/final.png", "samples/step-000002.png", "student/meanflow_student.json",
+                 "checkpoints/latest"):
+        assert (run / name).exists(), name
+    rows = _rows(run)
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert {r["phase"] for r in rows} == {"A", "B", "C"}  # every phase of the schedule ran
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite
+    report = (run / "report.md").read_text()
+    assert "| teacher | 1 |" in report and "| student | 2 |" in report
+
+
+def test_resume_is_bit_exact(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _distill(whole, "run.eval_at_end=false") == 0
+    assert _distill(split, "run.eval_at_end=false", "run.max_steps=2") == 0
+    assert _distill(split, "run.eval_at_end=false", resume=True) == 0
+    a, b = _rows(whole), _rows(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "meanflow", "align", "fake", "grad_norm"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa, wb = _student_weights(whole), _student_weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false", "run.max_steps=2") == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert _distill(run, "run.eval_at_end=false") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert _distill(tmp_path / "empty", resume=True) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_step = loop_module.Distiller.step
+
+    def interrupted(self):
+        if self.step_index == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(loop_module.Distiller, "step", interrupted)
+    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
+    monkeypatch.setattr(loop_module.Distiller, "step", real_step)
+    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real = loop_module.GuidedTeacher.__call__
+
+    def poisoned(self, z, t, cond, **kw):
+        v = real(self, z, t, cond, **kw)
+        return v * float("nan") if poisoned.on else v
+
+    poisoned.on = False
+    monkeypatch.setattr(loop_module.GuidedTeacher, "__call__", poisoned)
+    real_step = loop_module.Distiller.step
+
+    def step(self):
+        poisoned.on = self.step_index >= 2  # two good steps, then NaN targets
+        return real_step(self)
+
+    monkeypatch.setattr(loop_module.Distiller, "step", step)
+    assert _distill(run, "run.eval_at_end=false", "run.max_steps=10", "run.checkpoint_every=2") == 1
+    err = capsys.readouterr().out
+    assert "2 steps in a row" in err and "non-finite" in err
+    rows = _rows(run)
+    assert [int(r["skipped"]) for r in rows] == [0, 0, 1, 1]
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("2")  # the last good one
+
+
+def test_sample_and_eval_on_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false") == 0
+    out = tmp_path / "samples"
+    assert main(["sample", "--run", str(run), "--prompt", "a handwritten digit three", "--steps", "1", "2",
+                 "--num", "2", "--output", str(out)]) == 0
+    assert (out / "samples-1step.png").is_file() and (out / "samples-2step.png").is_file()
+    assert main(["eval", "--run", str(run), "--teacher-steps", "1", "--student-steps", "1",
+                 "--output", str(tmp_path / "ev")]) == 0
+    table = (tmp_path / "ev" / "eval.md").read_text()
+    assert "| teacher | 1 |" in table and "| student | 1 |" in table
+
+
+def test_generate_data_then_train_on_teacher_latents(tmp_path):
+    data = tmp_path / "data"
+    path = data / "teacher_latents.safetensors"
+    assert main(["generate-data", "--preset", "tiny", "--num", "6", "--steps", "2", "--output", str(path)]) == 0
+    latents = load_file(str(path))["latents"]
+    assert latents.shape == (6, 16, 4) and torch.isfinite(latents).all()
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false", "data.source=teacher", f"data.latents_cache={data}") == 0
+    assert len(_rows(run)) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lr=-1"], "optim.lr"),
+    (["--set", "optim.lrr=1"], "optim.lrr"),
+    (["--config", "/nonexistent.yaml"], "nonexistent.yaml"),
+    (["--preset", "nope"], "nope"),
+    (["--set", "data.prompts=/nonexistent/prompts.txt"], "prompts"),
+])
+def test_bad_config_is_a_clear_error_and_touches_nothing(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(run), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_bad_prompt_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n\n")
+    run = tmp_path / "run"
+    assert _distill(run, f"data.prompts={prompts}") == 2
+    assert "holds no prompt" in capsys.readouterr().err and not run.exists()
+    prompts.write_text("a photo of a cat\n")
+    assert _distill(run, f"data.prompts={prompts}") == 2
+    assert "name a digit" in capsys.readouterr().err and not run.exists()
+    os.remove(prompts)
