@@ -24,7 +24,7 @@ def _read_metrics(path: Path) -> dict[str, list[float]]:
 
 
 def plot_losses(metrics_csv: Path, out: Path) -> Path | None:
-    """loss.png: the MeanFlow loss, the alignment loss and the fake network's loss over steps,
+    """loss.png: the MeanFlow squared error (log scale), the alignment loss and the fake network's loss over steps,
     with the phase boundaries of the warm-up schedule. None if matplotlib is missing."""
     try:
         import matplotlib
@@ -36,11 +36,13 @@ def plot_losses(metrics_csv: Path, out: Path) -> Path | None:
     if not cols.get("step"):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in zip(axes, ("meanflow", "align", "fake"),
-                              ("MeanFlow loss (adaptive weighted)", "alignment loss", "fake network FM loss")):
+    for ax, key, title in zip(axes, ("mse", "align", "fake"),
+                              ("MeanFlow squared error per element", "alignment loss", "fake network FM loss")):
         pts = [(s, v) for s, v in zip(cols["step"], cols.get(key, [])) if isinstance(v, float) and math.isfinite(v)]
         if pts:
             ax.plot(*zip(*pts), lw=1)
+            if key == "mse" and min(v for _, v in pts) > 0:
+                ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         phases = cols.get("phase", [])

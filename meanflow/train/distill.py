@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from meanflow.train.config import ConfigError, TrainConfig, save_yaml
+from meanflow.train.config import ConfigError, TrainConfig, load_config, save_yaml, to_dict
 from meanflow.train.logger import Progress, RunLogger
 from meanflow.train.loop import Distiller, NonFiniteLossError, sample_student
 
 CHECKPOINTS = "checkpoints"
 GRID_SEED = 4321
-LOG_COLUMNS = ("phase", "loss", "meanflow", "align", "fake", "grad_norm", "lr", "skipped", "nonfinite_total")
+LOG_COLUMNS = ("phase", "loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr", "skipped", "nonfinite_total")
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -42,6 +42,32 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
                           "or choose another run.out_dir")
 
 
+# What a resumed run may change (how long, how often, what is reported); the rest must match.
+RESUMABLE_CHANGES = ("run", "sample", "eval")
+
+
+def _check_same_run(config: TrainConfig, out_dir: Path) -> None:
+    """On resume: the recorded config.yaml and ``config`` must agree outside RESUMABLE_CHANGES."""
+    path = out_dir / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = to_dict(load_config(None, path, []))
+    current = to_dict(config)
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    old, new = dict(flat(recorded)), dict(flat(current))
+    changed = [k for k in new if k.split(".")[0] not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if changed:
+        raise ConfigError(f"{changed[0]}: --resume with a different setting than the run recorded in {path} "
+                          f"({old.get(changed[0])!r} there, {new[changed[0]]!r} now; all differing: {changed})")
+
+
 class Run:
     """One ``meanflow distill`` run; see the module docstring. ``log`` prints status lines."""
 
@@ -49,6 +75,8 @@ class Run:
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         _check_out_dir(self.out_dir, resume)
+        if resume:
+            _check_same_run(config, self.out_dir)
         self.resume = resume
         self.log = log
         if config.run.threads > 0:
@@ -110,7 +138,7 @@ class Run:
                 result = d.step()
                 done = result.step + 1
                 if result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped:
-                    logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow,
+                    logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow, mse=result.mse,
                                align=result.align, fake=result.fake, grad_norm=result.grad_norm, lr=result.lr,
                                skipped=int(result.skipped), nonfinite_total=d.nonfinite_total)
                 progress.update(done, loss=result.loss, phase=result.phase)

@@ -46,12 +46,15 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
-    """What one :meth:`Distiller.step` did (floats for logging; NaN where not applicable)."""
+    """What one :meth:`Distiller.step` did (floats for logging; NaN where not applicable):
+    ``loss`` the total, ``meanflow`` the adaptive-weighted MeanFlow loss (≈ 1 while the squared
+    error is far above its offset c), ``mse`` its unweighted mean squared error per element."""
 
     step: int
     phase: str
     loss: float
     meanflow: float
+    mse: float
     align: float
     fake: float
     grad_norm: float
@@ -162,7 +165,7 @@ class Distiller:
                 else:  # per-sample mixing in phase B
                     rows = objective.mask(batch, generator=self.generator).to(self.device)
                     target = torch.where(rows[:, None, None], target, discrete)
-            meanflow, _ = adaptive_weighted_loss(u.float(), target.float(), p=m.loss.power, c=m.loss.c)
+            meanflow, per_sample = adaptive_weighted_loss(u.float(), target.float(), p=m.loss.power, c=m.loss.c)
             total = meanflow
             alignment = None
             if objective.alignment and self.fake is not None:
@@ -206,7 +209,7 @@ class Distiller:
             self.schedule.observe(step, float(meanflow.detach()))
         self.step_index += 1
         return StepResult(step=step, phase=objective.phase, loss=float(total.detach()),
-                          meanflow=float(meanflow.detach()),
+                          meanflow=float(meanflow.detach()), mse=float(per_sample.mean()) / u[0].numel(),
                           align=float("nan") if alignment is None else float(alignment.loss.detach()),
                           fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)
 

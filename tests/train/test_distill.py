@@ -65,7 +65,7 @@ def test_resume_is_bit_exact(tmp_path):
     a, b = _rows(whole), _rows(split)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("loss", "meanflow", "align", "fake", "grad_norm"):
+        for key in ("loss", "meanflow", "mse", "align", "fake", "grad_norm"):
             assert ra[key] == rb[key], (ra["step"], key)
     wa, wb = _student_weights(whole), _student_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -80,6 +80,9 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     assert _distill(tmp_path / "empty", resume=True) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    assert _distill(run, "run.eval_at_end=false", "optim.lr=1e-3", resume=True) == 2  # not the same run
+    assert "optim.lr: --resume with a different setting" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
@@ -172,3 +175,15 @@ def test_bad_prompt_file(tmp_path, capsys):
     assert _distill(run, f"data.prompts={prompts}") == 2
     assert "name a digit" in capsys.readouterr().err and not run.exists()
     os.remove(prompts)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false", "run.max_steps=2") == 0
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    weights = latest / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as a full disk would leave it
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
+    assert _distill(run, "run.eval_at_end=false", resume=True) == 2
+    assert "student.safetensors" in capsys.readouterr().err
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before
