@@ -80,14 +80,18 @@ def write_report(out_dir: Path, config, result: dict, world) -> Path:
              f"{len(prompts)} prompts × {result['samples_per_prompt']} samples, the same noise for every row. "
              "Fréchet distance and accuracy use the digits classifier's features; the reference set is "
              "the held-out test split.", "", markdown_table(result), ""]
+    def verdict(ours: float, theirs: float, lower_is_better: bool) -> str:
+        if ours == theirs:
+            return "equal"
+        return "better" if (ours < theirs) == lower_is_better else "worse"
+
     verdicts = []
     for k in sorted({r["steps"] for r in result["rows"] if r["model"] == "student"}):
         s, t = rows.get(("student", k)), rows.get(("teacher", k))
         if s and t:
-            better_fd, better_acc = s["fd"] < t["fd"], s["accuracy"] > t["accuracy"]
             verdicts.append(f"- {k} step{'s' if k > 1 else ''}: student FD {s['fd']:.3f} vs teacher {t['fd']:.3f} "
-                            f"({'better' if better_fd else 'not better'}), accuracy {s['accuracy']:.3f} vs "
-                            f"{t['accuracy']:.3f} ({'better' if better_acc else 'not better'}).")
+                            f"({verdict(s['fd'], t['fd'], True)}), accuracy {s['accuracy']:.3f} vs "
+                            f"{t['accuracy']:.3f} ({verdict(s['accuracy'], t['accuracy'], False)}).")
     if verdicts:
         lines += ["At the same step budget:", *verdicts, ""]
     if loss_png:
