@@ -27,8 +27,9 @@ def test_presets_load_and_round_trip(name):
 
 def test_preset_values():
     digits = load_config("digits", None, [])
-    assert digits.method.guidance.mode == "cfg" and digits.method.guidance.scales == (2.0,)
-    assert digits.run.device == "cpu" and digits.data.batch_size == 64
+    assert digits.method.guidance.mode == "cfg" and digits.method.guidance.scales == (1.5,)
+    assert digits.run.device == "cpu" and digits.data.batch_size == 32
+    assert digits.method.alignment.steps == 1 and digits.method.alignment.weight == 0.01
     tiny = load_config("tiny", None, [])
     assert tiny.run.max_steps == 4 and tiny.data.batch_size == 4
     assert tiny.eval.samples_per_prompt == 2 and tiny.eval.teacher_steps == (1, 2)
