@@ -8,6 +8,7 @@
     meanflow sample --run runs/digits --prompt "a handwritten digit three" --steps 1 2 4
     meanflow eval --run runs/digits --output runs/digits/eval-again
     meanflow generate-data --num 2048 --output data/teacher_latents.safetensors
+    meanflow plan --preset flux-dev --gpus 8   # estimated per-GPU memory (exit 1 if it does not fit)
     meanflow presets
 
 ``demo`` runs the MeanFlow pattern (output and tangent in one pass, then a backward through
@@ -116,6 +117,14 @@ def cmd_distill(args) -> int:
     return distill(_load(args), resume=args.resume)
 
 
+def cmd_plan(args) -> int:
+    from meanflow.train.plan import format_plan, plan_memory
+
+    plan = plan_memory(_load(args), args.gpus)
+    print(format_plan(plan, args.gpu_memory))
+    return 0 if plan.fits(args.gpu_memory) else 1
+
+
 def cmd_presets(args) -> int:
     from meanflow.train.config import list_presets
 
@@ -219,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     p.set_defaults(func=cmd_distill)
+
+    p = commands.add_parser("plan", help="estimated per-GPU memory of a run sharded over N GPUs (FSDP2)")
+    _config_args(p)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
+    p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)

@@ -144,3 +144,14 @@ def test_flux_dev_plan_on_meta():
     assert plan.fits(80) and not plans[1].fits(80)
     for g, p in plans.items():
         print(f"\n{format_plan(p)}\n")
+
+
+def test_cli(capsys):
+    from meanflow.cli import main
+
+    assert main(["plan", "--preset", "tiny", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 GPUs" in out and "**total**" in out and "fits in 80 GiB" in out
+    assert main(["plan", "--preset", "tiny", "--gpu-memory", "1e-6"]) == 1  # does not fit: exit 1
+    assert main(["plan", "--preset", "tiny", "--gpus", "0"]) == 2
+    assert "gpus:" in capsys.readouterr().err
