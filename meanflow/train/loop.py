@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -100,6 +99,7 @@ class Distiller:
             self.fake = FluxVelocity(copy.deepcopy(teacher.transformer)).to(self.device, torch.float32)
             self.fake.requires_grad_(True).train()
             self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=tuple(o.betas))
+        self._uncond_cache: dict = {}
         self.step_index = 0           # the next step to run
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -118,8 +118,15 @@ class Distiller:
         cond, scales = self.guided.prepare(cond, batch, generator=self.generator)
         if scales is not None:
             scales = scales.to(self.device)
-        uncond = self.world.condition([""] * batch) if self.guided.config.mode == "cfg" else None
+        uncond = self._uncond(batch) if self.guided.config.mode == "cfg" else None
         return cond, uncond, scales
+
+    def _uncond(self, batch: int):
+        """The conditioning of B empty prompts, encoded once per batch size (the text encoder is
+        frozen, so it never changes)."""
+        if batch not in self._uncond_cache:
+            self._uncond_cache[batch] = self.world.condition([""] * batch)
+        return self._uncond_cache[batch]
 
     def _lr(self, step: int) -> float:
         o = self.config.optim
@@ -224,12 +231,6 @@ class Distiller:
                 "the teacher and the data, or use run.dtype float32.")
 
     # -- sampling ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_student(self, prompts: Sequence[str], steps: int, noise: Tensor, use_ema: bool = True) -> Tensor:
-        """K-step samples (B, N_img, C) float32 for ``prompts`` from ``noise`` (B, N_img, C)."""
-        model = self.ema_student() if use_ema else self.student
-        return sample_student(model, self.world, prompts, steps, noise, self.config.sample.shift)
-
     def ema_student(self) -> FluxStudent:
         """A copy of the student holding the EMA weights (eval mode)."""
         model = copy.deepcopy(self.student)
@@ -278,10 +279,3 @@ def sample_teacher(world: World, prompts: Sequence[str], steps: int, noise: Tens
     grid = time_grid(SamplerConfig(steps=steps, shift=shift), image_seq_len=world.latent_shape[0])
     return sample(lambda z, r, t, c: guided(z, t, c, uncond=uncond, scale=scale).float(),
                   noise.to(world.device).float(), grid, cond)
-
-
-def timed(fn):
-    """(result, seconds) of fn()."""
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
