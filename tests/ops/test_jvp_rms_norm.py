@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_rms_norm, jvp_rms_norm_pair
-from meanflow.testing import assert_close_to_oracle, backend_dtypes
+from meanflow.testing import assert_close_to_oracle, backend_dtypes, finite_or_none
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -68,13 +68,6 @@ def check_against_torch(shape, dtype, weight=True, weight_tangent=False, eps=1e-
         errors[name] = assert_close_to_oracle(name, ours[i], oracle[i], finite_or_none(baseline, i))
     assert ours[1].grad_fn is None and not ours[1].requires_grad
     return errors
-
-
-def finite_or_none(baseline, i):
-    """PyTorch's result in the low-precision dtype, unless it overflowed there (then the floor alone judges)."""
-    if baseline is None or not torch.isfinite(baseline[i]).all():
-        return None
-    return baseline[i]
 
 
 CASES = {
