@@ -25,6 +25,16 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 CALLS = 10 if CUDA else 1
 COMPILE = os.environ.get("MEANFLOW_BENCH_COMPILE", "1") != "0"
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")  # for the shape column
+
+
+def backend_label(provider: str) -> str:
+    """``ours/<backend>`` (the backend ``ours`` resolves to on DEVICE), else the provider itself."""
+    if provider != "ours":
+        return provider
+    from meanflow.ops.dispatch import resolve_backend
+
+    return f"ours/{resolve_backend(torch.device(DEVICE))}"
 
 
 def sync() -> None:

@@ -43,5 +43,5 @@ def test_fwd_bwd(benchmark, provider):
         fn(u, u_tgt).backward()
 
     timing.run(benchmark, op="adaptive_weighted_loss", case="fwd_bwd", provider=provider,
-               shape=f"B={B} N={N} D={D} {str(timing.DTYPE).removeprefix('torch.')}", target=target,
+               shape=f"B={B} N={N} D={D} {timing.DTYPE_NAME}", target=target,
                bytes_moved=3 * u.numel() * u.element_size())

@@ -43,5 +43,5 @@ def test_fwd_bwd(benchmark, provider):
         fn(x_hat, x0_fake, x0_teacher).backward()
 
     timing.run(benchmark, op="alignment_loss", case="fwd_bwd", provider=provider,
-               shape=f"B={B} N={N} D={D} {str(timing.DTYPE).removeprefix('torch.')}", target=target,
+               shape=f"B={B} N={N} D={D} {timing.DTYPE_NAME}", target=target,
                bytes_moved=4 * x_hat.numel() * x_hat.element_size())

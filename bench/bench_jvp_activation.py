@@ -40,7 +40,7 @@ def _inputs():
 
 
 def _label():
-    return f"{tuple(SHAPE)} {str(timing.DTYPE).removeprefix('torch.')}"
+    return f"{tuple(SHAPE)} {timing.DTYPE_NAME}"
 
 
 @pytest.mark.parametrize("provider", ["ours", "compiled_ref", "func_jvp"])

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from meanflow.ops import jvp_layer_norm_modulate_pair
-from meanflow.ops.dispatch import resolve_backend
 from meanflow.reference import jvp_layer_norm_modulate as reference
 
 import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
@@ -53,12 +52,8 @@ def _pair_fn(provider: str):
     return lambda p, t: torch.func.jvp(lambda x, s, h: reference.layer_norm_modulate(x, s, h, EPS), p, t)
 
 
-def _label(provider: str) -> str:
-    return f"ours/{resolve_backend(torch.device(timing.DEVICE))}" if provider == "ours" else provider
-
-
 def _shape() -> str:
-    return f"x {SHAPE} {str(timing.DTYPE).removeprefix('torch.')}"
+    return f"x {SHAPE} {timing.DTYPE_NAME}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -69,7 +64,7 @@ def test_pair_fwd(benchmark, provider):
     timing.run(
         benchmark, op="layer_norm_modulate", case="pair_fwd", provider=provider, shape=_shape(),
         target=lambda: fn(primals, tangents), bytes_moved=4 * x.numel() * x.element_size(),
-        backend=_label(provider), tolerate_errors=provider == "compiled_reference")
+        backend=timing.backend_label(provider), tolerate_errors=provider == "compiled_reference")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -89,5 +84,5 @@ def test_pair_fwd_bwd(benchmark, provider):
 
     timing.run(
         benchmark, op="layer_norm_modulate", case="pair_fwd_bwd", provider=provider, shape=_shape(),
-        target=target, setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=_label(provider),
+        target=target, setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=timing.backend_label(provider),
         tolerate_errors=provider == "compiled_reference")

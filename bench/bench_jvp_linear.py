@@ -47,7 +47,7 @@ def _inputs(d_out):
 
 
 def _label(d_out):
-    return f"M={M} {D_IN}->{d_out} {str(timing.DTYPE).removeprefix('torch.')}"
+    return f"M={M} {D_IN}->{d_out} {timing.DTYPE_NAME}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

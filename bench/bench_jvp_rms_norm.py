@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from meanflow.ops import jvp_rms_norm_pair
-from meanflow.ops.dispatch import resolve_backend
 from meanflow.reference import jvp_rms_norm as reference
 
 import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
@@ -51,12 +50,8 @@ def _pair_fn(provider: str):
     return lambda x, w, x_dot: torch.func.jvp(lambda x: reference.rms_norm(x, w, EPS), (x,), (x_dot,))
 
 
-def _label(provider: str) -> str:
-    return f"ours/{resolve_backend(torch.device(timing.DEVICE))}" if provider == "ours" else provider
-
-
 def _shape() -> str:
-    return f"x {SHAPE} {str(timing.DTYPE).removeprefix('torch.')}"
+    return f"x {SHAPE} {timing.DTYPE_NAME}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -66,7 +61,7 @@ def test_pair_fwd(benchmark, provider):
     timing.run(
         benchmark, op="rms_norm", case="pair_fwd", provider=provider, shape=_shape(),
         target=lambda: fn(x, w, x_dot), bytes_moved=4 * x.numel() * x.element_size(),
-        backend=_label(provider), tolerate_errors=provider == "compiled_reference")
+        backend=timing.backend_label(provider), tolerate_errors=provider == "compiled_reference")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -84,5 +79,5 @@ def test_pair_fwd_bwd(benchmark, provider):
 
     timing.run(
         benchmark, op="rms_norm", case="pair_fwd_bwd", provider=provider, shape=_shape(), target=target,
-        setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=_label(provider),
+        setup=setup, bytes_moved=7 * x.numel() * x.element_size(), backend=timing.backend_label(provider),
         tolerate_errors=provider == "compiled_reference")

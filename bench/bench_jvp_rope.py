@@ -44,7 +44,7 @@ def _inputs():
 
 
 def _label():
-    return f"B={B} H={H} N={N} D={D} {str(timing.DTYPE).removeprefix('torch.')}"
+    return f"B={B} H={H} N={N} D={D} {timing.DTYPE_NAME}"
 
 
 @pytest.mark.parametrize("provider", ["ours", "compiled_ref", "func_jvp"])
