@@ -32,6 +32,7 @@ from torch import Tensor
 
 from meanflow.ops.alignment_loss import DEFAULT_EPS, alignment_loss
 
+from . import draws
 from ._util import choice, per_sample, positive_int
 from .sampler import SamplerConfig, time_grid
 
@@ -111,10 +112,10 @@ def _time_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, I) shaped like x, drawn on the generator's device (then moved to x's)."""
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+def _randn_like(x: Tensor, generator: draws.Generator) -> Tensor:
+    """N(0, I) shaped like x (per sample along dim 0), drawn on the generator's device (then
+    moved to x's)."""
+    return draws.randn(x.shape, generator, dtype=x.dtype, device=x.device)
 
 
 def _check_grid(grid, steps: int | None = None) -> Tensor:
@@ -131,9 +132,9 @@ def default_grid(config: AlignmentConfig) -> Tensor:
     return time_grid(SamplerConfig(steps=config.steps))
 
 
-def choose_stage(steps: int, generator: torch.Generator | None = None) -> int:
-    """k uniform in {0, …, steps − 1}."""
-    return int(torch.randint(positive_int(steps, "steps"), (1,), generator=generator).item())
+def choose_stage(steps: int, generator: draws.Generator = None) -> int:
+    """k uniform in {0, …, steps − 1} (one for the whole batch, the same on every rank)."""
+    return int(torch.randint(positive_int(steps, "steps"), (1,), generator=draws.shared_generator(generator)).item())
 
 
 def rollout(student: Callable, noise: Tensor, grid, stage: int, cond: Any = None) -> tuple[Tensor, Tensor]:
@@ -159,7 +160,7 @@ def rollout(student: Callable, noise: Tensor, grid, stage: int, cond: Any = None
 
 
 def renoise_times(batch: int, config: AlignmentConfig, grid=None, stage: int | None = None, *,
-                  generator: torch.Generator | None = None, device=None,
+                  generator: draws.Generator = None, device=None,
                   dtype: torch.dtype = torch.float32) -> Tensor:
     """Step 3's t′ (B,): uniform in (τ_{k+1}, τ_k] for ``window="stage"`` (needs grid and stage),
     uniform in (t_min, t_max] for ``"global"``."""
@@ -170,8 +171,7 @@ def renoise_times(batch: int, config: AlignmentConfig, grid=None, stage: int | N
         hi, lo = float(grid[stage]), float(grid[stage + 1])
     else:
         hi, lo = float(config.t_max), float(config.t_min)
-    u = torch.rand(batch, generator=generator, dtype=torch.float64,
-                   device=None if generator is None else generator.device)  # [0, 1)
+    u = draws.rand((batch,), generator, dtype=torch.float64)  # [0, 1)
     return (hi - (hi - lo) * u).to(device=device, dtype=dtype)  # (lo, hi]
 
 
@@ -196,7 +196,7 @@ def trajectory_alignment(
     cond: Any = None,
     grid=None,
     stage: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: draws.Generator = None,
 ) -> AlignmentOutput:
     """Steps 1–5: L_align for the student's rollout from ``noise``.
 
@@ -237,7 +237,7 @@ def fake_flow_matching_loss(
     cond: Any = None,
     t: Tensor | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: draws.Generator = None,
 ) -> Tensor:
     """Step 6: mean_b mean_j (v_φ(x_t, t) − (ε − x))² on the student's samples (detached).
 

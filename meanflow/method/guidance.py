@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import draws
 from ._util import choice, per_sample, positive_int
 
 MODES = ("none", "embedded", "cfg")
@@ -72,14 +73,13 @@ class GuidanceConfig:
         return self.omega != 1.0 or self.kappa != 0.0
 
 
-def sample_scales(batch: int, config: GuidanceConfig, generator: torch.Generator | None = None,
+def sample_scales(batch: int, config: GuidanceConfig, generator: draws.Generator = None,
                   device=None) -> Tensor:
     """(B,) float32 scales drawn uniformly from ``config.scales``."""
     positive_int(batch, "batch")
-    dev = generator.device if generator is not None else device
-    idx = torch.randint(len(config.scales), (batch,), generator=generator, device=dev)
-    table = torch.tensor(config.scales, dtype=torch.float32, device=dev)
-    return table[idx].to(device if device is not None else dev)
+    idx = draws.randint(len(config.scales), (batch,), generator)
+    table = torch.tensor(config.scales, dtype=torch.float32, device=idx.device)
+    return table[idx].to(device)
 
 
 def set_guidance(cond: Any, g: Tensor) -> Any:
@@ -130,7 +130,7 @@ class GuidedTeacher:
         self.config = config or GuidanceConfig()
         self.set_guidance = set_guidance
 
-    def prepare(self, cond: Any, batch: int, generator: torch.Generator | None = None, device=None):
+    def prepare(self, cond: Any, batch: int, generator: draws.Generator = None, device=None):
         """Draw the per-sample scales (B,) float32 and, in the embedded mode, write them into
         ``cond``. Returns (cond, scales); pass the returned cond to the student too."""
         if self.config.mode == "none":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import draws
 from ._util import choice
 
 PHASES = ("A", "B", "C")
@@ -98,15 +99,11 @@ class Objective:
     def needs_differential(self) -> bool:
         return self.differential_fraction > 0.0
 
-    def mask(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def mask(self, batch: int, generator: draws.Generator = None, device=None) -> Tensor:
         """(B,) bool, True for the rows on the differential target: exactly
-        ``round(differential_fraction * B)`` of them, at random positions."""
-        n = int(round(self.differential_fraction * batch))
-        dev = generator.device if generator is not None else device
-        rows = torch.randperm(batch, generator=generator, device=dev)[:n]
-        out = torch.zeros(batch, dtype=torch.bool, device=dev)
-        out[rows] = True
-        return out.to(device) if device is not None else out
+        ``round(differential_fraction * B)`` of them (of the global batch under a
+        :class:`~meanflow.method.draws.RowShard`), at random positions."""
+        return draws.choose_rows(batch, self.differential_fraction, generator, device)
 
 
 class WarmupSchedule:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import draws
 from ._util import check_rt, choice, per_sample, positive_int, unit_interval
 
 DISCRETE_KINDS = ("teacher_solver", "alphaflow", "split")
@@ -233,7 +234,7 @@ def split_target(student: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
 
 def discrete_target(config: DiscreteTargetConfig, *, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     velocity: Callable | None = None, student: Callable | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: draws.Generator = None) -> Tensor:
     """The configured discrete target, (B, ...) detached.
 
     ``teacher_solver`` needs ``velocity``; ``alphaflow`` and ``split`` need ``student``. ``v``
@@ -250,7 +251,6 @@ def discrete_target(config: DiscreteTargetConfig, *, z: Tensor, r: Tensor, t: Te
         return alphaflow_target(student, z, r, t, v, config.alpha)
     lam = config.split_lambda
     if lam is None:
-        dev = generator.device if generator is not None else t.device
-        lam = torch.rand(t.shape, generator=generator, device=dev, dtype=torch.float64).to(t.device)
+        lam = draws.rand(t.shape, generator, dtype=torch.float64, device=t.device)
         lam = lam.clamp(1e-6, 1 - 1e-6).to(t.dtype)
     return split_target(student, z, r, t, v, lam)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import draws
 from ._util import positive_int, unit_interval
 
 
@@ -35,16 +36,16 @@ class TimeSamplerConfig:
         unit_interval(self.equal_fraction, "equal_fraction")
 
 
-def logit_normal(shape, mean: float, std: float, generator: torch.Generator | None = None,
+def logit_normal(shape, mean: float, std: float, generator: draws.Generator = None,
                  device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """sigmoid(mean + std·n), n ~ N(0, 1): a ``shape`` tensor of ``dtype`` in (0, 1)."""
-    dev = generator.device if generator is not None else device
-    n = torch.randn(shape, generator=generator, device=dev, dtype=torch.float64)
-    return torch.sigmoid(mean + std * n).to(device=device if device is not None else dev, dtype=dtype)
+    """sigmoid(mean + std·n), n ~ N(0, 1): a ``shape`` tensor of ``dtype`` in (0, 1), one value
+    per sample along the last dimension."""
+    n = draws.randn(shape, generator, batch_dim=len(shape) - 1, dtype=torch.float64)
+    return torch.sigmoid(mean + std * n).to(device=device, dtype=dtype)
 
 
 def sample_times(batch: int, config: TimeSamplerConfig | None = None,
-                 generator: torch.Generator | None = None, device=None,
+                 generator: draws.Generator = None, device=None,
                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Draw (r, t) for one batch.
 
@@ -52,7 +53,8 @@ def sample_times(batch: int, config: TimeSamplerConfig | None = None,
         batch: B, the number of samples (positive int).
         config: the distribution (default :class:`TimeSamplerConfig`).
         generator: a ``torch.Generator`` for reproducible draws (its device is used to draw;
-            the results are moved to ``device``).
+            the results are moved to ``device``), or a :class:`~meanflow.method.draws.RowShard`
+            (then B is this rank's row count, and the equal rows are chosen in the global batch).
         device: device of the results (default: the generator's, else the default device).
         dtype: floating dtype of the results (default float32; the student's time path runs in
             fp32).
@@ -65,12 +67,8 @@ def sample_times(batch: int, config: TimeSamplerConfig | None = None,
     config = config or TimeSamplerConfig()
     if not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
-    draws = logit_normal((2, batch), config.mean, config.std, generator, device, torch.float64)
-    r, t = draws.min(dim=0).values, draws.max(dim=0).values
-    n_equal = int(round(config.equal_fraction * batch))
-    if n_equal:
-        dev = generator.device if generator is not None else draws.device
-        rows = torch.randperm(batch, generator=generator, device=dev)[:n_equal].to(draws.device)
-        r = r.clone()
-        r[rows] = t[rows]
+    pair = logit_normal((2, batch), config.mean, config.std, generator, device, torch.float64)
+    r, t = pair.min(dim=0).values, pair.max(dim=0).values
+    if config.equal_fraction > 0:
+        r = torch.where(draws.choose_rows(batch, config.equal_fraction, generator, device=t.device), t, r)
     return r.to(dtype), t.to(dtype)

@@ -53,6 +53,7 @@ import contextlib
 import json
 import math
 import os
+import types
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -463,8 +464,25 @@ def _single_block(block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype):
     return h, h_dot, c, c_dot
 
 
-def _checkpointed(block_fn: Callable, block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype):
-    """One block in pair mode under ``torch.utils.checkpoint`` (non-reentrant).
+# Each block carries its pair form as a method, so that pair mode calls the block itself rather
+# than reaching into its submodules from outside: a wrapper that hooks a block's forward (FSDP2's
+# unshard and reduce-scatter, see meanflow.train.distributed) hooks this method the same way.
+PAIR_FORWARD = "meanflow_pair_forward"
+
+
+def _install_pair_forwards(transformer) -> None:
+    """Gives every block of ``transformer`` its pair form as the method ``PAIR_FORWARD``
+    (``block.meanflow_pair_forward(h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)``)."""
+    for fn, blocks in ((_double_block, transformer.transformer_blocks),
+                       (_single_block, transformer.single_transformer_blocks)):
+        for block in blocks:
+            if not hasattr(block, PAIR_FORWARD):
+                setattr(block, PAIR_FORWARD, types.MethodType(fn, block))
+
+
+def _checkpointed(block_fn: Callable, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype):
+    """One block in pair mode under ``torch.utils.checkpoint`` (non-reentrant); ``block_fn`` is
+    the block's bound pair form (``block.meanflow_pair_forward``).
 
     The checkpointed function returns the primal outputs only. Its first call (the forward)
     runs the full pair pass and puts the tangent outputs, which have no autograd history, in
@@ -477,10 +495,10 @@ def _checkpointed(block_fn: Callable, block, h, h_dot, c, c_dot, s, s_dot, rope,
 
     def run(h_, c_, s_):
         if not tangents:
-            h2, h2_dot, c2, c2_dot = block_fn(block, h_, h_dot, c_, c_dot, s_, s_dot, rope, mask, dtype)
+            h2, h2_dot, c2, c2_dot = block_fn(h_, h_dot, c_, c_dot, s_, s_dot, rope, mask, dtype)
             tangents.append((h2_dot, c2_dot))
         else:  # recompute in backward: the primal only
-            h2, _, c2, _ = block_fn(block, h_, None, c_, None, s_, None, rope, mask, dtype)
+            h2, _, c2, _ = block_fn(h_, None, c_, None, s_, None, rope, mask, dtype)
         return h2, c2
 
     h, c = checkpoint(run, h, c, s, use_reentrant=False, preserve_rng_state=False)
@@ -618,14 +636,12 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
         mask = _key_padding_to_4d(cond.attention_mask, b, n_tokens)
 
         use_ckpt = gradient_checkpointing and torch.is_grad_enabled()
-        for fn, blocks in ((_double_block, transformer.transformer_blocks),
-                           (_single_block, transformer.single_transformer_blocks)):
-            for block in blocks:
-                if use_ckpt:
-                    h, h_dot, c, c_dot = _checkpointed(fn, block, h, h_dot, c, c_dot, s, s_dot, rope, mask,
-                                                       dtype)
-                else:
-                    h, h_dot, c, c_dot = fn(block, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)
+        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+            pair_forward = getattr(block, PAIR_FORWARD)
+            if use_ckpt:
+                h, h_dot, c, c_dot = _checkpointed(pair_forward, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)
+            else:
+                h, h_dot, c, c_dot = pair_forward(h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype)
 
         e, e_dot = _linear(s, s_dot, transformer.norm_out.linear, dtype, "norm_out.linear")
         scale, shift = _chunk(e, 2)
@@ -668,6 +684,7 @@ class FluxStudent(nn.Module):
         super().__init__()
         _check_transformer(transformer)
         enable_jvp_attention(transformer)
+        _install_pair_forwards(transformer)
         self.transformer = transformer
         if delta_embedder is None:
             delta_embedder = _make_delta_embedder(transformer)
