@@ -5,6 +5,7 @@
     meanflow distill            # the digits preset: distill the shipped teacher, report in runs/digits
     meanflow distill --preset flux-dev --set run.out_dir=runs/flux     # FLUX.1-dev on a GPU
     meanflow distill --resume --out runs/digits                         # continue a run
+    torchrun --nproc-per-node 8 -m meanflow distill --preset flux-dev  # FSDP2 over 8 GPUs
     meanflow sample --run runs/digits --prompt "a handwritten digit three" --steps 1 2 4
     meanflow eval --run runs/digits --output runs/digits/eval-again
     meanflow generate-data --num 2048 --output data/teacher_latents.safetensors
@@ -112,9 +113,21 @@ def _run_config(run_dir: str) -> "TrainConfig":
 
 
 def cmd_distill(args) -> int:
-    from meanflow.train.distill import distill
+    """Under torchrun every rank runs this; an exception on any rank is written where torchrun
+    reports it (``record``), and torchrun then stops the other ranks."""
+    from torch.distributed.elastic.multiprocessing.errors import record
 
-    return distill(_load(args), resume=args.resume)
+    from meanflow.train.distill import distill
+    from meanflow.train.distributed import shutdown
+
+    @record
+    def run() -> int:
+        try:
+            return distill(_load(args), resume=args.resume)
+        finally:
+            shutdown()
+
+    return run()
 
 
 def cmd_plan(args) -> int:

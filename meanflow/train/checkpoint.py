@@ -51,6 +51,7 @@ MANIFEST = "manifest.json"
 _FOLDER = re.compile(r"step-(\d+)(?:\.(\d+))?")
 _GROUP = re.compile(r"[A-Za-z0-9_\-]+")
 _RESERVED = {"rng", "state", "manifest"}
+SHARDED = "sharded"
 
 
 def _folder_step(name: str) -> int | None:
@@ -140,20 +141,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
         _check_name("tensors", group)
     for name in optimizers or {}:
         _check_name("optimizers", name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(directory)
-    existing = list_checkpoints(directory)
-    seq = 1 + max((_seq(p) for p in existing), default=-1)
-
-    name = f"step-{step:06d}"
-    rev = 0
-    while (directory / name).exists():
-        rev += 1
-        name = f"step-{step:06d}.{rev}"
-    final = directory / name
-    tmp = temp_name(final)
-    tmp.mkdir()
+    final, tmp = _begin(Path(directory), step)
     try:
         files: list[Path] = []
         for group, group_tensors in tensors.items():
@@ -162,35 +150,109 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
             files.append(path)
         for opt_name, opt in (optimizers or {}).items():
             files += save_optimizer(opt, tmp / f"optimizer.{opt_name}")
-        rng_structure, rng_tensors = split_tensors(capture_rng(generators))
-        save_tensors(rng_tensors, tmp / "rng.safetensors")
-        write_json(rng_structure, tmp / "rng.json")
-        state_structure, state_tensors = split_tensors(state or {})
-        if state_tensors:
-            raise TypeError(f"state: expected JSON-serialisable values, found tensors at "
-                            f"{sorted(state_tensors)} (put tensors in `tensors`)")
-        write_json(state_structure, tmp / "state.json")
-        files += [tmp / "rng.safetensors", tmp / "rng.json", tmp / "state.json"]
-        for f in files:
-            fsync_path(f)
-        manifest = {
-            "format": FORMAT, "step": step, "seq": seq,
-            "groups": list(tensors), "optimizers": list(optimizers or {}),
-            "files": {f.name: {"bytes": f.stat().st_size, **({"sha256": _sha256(f)} if checksums else {})}
-                      for f in files},
-        }
-        write_json(manifest, tmp / MANIFEST)
-        fsync_path(tmp / MANIFEST)
-        fsync_dir(tmp)
-        os.rename(tmp, final)
+        _finish(final, tmp, step, files, state, generators, checksums,
+                {"groups": list(tensors), "optimizers": list(optimizers or {})}, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def _begin(directory: Path, step: int) -> tuple[Path, Path]:
+    """(final folder, its hidden temporary, created) of a new checkpoint of ``step``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(directory)
+    name = f"step-{step:06d}"
+    rev = 0
+    while (directory / name).exists():
+        rev += 1
+        name = f"step-{step:06d}.{rev}"
+    final = directory / name
+    tmp = temp_name(final)
+    tmp.mkdir()
+    return final, tmp
+
+
+def _finish(final: Path, tmp: Path, step: int, files: list[Path], state: dict | None, generators,
+            checksums: bool, contents: dict, keep: int | None) -> None:
+    """Adds the RNG, the state and the manifest (``contents`` names the groups) to ``tmp``
+    holding ``files``, fsyncs, renames it to ``final``, points ``latest`` at it and prunes."""
+    directory = final.parent
+    existing = [p for p in list_checkpoints(directory) if p != final]
+    seq = 1 + max((_seq(p) for p in existing), default=-1)
+    rng_structure, rng_tensors = split_tensors(capture_rng(generators))
+    save_tensors(rng_tensors, tmp / "rng.safetensors")
+    write_json(rng_structure, tmp / "rng.json")
+    state_structure, state_tensors = split_tensors(state or {})
+    if state_tensors:
+        raise TypeError(f"state: expected JSON-serialisable values, found tensors at "
+                        f"{sorted(state_tensors)} (put tensors in `tensors`)")
+    write_json(state_structure, tmp / "state.json")
+    files = files + [tmp / "rng.safetensors", tmp / "rng.json", tmp / "state.json"]
+    for f in files:
+        fsync_path(f)
+    manifest = {
+        "format": FORMAT, "step": step, "seq": seq, **contents,
+        "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size,
+                                                  **({"sha256": _sha256(f)} if checksums else {})}
+                  for f in files},
+    }
+    write_json(manifest, tmp / MANIFEST)
+    fsync_path(tmp / MANIFEST)
+    for folder in {f.parent for f in files}:
+        fsync_dir(folder)
+    os.rename(tmp, final)
     fsync_dir(directory)
-    atomic_write(directory / LATEST, lambda p: Path(p).write_text(name + "\n", encoding="utf-8"))
+    atomic_write(directory / LATEST, lambda p: Path(p).write_text(final.name + "\n", encoding="utf-8"))
     if keep is not None:
-        for old in [p for p in list_checkpoints(directory) if p != final][: max(0, len(existing) + 1 - keep)]:
+        for old in existing[: max(0, len(existing) + 1 - keep)]:
             _delete(old)
+
+
+def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: dict[str, dict],
+                            state: dict | None = None, *, ranks,
+                            generators: dict[str, torch.Generator] | None = None,
+                            keep: int | None = 2, checksums: bool = True) -> Path:
+    """:func:`save_checkpoint` for models sharded over ranks: every rank calls it.
+
+    ``sharded`` is ``{name: state_dict}`` of DTensors (and plain tensors) as
+    ``torch.distributed.checkpoint`` takes them (e.g. ``get_model_state_dict``,
+    ``get_optimizer_state_dict``); each rank writes its shards into ``sharded/`` of the
+    checkpoint folder. Rank 0 writes the rest (``state``, the RNG states of rank 0 and of
+    ``generators``, which every rank holds in the same state), the manifest and ``latest``, with
+    the same atomic protocol. ``ranks`` is a :class:`~meanflow.train.distributed.Ranks`.
+    Loading (:meth:`Checkpoint.load_sharded`) works on any number of ranks, including one
+    process without a process group.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+    for name in sharded:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"sharded: invalid name {name!r}")
+    folders = _begin(Path(directory), step) if ranks.main else None
+    final, tmp = ranks.broadcast(folders)
+    error = None
+    try:
+        dcp.save(sharded, checkpoint_id=str(tmp / SHARDED))
+    except BaseException as err:  # every rank must reach the barrier below
+        error = err
+    ok = ranks.all(error is None)
+    if ranks.main:
+        try:
+            if ok:
+                files = sorted(p for p in (tmp / SHARDED).rglob("*") if p.is_file())
+                _finish(final, tmp, step, files, state, generators, checksums,
+                        {"groups": [], "optimizers": [], "sharded": list(sharded), "ranks": ranks.size}, keep)
+        finally:
+            if not ok:
+                shutil.rmtree(tmp, ignore_errors=True)
+    ranks.barrier()
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(f"checkpoint of step {step}: another rank failed to write its shards; nothing saved")
     return final
 
 
@@ -217,6 +279,7 @@ class Checkpoint:
         self.rng = rng
         self.groups: tuple[str, ...] = tuple(manifest["groups"])
         self.optimizers: tuple[str, ...] = tuple(manifest["optimizers"])
+        self.sharded: tuple[str, ...] = tuple(manifest.get("sharded", ()))
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, step={self.step}, groups={self.groups})"
@@ -240,6 +303,17 @@ class Checkpoint:
     def restore_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.load_state_dict`` of the saved state (moved to the parameters' devices)."""
         optimizer.load_state_dict(self.optimizer_state(name))
+
+    def load_sharded(self, state_dicts: dict[str, dict]) -> None:
+        """Loads the saved shards into ``state_dicts`` (``{name: state_dict}`` shaped like what
+        :func:`save_sharded_checkpoint` was given; DTensors on any number of ranks, or plain
+        tensors in one process), in place. Every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+
+        missing = sorted(set(state_dicts) - set(self.sharded))
+        if missing:
+            raise KeyError(f"sharded: no sharded state {missing} in {self.path}; saved: {list(self.sharded)}")
+        dcp.load(state_dicts, checkpoint_id=str(self.path / SHARDED))
 
     def restore_rng(self, generators: dict[str, torch.Generator] | None = None) -> None:
         """Restores the global RNG states and those of the named ``generators``."""

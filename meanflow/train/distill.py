@@ -14,6 +14,13 @@ A run folder that already holds checkpoints is never overwritten: pass ``resume=
 continue it, or choose another ``run.out_dir``. Ctrl-C saves a checkpoint at the current step and
 returns 130; too many non-finite steps in a row save nothing new and return 1 (the last good
 checkpoint stays).
+
+Under ``torchrun`` (:mod:`meanflow.train.distributed`) every rank runs this; rank 0 alone logs
+and writes the run folder's files, checkpoints are sharded (``torch.distributed.checkpoint``,
+each rank writes its shards) and resume on any number of ranks, or in one process. The exported
+student is whole (gathered on rank 0). Ctrl-C there stops without a new checkpoint (the ranks
+may be at different points of a step). An error on one rank ends that process; torchrun then
+stops the others and prints the error.
 """
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from meanflow.train.config import ConfigError, TrainConfig, load_config, save_yaml, to_dict
+from meanflow.train.distributed import Ranks, full_state_dict, init_ranks
 from meanflow.train.logger import Progress, RunLogger
 from meanflow.train.loop import Distiller, NonFiniteLossError, sample_student
+from meanflow.train.world import resolve_device
 
 CHECKPOINTS = "checkpoints"
 GRID_SEED = 4321
@@ -69,23 +78,29 @@ def _check_same_run(config: TrainConfig, out_dir: Path) -> None:
 
 
 class Run:
-    """One ``meanflow distill`` run; see the module docstring. ``log`` prints status lines."""
+    """One ``meanflow distill`` run; see the module docstring. ``log`` prints status lines (on
+    rank 0 only). ``ranks`` and ``device``: this process's place (default: joins the process
+    group when started by torchrun, else one process)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log=print):
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print, ranks: Ranks | None = None,
+                 device: torch.device | None = None):
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         _check_out_dir(self.out_dir, resume)
         if resume:
             _check_same_run(config, self.out_dir)
+        if ranks is None:
+            ranks, device = init_ranks(resolve_device(config.run.device))
+        self.ranks = ranks
         self.resume = resume
-        self.log = log
+        self.log = log if ranks.main else _silent
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
-        self.distiller = Distiller(config)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.distiller = Distiller(config, ranks=ranks, device=device)
         if resume:
             self.restore(load_checkpoint(self.out_dir / CHECKPOINTS))
-        else:
+        elif ranks.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(config, self.out_dir / "config.yaml")
         prompts = self.distiller.world.eval_prompts()
         self.grid_prompts = [p for p in prompts for _ in range(config.sample.per_prompt)]
@@ -95,6 +110,9 @@ class Run:
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         d = self.distiller
+        if d.ranks.sharded:
+            return save_sharded_checkpoint(self.out_dir / CHECKPOINTS, d.step_index, self._sharded_state(),
+                                           d.state(), ranks=d.ranks, generators={"train": d.generator})
         modules = {"student": d.student.state_dict(), "ema": d.ema.state_dict()}
         optimizers = {"student": d.optimizer}
         if d.fake is not None:
@@ -103,36 +121,72 @@ class Run:
         return save_checkpoint(self.out_dir / CHECKPOINTS, d.step_index, modules, d.state(),
                                optimizers=optimizers, generators={"train": d.generator})
 
+    def _sharded_state(self) -> dict:
+        """The models' and optimizers' state as ``torch.distributed.checkpoint`` saves and loads it
+        (DTensor shards when sharded, whole tensors in one process)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        d = self.distiller
+        state = {"student": get_model_state_dict(d.student), "ema": d.ema.state_dict(),
+                 "optimizer.student": get_optimizer_state_dict(d.student, d.optimizer)}
+        if d.fake is not None:
+            state["fake"] = get_model_state_dict(d.fake)
+            state["optimizer.fake"] = get_optimizer_state_dict(d.fake, d.fake_optimizer)
+        return state
+
     def restore(self, checkpoint) -> None:
         d = self.distiller
-        d.student.load_state_dict(checkpoint.tensors("student"))
-        d.ema.load_state_dict(checkpoint.tensors("ema"))
-        checkpoint.restore_optimizer("student", d.optimizer)
-        if d.fake is not None:
-            d.fake.load_state_dict(checkpoint.tensors("fake"))
-            checkpoint.restore_optimizer("fake", d.fake_optimizer)
+        if checkpoint.sharded:
+            self._restore_sharded(checkpoint)
+        elif d.ranks.sharded:
+            raise ConfigError(f"--resume: {checkpoint.path} was written by one process; resume it in one process "
+                              "(without torchrun)")
+        else:
+            d.student.load_state_dict(checkpoint.tensors("student"))
+            d.ema.load_state_dict(checkpoint.tensors("ema"))
+            checkpoint.restore_optimizer("student", d.optimizer)
+            if d.fake is not None:
+                d.fake.load_state_dict(checkpoint.tensors("fake"))
+                checkpoint.restore_optimizer("fake", d.fake_optimizer)
         checkpoint.restore_rng({"train": d.generator})
         d.load_state(checkpoint.state)
         self.log(f"resumed from {checkpoint.path} at step {d.step_index}")
 
+    def _restore_sharded(self, checkpoint) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        d = self.distiller
+        state = self._sharded_state()
+        checkpoint.load_sharded(state)
+        set_model_state_dict(d.student, state["student"])
+        set_optimizer_state_dict(d.student, d.optimizer, state["optimizer.student"])
+        d.ema.load_state_dict(state["ema"])
+        if d.fake is not None:
+            set_model_state_dict(d.fake, state["fake"])
+            set_optimizer_state_dict(d.fake, d.fake_optimizer, state["optimizer.fake"])
+
     # -- pieces ------------------------------------------------------------------------------
     def write_samples(self, tag: str) -> Path:
-        """A grid: one row per step count in ``sample.steps``, the EMA student, fixed noise."""
-        world, model = self.distiller.world, self.distiller.ema_student()
-        rows = [world.decode(sample_student(model, world, self.grid_prompts, steps, self.grid_noise,
-                                            self.config.sample.shift))
-                for steps in self.config.sample.steps]
+        """A grid: one row per step count in ``sample.steps``, the EMA student, fixed noise.
+        Every rank samples (the models are sharded); rank 0 writes."""
+        world = self.distiller.world
+        with self.distiller.ema_weights() as model:
+            latents = [sample_student(model, world, self.grid_prompts, steps, self.grid_noise, self.config.sample.shift)
+                       for steps in self.config.sample.steps]
         path = self.out_dir / "samples" / f"{tag}.png"
-        world.save_grid(torch.cat(rows), str(path), nrow=len(self.grid_prompts))
+        if self.ranks.main:
+            world.save_grid(torch.cat([world.decode(z) for z in latents]), str(path), nrow=len(self.grid_prompts))
         return path
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> int:
         """Trains up to ``run.max_steps``; returns 0, 1 (non-finite stop) or 130 (Ctrl-C)."""
         cfg, d = self.config, self.distiller
-        logger = RunLogger(self.out_dir, resume_step=d.step_index - 1 if self.resume else None,
-                           columns=LOG_COLUMNS)
-        progress = Progress(cfg.run.max_steps, initial=d.step_index)
+        logger, progress = _Quiet(), _Quiet()
+        if self.ranks.main:
+            logger = RunLogger(self.out_dir, resume_step=d.step_index - 1 if self.resume else None,
+                               columns=LOG_COLUMNS)
+            progress = Progress(cfg.run.max_steps, initial=d.step_index)
         try:
             while d.step_index < cfg.run.max_steps:
                 result = d.step()
@@ -149,9 +203,12 @@ class Run:
                     self.save()
         except KeyboardInterrupt:
             progress.close()
+            logger.close()
+            if self.ranks.sharded:
+                self.log(f"\ninterrupted at step {d.step_index}; continue from the last checkpoint with --resume")
+                return 130
             path = self.save()
             self.log(f"\ninterrupted: saved {path} at step {d.step_index}; continue with --resume")
-            logger.close()
             return 130
         except NonFiniteLossError as err:
             progress.close()
@@ -167,37 +224,66 @@ class Run:
         from meanflow.eval.report import write_report
 
         d = self.distiller
-        student = d.ema_student()
-        student.save_pretrained(self.out_dir / "student")
-        self.log(f"student (EMA weights) saved to {self.out_dir / 'student'}")
-        if not self.config.run.eval_at_end:
-            return None
-        try:
-            d.world.evaluator()
-        except ValueError as err:
-            self.log(f"no evaluation: {err}")
-            return None
-        from meanflow.eval.evaluate import evaluate, json_ready
+        with d.ema_weights() as student:
+            self.export_student(self.out_dir / "student")
+            self.log(f"student (EMA weights) saved to {self.out_dir / 'student'}")
+            if not self.config.run.eval_at_end:
+                return None
+            try:
+                d.world.evaluator()
+            except ValueError as err:
+                self.log(f"no evaluation: {err}")
+                return None
+            from meanflow.eval.evaluate import evaluate, json_ready
 
-        result = evaluate(d.world, student, self.config, log=self.log)
-        with open(self.out_dir / "eval.json", "w") as f:
-            json.dump(json_ready(result), f, indent=2)
-        report = write_report(self.out_dir, self.config, result, d.world)
-        self.log(f"report: {report}")
+            # Every rank evaluates (the models are sharded); rank 0 writes.
+            result = evaluate(d.world, student, self.config, log=self.log)
+        if self.ranks.main:
+            with open(self.out_dir / "eval.json", "w") as f:
+                json.dump(json_ready(result), f, indent=2)
+            report = write_report(self.out_dir, self.config, result, d.world)
+            self.log(f"report: {report}")
         return result
+
+    def export_student(self, directory: Path) -> None:
+        """Writes the student as it is now, whole (``FluxStudent.save_pretrained``), from rank 0.
+        Every rank calls it; the weights are gathered on rank 0's CPU."""
+        from meanflow.models.flux_student import FluxStudent
+
+        d = self.distiller
+        state = full_state_dict(d.student, d.ranks)
+        if d.ranks.main:
+            with torch.device("meta"):  # the shapes only: the weights are assigned from `state`
+                whole = FluxStudent.from_config(dict(d.student.transformer.config))
+            whole.load_state_dict(state, assign=True)
+            whole.save_pretrained(directory)
+        d.ranks.barrier()
 
 
 def distill(config: TrainConfig, resume: bool = False, log=print) -> int:
     """The whole command: train, then export and evaluate. Returns the exit status."""
     start = time.perf_counter()
     run = Run(config, resume=resume, log=log)
-    log(f"distilling the {config.model.kind} teacher into {config.run.out_dir} "
+    run.log(f"distilling the {config.model.kind} teacher into {config.run.out_dir} "
         f"({config.run.max_steps} steps, batch {config.data.batch_size}, device {run.distiller.device})")
     status = run.train()
     if status != 0:
         return status
     run.write_samples("final")
     run.finish()
-    log(f"done in {time.perf_counter() - start:.0f} s")
+    run.log(f"done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+class _Quiet:
+    """The metrics logger and progress line of ranks other than 0: they do nothing."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    update = close = log
 

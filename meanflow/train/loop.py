@@ -16,6 +16,11 @@ A training step, for a batch of clean latents x (B, N_img, C) with prompts c:
 Every random draw of the loop comes from one CPU ``torch.Generator`` that the checkpoint saves,
 so a resumed run repeats an uninterrupted one bit for bit on a CPU. A non-finite loss or
 gradient skips the step (counted); too many in a row stop the run with a clear message.
+
+On several ranks (``torchrun``, :mod:`meanflow.train.distributed`) the student, teacher and
+fake network are sharded with FSDP2, every rank draws the whole global batch's random values
+from the same generator and computes its own rows, and the logged figures are averages over
+ranks: the run repeats the one-process run of the same global batch, to float rounding.
 """
 from __future__ import annotations
 
@@ -28,15 +33,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from meanflow.method import draws
 from meanflow.method import (GuidedTeacher, WarmupSchedule, differential_target, discrete_target,
                              sample, sample_times, time_grid)
 from meanflow.method.alignment import fake_flow_matching_loss, trajectory_alignment
 from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.train.config import TrainConfig
+from meanflow.train.config import ConfigError, TrainConfig
+from meanflow.train.distributed import Ranks, mixed_precision, reshard, shard_flux
 from meanflow.train.ema import EMA
-from meanflow.train.world import World, make_world
+from meanflow.train.world import World, make_world, resolve_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,17 +74,21 @@ class Distiller:
     Args:
         config: the resolved :class:`~meanflow.train.config.TrainConfig`.
         world: the model family (default :func:`~meanflow.train.world.make_world`).
+        ranks: this process's :class:`~meanflow.train.distributed.Ranks` (default one process);
+            with ``ranks.sharded`` the models are sharded with FSDP2 over the process group.
+        device: the device of this rank (default ``run.device`` resolved).
     """
 
-    def __init__(self, config: TrainConfig, world: World | None = None):
+    def __init__(self, config: TrainConfig, world: World | None = None, ranks: Ranks | None = None,
+                 device: torch.device | None = None):
         self.config = config
+        self.ranks = ranks = ranks or Ranks.single()
+        if config.data.batch_size % ranks.size:
+            raise ConfigError(f"data.batch_size: {config.data.batch_size} does not split evenly over "
+                              f"{ranks.size} ranks")
         torch.manual_seed(config.run.seed)
-        self.world = world if world is not None else make_world(config)
+        self.world = world if world is not None else _make_world(config, ranks, device)
         self.device = self.world.device
-        if config.data.source == "teacher":
-            from meanflow.train.data import prepare_teacher_data
-
-            prepare_teacher_data(self.world, config)
         self.generator = torch.Generator().manual_seed(config.run.seed)
         teacher = self.world.teacher
         if config.model.student_init:
@@ -88,17 +99,24 @@ class Distiller:
         self.student.to(self.device, torch.float32)
         self.student.requires_grad_(True).train()
         self.student.gradient_checkpointing = config.model.gradient_checkpointing
-        self.ema = EMA(self.student, config.optim.ema_decay, warmup=True)  # short runs: no pull to the init
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
-        self.schedule = WarmupSchedule(config.method.schedule)
-        self.guided = GuidedTeacher(teacher.velocity, config.method.guidance)
         self.fake = self.fake_optimizer = None
         if config.method.schedule.alignment:
             self.fake = FluxVelocity(copy.deepcopy(teacher.transformer)).to(self.device, torch.float32)
             self.fake.requires_grad_(True).train()
+        if ranks.sharded:  # after the copies of the teacher, before the optimizers see the parameters
+            policy = mixed_precision(config.run.dtype)
+            shard_flux(self.student, ("forward_with_tangent",), policy)
+            shard_flux(teacher, ("velocity",))
+            if self.fake is not None:
+                shard_flux(self.fake, (), policy)
+        self.ema = EMA(self.student, config.optim.ema_decay, warmup=True)  # short runs: no pull to the init
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        if self.fake is not None:
             self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=tuple(o.betas))
+        self.schedule = WarmupSchedule(config.method.schedule)
+        self.guided = GuidedTeacher(teacher.velocity, config.method.guidance)
         self._uncond_cache: dict = {}
         self.step_index = 0           # the next step to run
         self.nonfinite_in_a_row = 0
@@ -110,12 +128,9 @@ class Distiller:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _randn(self, shape: Sequence[int]) -> Tensor:
-        return torch.randn(tuple(shape), generator=self.generator).to(self.device)
-
-    def _guidance(self, cond, batch: int):
+    def _guidance(self, cond, batch: int, rows):
         """(cond with embedded g if any, uncond or None, per-sample scales or None)."""
-        cond, scales = self.guided.prepare(cond, batch, generator=self.generator)
+        cond, scales = self.guided.prepare(cond, batch, generator=rows)
         if scales is not None:
             scales = scales.to(self.device)
         uncond = self._uncond(batch) if self.guided.config.mode == "cfg" else None
@@ -138,12 +153,16 @@ class Distiller:
         cfg, m = self.config, self.config.method
         step = self.step_index
         objective = self.schedule.objective(step)
-        batch = cfg.data.batch_size
-        x, prompts = self.world.training_batch(batch, self.generator)
-        cond, uncond, scales = self._guidance(self.world.condition(prompts), batch)
-        r, t = sample_times(batch, m.time, generator=self.generator)
+        # Every draw is made for the global batch; this rank keeps its rows (all of them on one process).
+        rows = self.ranks.rows(cfg.data.batch_size, self.generator)
+        x, prompts = self.world.training_batch(cfg.data.batch_size, self.generator)
+        if isinstance(rows, draws.RowShard):
+            x, prompts = x[rows.local], prompts[rows.local]
+        batch = x.shape[0]
+        cond, uncond, scales = self._guidance(self.world.condition(prompts), batch, rows)
+        r, t = sample_times(batch, m.time, generator=rows)
         r, t = r.to(self.device), t.to(self.device)
-        eps = self._randn(x.shape)
+        eps = draws.randn(x.shape, rows, device=self.device)
         z = (1 - t)[:, None, None] * x + t[:, None, None] * eps
 
         def teacher_v(z_, t_, c_=cond):
@@ -165,32 +184,33 @@ class Distiller:
             if objective.needs_discrete:
                 discrete = discrete_target(replace(m.target, kind=objective.discrete_kind), z=z, r=r, t=t, v=v,
                                            velocity=lambda z_, t_: teacher_v(z_, t_), student=student_no_grad,
-                                           generator=self.generator)
+                                           generator=rows)
                 if target is None:
                     target = discrete
                     u = self.student(z, r, t, cond)
                 else:  # per-sample mixing in phase B
-                    rows = objective.mask(batch, generator=self.generator).to(self.device)
-                    target = torch.where(rows[:, None, None], target, discrete)
+                    differential = objective.mask(batch, generator=rows).to(self.device)
+                    target = torch.where(differential[:, None, None], target, discrete)
             meanflow, per_sample = adaptive_weighted_loss(u.float(), target.float(), p=m.loss.power, c=m.loss.c)
             total = meanflow
             alignment = None
             if objective.alignment and self.fake is not None:
                 alignment = trajectory_alignment(
                     lambda z_, r_, t_, c_: self.student(z_, r_, t_, c_), teacher_v,
-                    lambda x_, t_, c_: self.fake(x_, t_, c_), self._randn((batch, *self.world.latent_shape)),
-                    m.alignment, cond=cond, generator=self.generator)
+                    lambda x_, t_, c_: self.fake(x_, t_, c_),
+                    draws.randn((batch, *self.world.latent_shape), rows, device=self.device),
+                    m.alignment, cond=cond, generator=rows)
                 total = total + m.alignment.weight * alignment.loss.float()
 
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(total.detach()))
+        finite = self.ranks.all(bool(torch.isfinite(total.detach())))  # every rank skips, or none
         grad_norm = float("nan")
         if finite:
             total.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip))
+            grad_norm = _clip_grad_norm(self.student, cfg.optim.grad_clip)
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -206,19 +226,22 @@ class Distiller:
             for _ in range(m.alignment.fake_updates_per_student_step):
                 with self._autocast():
                     loss_fake = fake_flow_matching_loss(lambda x_, t_, c_: self.fake(x_, t_, c_), alignment.x_hat,
-                                                        m.alignment, cond=cond, generator=self.generator)
+                                                        m.alignment, cond=cond, generator=rows)
                 self.fake_optimizer.zero_grad(set_to_none=True)
                 loss_fake.backward()
-                torch.nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.optim.grad_clip)
+                _clip_grad_norm(self.fake, cfg.optim.grad_clip)
                 self.fake_optimizer.step()
                 fake_loss = float(loss_fake.detach())
+        # Figures of the whole batch: averages over ranks of equal shares.
+        mean = self.ranks.mean
+        meanflow_value = mean(float(meanflow.detach()))
         if finite:
-            self.schedule.observe(step, float(meanflow.detach()))
+            self.schedule.observe(step, meanflow_value)
         self.step_index += 1
-        return StepResult(step=step, phase=objective.phase, loss=float(total.detach()),
-                          meanflow=float(meanflow.detach()), mse=float(per_sample.mean()) / u[0].numel(),
-                          align=float("nan") if alignment is None else float(alignment.loss.detach()),
-                          fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)
+        return StepResult(step=step, phase=objective.phase, loss=mean(float(total.detach())),
+                          meanflow=meanflow_value, mse=mean(float(per_sample.mean()) / u[0].numel()),
+                          align=float("nan") if alignment is None else mean(float(alignment.loss.detach())),
+                          fake=mean(fake_loss), grad_norm=grad_norm, lr=lr, skipped=not finite)
 
     def check_finite(self) -> None:
         """Raises :class:`NonFiniteLossError` once ``run.max_nonfinite_in_a_row`` steps in a row
@@ -231,11 +254,26 @@ class Distiller:
                 "the teacher and the data, or use run.dtype float32.")
 
     # -- sampling ----------------------------------------------------------------------------
-    def ema_student(self) -> FluxStudent:
-        """A copy of the student holding the EMA weights (eval mode)."""
-        model = copy.deepcopy(self.student)
-        self.ema.copy_to(model)
-        return model.eval()
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The student with the EMA weights in place, in eval mode; its own weights and mode come
+        back on exit. Works on sharded students (each rank swaps its shards; every rank must
+        then make the same calls). Costs one copy of the parameters."""
+        reshard(self.student)
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            saved = {name: p.detach().clone() for name, p in params.items()}
+        training = self.student.training
+        self.ema.copy_to(self.student)
+        self.student.eval()
+        try:
+            yield self.student
+        finally:
+            reshard(self.student)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+            self.student.train(training)
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -248,6 +286,29 @@ class Distiller:
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.schedule.load_state_dict(state["schedule"])
+
+
+def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """``clip_grad_norm_`` over the model's parameters; the norm of the whole (unsharded)
+    gradient as a float (FSDP2's DTensor gradients give a DTensor norm)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _make_world(config: TrainConfig, ranks: Ranks, device: torch.device | None) -> World:
+    """The run's world, with its training data prepared. On several ranks, rank 0 goes first:
+    it writes any data cache (VAE latents, teacher latents) that the others then read."""
+    device = device if device is not None else resolve_device(config.run.device)
+    world = None
+    for first in (True, False):
+        if ranks.main == first:
+            world = make_world(config, device)
+            if config.data.source == "teacher":
+                from meanflow.train.data import prepare_teacher_data
+
+                prepare_teacher_data(world, config, log=print if ranks.main else (lambda *a, **k: None))
+        ranks.barrier()
+    return world
 
 
 @torch.no_grad()

@@ -205,9 +205,10 @@ class DigitsEvaluator:
         return feats, logits, labels[rows]
 
 
-def make_world(config) -> World:
-    """The :class:`World` a :class:`~meanflow.train.config.TrainConfig` asks for."""
-    device = resolve_device(config.run.device)
+def make_world(config, device: torch.device | None = None) -> World:
+    """The :class:`World` a :class:`~meanflow.train.config.TrainConfig` asks for, on ``device``
+    (default: ``run.device`` resolved)."""
+    device = device if device is not None else resolve_device(config.run.device)
     if config.model.kind == "digits":
         return DigitsWorld(config.model.teacher, config.data.prompts, device, config.data.source)
     if config.model.kind == "flux":
