@@ -313,7 +313,9 @@ class Checkpoint:
         missing = sorted(set(state_dicts) - set(self.sharded))
         if missing:
             raise KeyError(f"sharded: no sharded state {missing} in {self.path}; saved: {list(self.sharded)}")
-        dcp.load(state_dicts, checkpoint_id=str(self.path / SHARDED))
+        import torch.distributed as dist
+
+        dcp.load(state_dicts, checkpoint_id=str(self.path / SHARDED), no_dist=not dist.is_initialized())
 
     def restore_rng(self, generators: dict[str, torch.Generator] | None = None) -> None:
         """Restores the global RNG states and those of the named ``generators``."""

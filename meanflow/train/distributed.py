@@ -21,6 +21,7 @@ the step one process takes on the whole batch, to float rounding.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -157,12 +158,15 @@ def mixed_precision(dtype_name: str):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard_flux(model: nn.Module, methods: tuple[str, ...] = (), mp_policy=None) -> nn.Module:
+def shard_flux(model: nn.Module, methods: tuple[str, ...] = (), mp_policy=None, frozen: bool = False) -> nn.Module:
     """Shards a FLUX model in place with ``fully_shard``: one unit per block (with its pair form
     registered as a forward method where it has one), then the rest as the root unit with
     ``methods`` (e.g. ``("forward_with_tangent",)``) registered. ``model.transformer`` is the
     ``FluxTransformer2DModel``. The root unit keeps float32 parameters (the time path runs in
-    float32; autocast casts the embedders), the blocks take ``mp_policy``. Returns ``model``."""
+    float32; autocast casts the embedders), the blocks take ``mp_policy``. ``frozen`` (a model
+    only ever run without gradient, the teacher): the root unit is freed after each call of
+    ``methods``, as FSDP2 would otherwise keep it gathered for a backward that never comes.
+    Returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from meanflow.models.flux_student import PAIR_FORWARD
@@ -183,7 +187,22 @@ def shard_flux(model: nn.Module, methods: tuple[str, ...] = (), mp_policy=None) 
     fully_shard(model, **root_kwargs)
     for name in methods:
         register_fsdp_forward_method(model, name)
+        if frozen:
+            _reshard_after(model, name)
     return model
+
+
+def _reshard_after(module, name: str) -> None:
+    method = getattr(module, name)
+
+    @functools.wraps(method)
+    def call_then_reshard(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        finally:
+            module.reshard()
+
+    setattr(module, name, call_then_reshard)
 
 
 def reshard(model: nn.Module) -> None:

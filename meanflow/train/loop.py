@@ -106,7 +106,7 @@ class Distiller:
         if ranks.sharded:  # after the copies of the teacher, before the optimizers see the parameters
             policy = mixed_precision(config.run.dtype)
             shard_flux(self.student, ("forward_with_tangent",), policy)
-            shard_flux(teacher, ("velocity",))
+            shard_flux(teacher, ("velocity",), frozen=True)
             if self.fake is not None:
                 shard_flux(self.fake, (), policy)
         self.ema = EMA(self.student, config.optim.ema_decay, warmup=True)  # short runs: no pull to the init

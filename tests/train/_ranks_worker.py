@@ -1,0 +1,72 @@
+"""Run by ``torchrun`` from test_distributed.py (not a test module itself).
+
+    _ranks_worker.py fail ARGS...       meanflow ARGS..., with rank 1 raising at step 1
+    _ranks_worker.py measure OUT CONFIG_OVERRIDES...
+        rank 0 writes to OUT (JSON) the bytes of its shards after a phase-C step, by planner row,
+        and the planner's figures for as many GPUs as ranks
+"""
+import json
+import sys
+
+import torch
+
+
+def fail(argv):
+    from meanflow.cli import main
+    from meanflow.train import loop
+
+    original = loop.Distiller.step
+
+    def step(self):
+        if self.ranks.rank == 1 and self.step_index == 1:
+            raise RuntimeError("injected failure on rank 1 at step 1")
+        return original(self)
+
+    loop.Distiller.step = step
+    return main(argv)
+
+
+def _local_bytes(tensors):
+    total = 0
+    for t in tensors:
+        if t is None or t.dim() == 0:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def measure(out, overrides):
+    from meanflow.train.config import load_config
+    from meanflow.train.distributed import init_ranks, shutdown
+    from meanflow.train.loop import Distiller
+    from meanflow.train.plan import FAKE_ROWS, STUDENT_ROWS, plan_memory
+
+    config = load_config("tiny", None, overrides)
+    ranks, device = init_ranks(torch.device("cpu"))
+    d = Distiller(config, ranks=ranks, device=device)
+    phases = set()
+    while "C" not in phases:  # phase C runs the fake network's optimizer too
+        phases.add(d.step().phase)
+    measured = {
+        "student params": _local_bytes(d.student.parameters()),
+        "student grads": _local_bytes(p.grad for p in d.student.parameters()),
+        "student AdamW": _local_bytes(t for s in d.optimizer.state.values() for t in s.values()),
+        "student EMA": _local_bytes(d.ema.state_dict().values()),
+        "fake params": _local_bytes(d.fake.parameters()),
+        "fake grads": _local_bytes(p.grad for p in d.fake.parameters()),
+        "fake AdamW": _local_bytes(t for s in d.fake_optimizer.state.values() for t in s.values()),
+        "teacher": _local_bytes(d.world.teacher.parameters()),
+    }
+    plan = plan_memory(config, ranks.size)
+    if ranks.main:
+        planned = {name: plan.bytes_of(name) for name in (*STUDENT_ROWS, *FAKE_ROWS, "teacher")}
+        with open(out, "w") as f:
+            json.dump({"measured": measured, "planned": planned, "ranks": ranks.size}, f)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    sys.exit(fail(rest) if mode == "fail" else measure(rest[0], rest[1:]))

@@ -1,0 +1,177 @@
+"""``meanflow distill`` on two CPU processes (torchrun, gloo, FSDP2) against one process: the same
+losses and the same student, sharded checkpoints resumed on one and on two ranks, a failure on
+one rank ending the run with the error shown, and the planner's sharded rows against the bytes
+each rank holds."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from meanflow.cli import main  # noqa: E402
+from meanflow.train.config import ConfigError, load_config  # noqa: E402
+from meanflow.train.distributed import Ranks  # noqa: E402
+
+WORKER = Path(__file__).with_name("_ranks_worker.py")
+COMMON = ("run.eval_at_end=false",)  # tiny preset: 4 steps through phases A, B and C with alignment
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torchrun(ranks: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _distill_args(out: Path, *overrides: str, resume: bool = False) -> list[str]:
+    args = ["distill", "--preset", "tiny", "--out", str(out)]
+    for item in (*COMMON, *overrides):
+        args += ["--set", item]
+    return args + (["--resume"] if resume else [])
+
+
+def _rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+NUMERIC = ("loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr")
+
+
+def _assert_same_rows(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g["phase"] == w["phase"] and g["skipped"] == w["skipped"]
+        for key in NUMERIC:
+            a, b = float(g[key]), float(w[key])
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-7), \
+                (g["step"], key, a, b)
+
+
+def _student(run: Path) -> dict:
+    tensors = {}
+    for path in sorted((run / "student").rglob("*.safetensors")):
+        tensors.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
+    return tensors
+
+
+def _assert_same_student(got: Path, want: Path) -> None:
+    # AdamW normalises each gradient element, so rounding-level differences in tiny gradient
+    # elements become differences of up to lr per step: 4 steps of lr 3e-4 bound them by ~1e-3;
+    # measured ~2e-5.
+    a, b = _student(got), _student(want)
+    assert a.keys() == b.keys() and len(a) > 100
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 2e-4, worst
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["MEANFLOW_BACKEND"] = "reference"
+    try:
+        assert main(_distill_args(out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("MEANFLOW_BACKEND", None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "run"
+    result = _torchrun(2, "-m", "meanflow", *_distill_args(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("distilling the digits teacher") == 1  # rank 0 alone logs
+    return out
+
+
+def test_two_ranks_repeat_one_process(one_process, two_ranks):
+    rows = _rows(two_ranks)
+    assert [r["phase"] for r in rows] == ["A", "B", "B", "C"]
+    assert all(r["align"] != "nan" and r["fake"] != "nan" for r in rows if r["phase"] == "C")
+    _assert_same_rows(rows, _rows(one_process))
+    _assert_same_student(two_ranks, one_process)
+    manifest = (two_ranks / "checkpoints" / "step-000004" / "manifest.json").read_text()
+    assert '"sharded"' in manifest and '"ranks": 2' in manifest
+    assert (two_ranks / "samples" / "final.png").is_file()
+
+
+def _rewind(run: Path, to: Path, step: int) -> Path:
+    """A copy of ``run`` whose ``latest`` names its checkpoint of ``step``."""
+    shutil.copytree(run, to)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:06d}\n")
+    shutil.rmtree(to / "student")
+    return to
+
+
+def test_sharded_checkpoint_resumes_on_one_and_on_two_ranks(one_process, two_ranks, tmp_path):
+    on_one = _rewind(two_ranks, tmp_path / "on-one", 2)
+    assert main(_distill_args(on_one, resume=True)) == 0
+    on_two = _rewind(two_ranks, tmp_path / "on-two", 2)
+    result = _torchrun(2, "-m", "meanflow", *_distill_args(on_two, resume=True))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step-000002" in result.stdout
+    for run in (on_one, on_two):
+        _assert_same_rows(_rows(run), _rows(one_process))
+        _assert_same_student(run, one_process)
+
+
+def test_one_process_checkpoint_on_two_ranks_is_refused(one_process, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(one_process, run)
+    result = _torchrun(2, "-m", "meanflow", *_distill_args(run, "run.max_steps=6", resume=True))
+    assert result.returncode != 0
+    assert "was written by one process; resume it in one process" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (one_process / "checkpoints").iterdir())
+
+
+def test_failure_on_one_rank_ends_every_rank_with_the_error(tmp_path):
+    start = time.perf_counter()
+    result = _torchrun(2, str(WORKER), "fail", *_distill_args(tmp_path / "run"), timeout=240)
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 1" in result.stdout + result.stderr
+    assert time.perf_counter() - start < 200  # torchrun stopped rank 0 rather than waiting out a timeout
+
+
+def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path):
+    import json
+
+    out = tmp_path / "bytes.json"
+    result = _torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ranks"] == 2
+    assert report["measured"] == report["planned"]
+
+
+def test_batch_must_split_over_ranks(tmp_path):
+    from meanflow.train.loop import Distiller
+
+    config = load_config("tiny", None, [f"run.out_dir={tmp_path}"])  # batch 4
+    with pytest.raises(ConfigError, match="data.batch_size: 4 does not split evenly over 3 ranks"):
+        Distiller(config, ranks=Ranks(rank=0, size=3))
+    assert not (tmp_path / "config.yaml").exists()
