@@ -123,7 +123,9 @@ class Distiller:
         self.nonfinite_total = 0
 
     # -- pieces ------------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on the run's device for ``run.dtype="bfloat16"``, else nothing. Sampling
+        and evaluation run under it too: sharded with bf16 blocks, the models need it."""
         if self.config.run.dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -176,7 +178,7 @@ class Distiller:
         if self.guided.config.mixing:
             v = self.guided.mixed(v, lambda *a: student_no_grad(*a[:3]), z, t, cond, uncond)
 
-        with self._autocast():
+        with self.autocast():
             target = u = None
             if objective.needs_differential:
                 u, du_dt = self.student.forward_with_tangent(z, r, t, cond, v, None, 1.0)
@@ -224,7 +226,7 @@ class Distiller:
         fake_loss = float("nan")
         if alignment is not None and finite:
             for _ in range(m.alignment.fake_updates_per_student_step):
-                with self._autocast():
+                with self.autocast():
                     loss_fake = fake_flow_matching_loss(lambda x_, t_, c_: self.fake(x_, t_, c_), alignment.x_hat,
                                                         m.alignment, cond=cond, generator=rows)
                 self.fake_optimizer.zero_grad(set_to_none=True)

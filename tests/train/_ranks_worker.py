@@ -4,6 +4,10 @@
     _ranks_worker.py measure OUT CONFIG_OVERRIDES...
         rank 0 writes to OUT (JSON) the bytes of its shards after a phase-C step, by planner row,
         and the planner's figures for as many GPUs as ranks
+    _ranks_worker.py bf16 OUT CONFIG_OVERRIDES...
+        the tiny preset's 4 steps with run.dtype bfloat16 forced onto the CPU (FSDP2's bf16
+        mixed-precision policy under bf16 autocast), then 1-step samples of the EMA student;
+        rank 0 writes the losses and the samples to OUT (JSON). Also runs on one process.
 """
 import json
 import sys
@@ -67,6 +71,36 @@ def measure(out, overrides):
     return 0
 
 
+def bf16_config(overrides):
+    """The tiny preset with run.dtype bfloat16 on the CPU, which the config refuses for users
+    (CPU bf16 autocast is slow): here it stands in for a GPU's to test the mixed precision."""
+    from meanflow.train.config import load_config
+
+    config = load_config("tiny", None, overrides)
+    object.__setattr__(config.run, "dtype", "bfloat16")  # past the validation
+    return config
+
+
+def bf16(out, overrides):
+    from meanflow.train.distributed import init_ranks, shutdown
+    from meanflow.train.loop import Distiller, sample_student
+
+    config = bf16_config(overrides)
+    ranks, device = init_ranks(torch.device("cpu"))
+    d = Distiller(config, ranks=ranks, device=device)
+    losses = [d.step().loss for _ in range(config.run.max_steps)]
+    noise = torch.randn((4, *d.world.latent_shape), generator=torch.Generator().manual_seed(0))
+    with d.ema_weights() as student, d.autocast():
+        samples = sample_student(student, d.world, ["a handwritten digit 3"] * 4, 1, noise)
+    if ranks.main:
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "samples": samples.tolist()}, f)
+    shutdown()
+    return 0
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    sys.exit(fail(rest) if mode == "fail" else measure(rest[0], rest[1:]))
+    if mode == "fail":
+        sys.exit(fail(rest))
+    sys.exit((measure if mode == "measure" else bf16)(rest[0], rest[1:]))

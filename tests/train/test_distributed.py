@@ -175,3 +175,23 @@ def test_batch_must_split_over_ranks(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size: 4 does not split evenly over 3 ranks"):
         Distiller(config, ranks=Ranks(rank=0, size=3))
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_bf16_mixed_precision_matches_one_process(tmp_path):
+    """FSDP2's bf16 policy (bf16 block parameters, float32 reduction) under bf16 autocast, with
+    bf16 forced onto the CPU: the losses and the EMA student's samples stay within bf16 rounding
+    of one process's bf16 autocast run (measured: 0.35 % and 0.04 on samples of magnitude 2)."""
+    import json
+
+    env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(WORKER), "bf16", str(tmp_path / "one.json"),
+                          f"run.out_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, str(WORKER), "bf16", str(tmp_path / "two.json"), f"run.out_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert all(math.isfinite(x) for x in b["losses"])
+    for x, y in zip(a["losses"], b["losses"]):
+        assert math.isclose(x, y, rel_tol=2e-2), (a["losses"], b["losses"])
+    sa, sb = torch.tensor(a["samples"]), torch.tensor(b["samples"])
+    assert float((sa - sb).abs().max()) < 0.1 * float(sa.abs().max())
