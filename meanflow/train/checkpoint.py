@@ -31,6 +31,7 @@ import hashlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 import torch
 from safetensors import safe_open
@@ -315,7 +316,9 @@ class Checkpoint:
             raise KeyError(f"sharded: no sharded state {missing} in {self.path}; saved: {list(self.sharded)}")
         import torch.distributed as dist
 
-        dcp.load(state_dicts, checkpoint_id=str(self.path / SHARDED), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process loading shards is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dicts, checkpoint_id=str(self.path / SHARDED), no_dist=not dist.is_initialized())
 
     def restore_rng(self, generators: dict[str, torch.Generator] | None = None) -> None:
         """Restores the global RNG states and those of the named ``generators``."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from meanflow.method.draws import RowShard
 
-__all__ = ["Ranks", "launched_by_torchrun", "init_ranks", "shard_flux", "reshard", "full_state_dict"]
+__all__ = ["Ranks", "launched_by_torchrun", "init_ranks", "device_mesh", "shard_flux", "reshard", "full_state_dict"]
 
 
 def launched_by_torchrun() -> bool:
@@ -158,8 +158,17 @@ def mixed_precision(dtype_name: str):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard_flux(model: nn.Module, methods: tuple[str, ...] = (), mp_policy=None, frozen: bool = False) -> nn.Module:
-    """Shards a FLUX model in place with ``fully_shard``: one unit per block (with its pair form
+def device_mesh(device: torch.device, ranks: Ranks):
+    """The 1-d device mesh of all ranks on ``device``'s type (FSDP2 shards over it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (ranks.size,))
+
+
+def shard_flux(model: nn.Module, mesh, methods: tuple[str, ...] = (), mp_policy=None,
+               frozen: bool = False) -> nn.Module:
+    """Shards a FLUX model in place with ``fully_shard`` over ``mesh`` (:func:`device_mesh`;
+    FSDP2 moves each unit's shard to the mesh's device): one unit per block (with its pair form
     registered as a forward method where it has one), then the rest as the root unit with
     ``methods`` (e.g. ``("forward_with_tangent",)``) registered. ``model.transformer`` is the
     ``FluxTransformer2DModel``. The root unit keeps float32 parameters (the time path runs in
@@ -177,12 +186,12 @@ def shard_flux(model: nn.Module, methods: tuple[str, ...] = (), mp_policy=None, 
     # place, and the tests check sharded gradients and losses against one process.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     transformer = model.transformer
-    block_kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    block_kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         fully_shard(block, **block_kwargs)
         if hasattr(block, PAIR_FORWARD):
             register_fsdp_forward_method(block, PAIR_FORWARD)
-    root_kwargs = {} if mp_policy is None else {"mp_policy": MixedPrecisionPolicy(
+    root_kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(
         reduce_dtype=mp_policy.reduce_dtype, cast_forward_inputs=False)}
     fully_shard(model, **root_kwargs)
     for name in methods:

@@ -25,7 +25,6 @@ ranks: the run repeats the one-process run of the same global batch, to float ro
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -41,7 +40,7 @@ from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.ops import adaptive_weighted_loss
 from meanflow.train.config import ConfigError, TrainConfig
-from meanflow.train.distributed import Ranks, mixed_precision, reshard, shard_flux
+from meanflow.train.distributed import Ranks, device_mesh, mixed_precision, reshard, shard_flux
 from meanflow.train.ema import EMA
 from meanflow.train.world import World, make_world, resolve_device
 
@@ -91,24 +90,29 @@ class Distiller:
         self.device = self.world.device
         self.generator = torch.Generator().manual_seed(config.run.seed)
         teacher = self.world.teacher
+        # Sharded, the trained copies are made on the CPU and each is sharded at once: FSDP2 moves
+        # every unit's shard to this rank's device, so no device ever holds a whole copy.
+        home = torch.device("cpu") if ranks.sharded else self.device
+        mesh = device_mesh(self.device, ranks) if ranks.sharded else None
+        policy = mixed_precision(config.run.dtype)
         if config.model.student_init:
             self.student = FluxStudent.from_pretrained(config.model.student_init)
         else:
-            self.student = FluxStudent.from_transformer(copy.deepcopy(teacher.transformer))
+            self.student = FluxStudent.from_transformer(float32_copy(teacher.transformer, home))
         # Trained weights stay float32 (master weights); bf16 is autocast's, in the forward only.
-        self.student.to(self.device, torch.float32)
+        self.student.to(home, torch.float32)
         self.student.requires_grad_(True).train()
         self.student.gradient_checkpointing = config.model.gradient_checkpointing
+        if ranks.sharded:
+            shard_flux(self.student, mesh, ("forward_with_tangent",), policy)
         self.fake = self.fake_optimizer = None
         if config.method.schedule.alignment:
-            self.fake = FluxVelocity(copy.deepcopy(teacher.transformer)).to(self.device, torch.float32)
+            self.fake = FluxVelocity(float32_copy(teacher.transformer, home))
             self.fake.requires_grad_(True).train()
-        if ranks.sharded:  # after the copies of the teacher, before the optimizers see the parameters
-            policy = mixed_precision(config.run.dtype)
-            shard_flux(self.student, ("forward_with_tangent",), policy)
-            shard_flux(teacher, ("velocity",), frozen=True)
-            if self.fake is not None:
-                shard_flux(self.fake, (), policy)
+            if ranks.sharded:
+                shard_flux(self.fake, mesh, (), policy)
+        if ranks.sharded:  # after the copies of it
+            shard_flux(teacher, mesh, ("velocity",), frozen=True)
         self.ema = EMA(self.student, config.optim.ema_decay, warmup=True)  # short runs: no pull to the init
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=tuple(o.betas),
@@ -288,6 +292,17 @@ class Distiller:
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.schedule.load_state_dict(state["schedule"])
+
+
+def float32_copy(transformer, device: torch.device):
+    """A float32 copy of a ``FluxTransformer2DModel`` on ``device``, built on the meta device and
+    filled tensor by tensor, so the source's device never holds a second whole copy."""
+    with torch.device("meta"):
+        clone = type(transformer).from_config(transformer.config)
+    state = {name: value.detach().to(device=device, dtype=torch.float32, copy=True)
+             for name, value in transformer.state_dict().items()}
+    clone.load_state_dict(state, strict=True, assign=True)
+    return clone
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
