@@ -106,6 +106,15 @@ class Ranks:
 _CPU_GROUP = None
 
 
+def check_batch_split(batch_size: int, ranks: int) -> None:
+    """ConfigError naming ``data.batch_size`` unless the global batch splits evenly over the
+    ranks (every rank takes an equal share, so the ranks' average is the batch mean)."""
+    from meanflow.train.config import ConfigError
+
+    if batch_size % ranks:
+        raise ConfigError(f"data.batch_size: {batch_size} does not split evenly over {ranks} ranks")
+
+
 def _cpu_group():
     return _CPU_GROUP
 

@@ -39,8 +39,8 @@ from meanflow.method.alignment import fake_flow_matching_loss, trajectory_alignm
 from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.train.config import ConfigError, TrainConfig
-from meanflow.train.distributed import Ranks, device_mesh, mixed_precision, reshard, shard_flux
+from meanflow.train.config import TrainConfig
+from meanflow.train.distributed import Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux
 from meanflow.train.ema import EMA
 from meanflow.train.world import World, make_world, resolve_device
 
@@ -82,9 +82,7 @@ class Distiller:
                  device: torch.device | None = None):
         self.config = config
         self.ranks = ranks = ranks or Ranks.single()
-        if config.data.batch_size % ranks.size:
-            raise ConfigError(f"data.batch_size: {config.data.batch_size} does not split evenly over "
-                              f"{ranks.size} ranks")
+        check_batch_split(config.data.batch_size, ranks.size)
         torch.manual_seed(config.run.seed)
         self.world = world if world is not None else _make_world(config, ranks, device)
         self.device = self.world.device

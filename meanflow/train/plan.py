@@ -21,7 +21,7 @@ ranks; a rank holds ``ceil(size(0) / G) · prod(size(1:))`` elements of each ten
 the last shard; rank 0 holds the largest). Text encoders and VAE are replicated on every rank.
 With G = 1 nothing is sharded.
 
-**Rows** (bytes per GPU; B the per-rank batch ``ceil(data.batch_size / G)``, a the compute
+**Rows** (bytes per GPU; B the per-rank batch ``data.batch_size / G``, a the compute
 dtype's bytes: 2 for ``run.dtype=bfloat16``, else 4; P_s, P_t, P_f the student, teacher and fake
 parameter counts, sharded as above):
 
@@ -258,7 +258,7 @@ class MemoryPlan:
     Attributes:
         rows: the :class:`PlanRow` lines, in table order.
         gpus: ranks G.
-        per_rank_batch: samples per rank, ``ceil(data.batch_size / G)``.
+        per_rank_batch: samples per rank, ``data.batch_size / G``.
         batch_size: ``data.batch_size``.
         kind: ``model.kind``.
         dtype: ``run.dtype``.
@@ -372,7 +372,10 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
     ckpt = bool(config.model.gradient_checkpointing)
     g = gpus
     batch = config.data.batch_size
-    per_rank = max(1, math.ceil(batch / g))
+    from meanflow.train.distributed import check_batch_split
+
+    check_batch_split(batch, g)
+    per_rank = batch // g
     shard = "" if g == 1 else f" sharded /{g}"
 
     s_el, t_el = student.sharded_elements(g), teacher.sharded_elements(g)

@@ -113,7 +113,7 @@ def test_activation_estimate_within_factor_two_of_saved_tensors():
 
 
 def test_gpus_scaling_and_validation():
-    config = load_config("tiny", None, [])
+    config = load_config("tiny", None, ["data.batch_size=8"])
     one = plan_memory(config, 1, transformer_config=dict(TINY_FLUX_CONFIG, in_channels=8))
     for gpus in (2, 4, 8):
         plan = plan_memory(config, gpus, transformer_config=dict(TINY_FLUX_CONFIG, in_channels=8))
@@ -130,6 +130,8 @@ def test_gpus_scaling_and_validation():
         plan_memory({"model": {}}, 1)
     with pytest.raises(ValueError, match="gpu_memory_gib"):
         one.fits(0)
+    with pytest.raises(ValueError, match="data.batch_size: 8 does not split evenly over 3 ranks"):
+        plan_memory(config, 3)
 
 
 def test_flux_dev_plan_on_meta():
