@@ -111,8 +111,11 @@ class Run:
     def save(self) -> Path:
         d = self.distiller
         if d.ranks.sharded:
+            # No sha256 of the shards: for FLUX they are hundreds of GB, read again by every rank on
+            # resume. Sizes are still recorded and checked, and DCP checks its own metadata.
             return save_sharded_checkpoint(self.out_dir / CHECKPOINTS, d.step_index, self._sharded_state(),
-                                           d.state(), ranks=d.ranks, generators={"train": d.generator})
+                                           d.state(), ranks=d.ranks, generators={"train": d.generator},
+                                           checksums=False)
         modules = {"student": d.student.state_dict(), "ema": d.ema.state_dict()}
         optimizers = {"student": d.optimizer}
         if d.fake is not None:
