@@ -139,7 +139,8 @@ class ModelConfig:
             or a local folder.
         revision: the model repository's revision (flux only; default None = the default
             branch).
-        gradient_checkpointing: recompute activations in backward (default False).
+        gradient_checkpointing: recompute activations in backward, per block, in the student
+            and the fake network (default False).
         student_init: optional student folder (``FluxStudent.save_pretrained``, e.g. a run's
             ``student/``) to start from instead of the teacher copy (default None). Must exist.
         resolution: flux only: the image size in pixels, square (default 1024); a multiple of

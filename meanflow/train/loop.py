@@ -107,6 +107,7 @@ class Distiller:
         if config.method.schedule.alignment:
             self.fake = FluxVelocity(float32_copy(teacher.transformer, home))
             self.fake.requires_grad_(True).train()
+            self.fake.gradient_checkpointing = config.model.gradient_checkpointing
             if ranks.sharded:
                 shard_flux(self.fake, mesh, (), policy)
         if ranks.sharded:  # after the copies of it

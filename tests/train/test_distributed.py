@@ -25,7 +25,9 @@ from meanflow.train.config import ConfigError, load_config  # noqa: E402
 from meanflow.train.distributed import Ranks  # noqa: E402
 
 WORKER = Path(__file__).with_name("_ranks_worker.py")
-COMMON = ("run.eval_at_end=false",)  # tiny preset: 4 steps through phases A, B and C with alignment
+# The tiny preset: 4 steps through phases A, B and C with alignment; with per-block checkpointing,
+# so the recompute in backward runs through the sharded blocks too.
+COMMON = ("run.eval_at_end=false", "model.gradient_checkpointing=true")
 
 
 @pytest.fixture(autouse=True)
