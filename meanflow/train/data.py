@@ -21,9 +21,12 @@ LATENTS_FILE = "teacher_latents.safetensors"
 
 
 def teacher_latents(world, prompts: list[str], num: int, steps: int, guidance, *, shift: str = "none",
-                    seed: int = 0, batch_size: int = 256, log=print) -> tuple[Tensor, list[str]]:
+                    seed: int = 0, batch_size: int = 256, log=print,
+                    rows: slice | None = None) -> tuple[Tensor, list[str]]:
     """``num`` teacher samples (num, N_img, C) float32 (CPU) with the prompts they were made for
-    (drawn uniformly from ``prompts`` with ``seed``)."""
+    (drawn uniformly from ``prompts`` with ``seed``). ``rows``: only those of the ``num``
+    (prompts and noise are drawn for all ``num`` first, so the rows are the same samples
+    whichever ranks make them)."""
     from meanflow.train.loop import sample_teacher
 
     if num < 1:
@@ -34,11 +37,13 @@ def teacher_latents(world, prompts: list[str], num: int, steps: int, guidance, *
     picks = torch.randint(len(prompts), (num,), generator=generator).tolist()
     chosen = [prompts[i] for i in picks]
     noise = torch.randn((num, *world.latent_shape), generator=generator)
-    out = []
-    for i in range(0, num, batch_size):
+    if rows is not None:
+        chosen, noise = chosen[rows], noise[rows]
+    out = [torch.zeros((0, *world.latent_shape))]
+    for i in range(0, len(chosen), batch_size):
         out.append(sample_teacher(world, chosen[i:i + batch_size], steps, noise[i:i + batch_size], guidance,
                                   shift).cpu())
-        log(f"generated {min(i + batch_size, num)}/{num} latents")
+        log(f"generated {min(i + batch_size, len(chosen))}/{len(chosen)} latents")
     return torch.cat(out), chosen
 
 
@@ -81,19 +86,29 @@ def latents_path(config) -> Path:
     return folder / LATENTS_FILE
 
 
-def prepare_teacher_data(world, config, log=print) -> None:
+def prepare_teacher_data(world, config, log=print, ranks=None) -> None:
     """For ``data.source: teacher``: load the cached latents, or generate and cache them
     (``data.num_teacher_latents`` with the teacher's largest evaluation step count), then hand
-    them to the world."""
+    them to the world. On several ranks (``ranks``, a
+    :class:`~meanflow.train.distributed.Ranks`; every rank calls this, each with the whole
+    teacher) each rank makes its share, rank 0 writes the file, and every rank loads it."""
+    from meanflow.train.distributed import Ranks
+
+    ranks = ranks or Ranks.single()
     path = latents_path(config)
-    if path.is_file():
-        latents, prompts = load_latents(path)
-        log(f"training on {latents.shape[0]} cached teacher latents from {path}")
-    else:
-        steps = max(config.eval.teacher_steps)
-        log(f"generating {config.data.num_teacher_latents} teacher latents ({steps} steps) into {path}")
-        latents, prompts = teacher_latents(world, world.train_prompts(), config.data.num_teacher_latents, steps,
-                                           config.method.guidance, shift=config.sample.shift, seed=config.run.seed,
-                                           batch_size=config.eval.batch_size, log=log)
-        save_latents(path, latents, prompts, {"steps": steps, "guidance": config.method.guidance.mode})
+    if not path.is_file():
+        steps, num = max(config.eval.teacher_steps), config.data.num_teacher_latents
+        log(f"generating {num} teacher latents ({steps} steps) into {path}"
+            + (f", {ranks.size} ranks sharing them" if ranks.size > 1 else ""))
+        part = teacher_latents(world, world.train_prompts(), num, steps, config.method.guidance,
+                               shift=config.sample.shift, seed=config.run.seed, batch_size=config.eval.batch_size,
+                               log=log, rows=ranks.share(num))
+        parts = ranks.gather(part)
+        if ranks.main:
+            latents = torch.cat([p[0] for p in parts])
+            prompts = [prompt for p in parts for prompt in p[1]]
+            save_latents(path, latents, prompts, {"steps": steps, "guidance": config.method.guidance.mode})
+        ranks.barrier()
+    latents, prompts = load_latents(path)
+    log(f"training on {latents.shape[0]} teacher latents from {path}")
     world.use_latents(latents, prompts)

@@ -96,9 +96,29 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, group=_cpu_group())
         return box[0]
 
-    def barrier(self) -> None:
-        if self.sharded:
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items split over the ranks (the last shares may
+        be shorter or empty)."""
+        size = -(-n // self.size)
+        return slice(min(n, self.rank * size), min(n, (self.rank + 1) * size))
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` in rank order on rank 0 (None on the others)."""
+        if not self.sharded:
+            return [obj]
+        out = [None] * self.size if self.main else None
+        dist.gather_object(obj, out, dst=0, group=_cpu_group())
+        return out
+
+    def barrier(self, timeout_hours: float | None = None) -> None:
+        """Waits for every rank. ``timeout_hours`` for waits on long work of one rank (a data
+        cache rank 0 builds); a rank that never arrives is named in the error."""
+        if not self.sharded:
+            return
+        if timeout_hours is None:
             dist.barrier(group=_cpu_group())
+        else:
+            dist.monitored_barrier(group=_cpu_group(), timeout=datetime.timedelta(hours=timeout_hours))
 
 
 # A gloo group for the small host-side collectives (flags, losses, names); NCCL is kept for the

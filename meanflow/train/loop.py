@@ -312,18 +312,20 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def _make_world(config: TrainConfig, ranks: Ranks, device: torch.device | None) -> World:
-    """The run's world, with its training data prepared. On several ranks, rank 0 goes first:
-    it writes any data cache (VAE latents, teacher latents) that the others then read."""
+    """The run's world, with its training data prepared. On several ranks, rank 0 builds its
+    world first (it writes any cache the world builds, such as the VAE latents of an image
+    folder; the others wait for it, for hours if need be, then read it); teacher latents are
+    made by all ranks together."""
     device = device if device is not None else resolve_device(config.run.device)
     world = None
     for first in (True, False):
         if ranks.main == first:
             world = make_world(config, device)
-            if config.data.source == "teacher":
-                from meanflow.train.data import prepare_teacher_data
+        ranks.barrier(timeout_hours=24)
+    if config.data.source == "teacher":
+        from meanflow.train.data import prepare_teacher_data
 
-                prepare_teacher_data(world, config, log=print if ranks.main else (lambda *a, **k: None))
-        ranks.barrier()
+        prepare_teacher_data(world, config, log=print if ranks.main else (lambda *a, **k: None), ranks=ranks)
     return world
 
 

@@ -27,7 +27,8 @@ from meanflow.train.distributed import Ranks  # noqa: E402
 WORKER = Path(__file__).with_name("_ranks_worker.py")
 # The tiny preset: 4 steps through phases A, B and C with alignment; with per-block checkpointing,
 # so the recompute in backward runs through the sharded blocks too.
-COMMON = ("run.eval_at_end=false", "model.gradient_checkpointing=true")
+# Teacher latents made by the run (split over the ranks when sharded).
+COMMON = ("run.eval_at_end=false", "model.gradient_checkpointing=true", "data.source=teacher")
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +117,8 @@ def test_two_ranks_repeat_one_process(one_process, two_ranks):
     assert all(r["align"] != "nan" and r["fake"] != "nan" for r in rows if r["phase"] == "C")
     _assert_same_rows(rows, _rows(one_process))
     _assert_same_student(two_ranks, one_process)
+    made = [load_file(str(run / "teacher_latents.safetensors"))["latents"] for run in (two_ranks, one_process)]
+    assert made[0].shape == (8, 16, 4) and torch.allclose(made[0], made[1], rtol=0, atol=1e-6)
     manifest = (two_ranks / "checkpoints" / "step-000004" / "manifest.json").read_text()
     assert '"sharded"' in manifest and '"ranks": 2' in manifest
     assert (two_ranks / "samples" / "final.png").is_file()
