@@ -17,7 +17,8 @@ checkpoint stays).
 
 Under ``torchrun`` (:mod:`meanflow.train.distributed`) every rank runs this; rank 0 alone logs
 and writes the run folder's files, checkpoints are sharded (``torch.distributed.checkpoint``,
-each rank writes its shards) and resume on any number of ranks, or in one process. The exported
+each rank writes its shards) and resume on any number of ranks, or in one process; a
+one-process checkpoint resumes on several ranks too. The exported
 student is whole (gathered on rank 0). Ctrl-C there stops without a new checkpoint (the ranks
 may be at different points of a step). An error on one rank ends that process; torchrun then
 stops the others and prints the error.
@@ -142,8 +143,7 @@ class Run:
         if checkpoint.sharded:
             self._restore_sharded(checkpoint)
         elif d.ranks.sharded:
-            raise ConfigError(f"--resume: {checkpoint.path} was written by one process; resume it in one process "
-                              "(without torchrun)")
+            self._restore_whole_into_shards(checkpoint)
         else:
             d.student.load_state_dict(checkpoint.tensors("student"))
             d.ema.load_state_dict(checkpoint.tensors("ema"))
@@ -167,6 +167,28 @@ class Run:
         if d.fake is not None:
             set_model_state_dict(d.fake, state["fake"])
             set_optimizer_state_dict(d.fake, d.fake_optimizer, state["optimizer.fake"])
+
+    def _restore_whole_into_shards(self, checkpoint) -> None:
+        """A one-process checkpoint (whole tensors) resumed on several ranks: every rank reads it
+        and keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        d = self.distiller
+        whole = StateDictOptions(full_state_dict=True)
+        models = [("student", d.student, d.optimizer)]
+        if d.fake is not None:
+            models.append(("fake", d.fake, d.fake_optimizer))
+        for name, model, optimizer in models:
+            set_model_state_dict(model, checkpoint.tensors(name), options=whole)
+            set_optimizer_state_dict(model, optimizer, _by_parameter_name(model, checkpoint.optimizer_state(name)),
+                                     options=whole)
+        saved = checkpoint.tensors("ema")
+        d.ema.load_state_dict({
+            key: distribute_tensor(saved[key].to(current.device), current.device_mesh, current.placements)
+            if isinstance(current, DTensor) else saved[key]
+            for key, current in d.ema.state_dict().items()})
 
     # -- pieces ------------------------------------------------------------------------------
     def write_samples(self, tag: str) -> Path:
@@ -277,6 +299,15 @@ def distill(config: TrainConfig, resume: bool = False, log=print) -> int:
     run.finish()
     run.log(f"done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _by_parameter_name(model, state: dict) -> dict:
+    """An optimizer state_dict keyed by parameter index (``optimizer.state_dict()``, one param
+    group over ``model.parameters()``) re-keyed by parameter name, the form
+    ``set_optimizer_state_dict`` takes."""
+    names = [name for name, _ in model.named_parameters()]
+    groups = [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]
+    return {"state": {names[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
 
 
 def _silent(*args, **kwargs) -> None:
