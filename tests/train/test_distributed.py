@@ -199,3 +199,15 @@ def test_bf16_mixed_precision_matches_one_process(tmp_path):
         assert math.isclose(x, y, rel_tol=2e-2), (a["losses"], b["losses"])
     sa, sb = torch.tensor(a["samples"]), torch.tensor(b["samples"])
     assert float((sa - sb).abs().max()) < 0.1 * float(sa.abs().max())
+
+
+def test_ranks_without_a_process_group():
+    single = Ranks.single()
+    g = torch.Generator()
+    assert single.rows(4, g) is g and single.mean(2.5) == 2.5 and single.all(False) is False
+    assert single.share(5) == slice(0, 5) and single.gather("x") == ["x"] and single.broadcast(3) == 3
+    # shares of 5 items over 3 ranks: 2, 2, 1; over 8 ranks: some empty
+    assert [Ranks(rank=r, size=3).share(5) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert sum(len(range(5)[Ranks(rank=r, size=8).share(5)]) for r in range(8)) == 5
+    shard = Ranks(rank=1, size=2).rows(8, g)
+    assert (shard.start, shard.rows, shard.total, shard.local) == (4, 4, 8, slice(4, 8))
