@@ -17,13 +17,7 @@ from meanflow.cli import main  # noqa: E402
 from meanflow.train import loop as loop_module  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 def _distill(out, *overrides, resume=False):

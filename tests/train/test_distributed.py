@@ -31,13 +31,7 @@ WORKER = Path(__file__).with_name("_ranks_worker.py")
 COMMON = ("run.eval_at_end=false", "model.gradient_checkpointing=true", "data.source=teacher")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 def _torchrun(ranks: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
