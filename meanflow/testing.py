@@ -210,3 +210,62 @@ def check_pair_op(
         errors["dual y_dot"] = assert_close_to_oracle(
             "dual y_dot", y3_dot, oracle[1], None if baseline is None else baseline[1], magnitude=tangent_magnitude)
     return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs of `meanflow distill`: launching ranks and comparing run folders
+# --------------------------------------------------------------------------------------------
+
+def torchrun(ranks: int, *args: str, timeout: float = 300):
+    """``torchrun --standalone --nproc-per-node ranks ARGS`` on the CPU (plain-torch backend, one
+    thread per rank); the ``subprocess.CompletedProcess`` with text stdout and stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(run) -> list[dict]:
+    """The rows of a run folder's ``metrics.csv``."""
+    import csv
+    from pathlib import Path
+
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+METRIC_COLUMNS = ("loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr")
+
+
+def assert_same_metrics(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
+    """Same steps, phases and skips, and every logged figure within ``rel`` (NaN where NaN)."""
+    import math
+
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g["phase"] == w["phase"] and g["skipped"] == w["skipped"]
+        for key in METRIC_COLUMNS:
+            a, b = float(g[key]), float(w[key])
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-7), \
+                (g["step"], key, a, b)
+
+
+def student_weight_difference(run_a, run_b) -> float:
+    """The largest absolute difference between the exported students (``student/``) of two run
+    folders, which must hold the same tensors."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    def tensors(run):
+        out = {}
+        for path in sorted((Path(run) / "student").rglob("*.safetensors")):
+            out.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
+        return out
+
+    a, b = tensors(run_a), tensors(run_b)
+    assert a.keys() == b.keys() and a, (sorted(a.keys() ^ b.keys())[:5], len(a))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -4,7 +4,6 @@ one rank ending the run with the error shown, and the planner's sharded rows aga
 each rank holds."""
 from __future__ import annotations
 
-import csv
 import math
 import os
 import shutil
@@ -21,6 +20,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
 from meanflow.cli import main  # noqa: E402
+from meanflow.testing import assert_same_metrics, metrics_rows, student_weight_difference, torchrun  # noqa: E402
 from meanflow.train.config import ConfigError, load_config  # noqa: E402
 from meanflow.train.distributed import Ranks  # noqa: E402
 
@@ -34,12 +34,6 @@ COMMON = ("run.eval_at_end=false", "model.gradient_checkpointing=true", "data.so
 pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
-def _torchrun(ranks: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _distill_args(out: Path, *overrides: str, resume: bool = False) -> list[str]:
     args = ["distill", "--preset", "tiny", "--out", str(out)]
     for item in (*COMMON, *overrides):
@@ -47,38 +41,11 @@ def _distill_args(out: Path, *overrides: str, resume: bool = False) -> list[str]
     return args + (["--resume"] if resume else [])
 
 
-def _rows(run: Path) -> list[dict]:
-    with open(run / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-NUMERIC = ("loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr")
-
-
-def _assert_same_rows(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        assert g["phase"] == w["phase"] and g["skipped"] == w["skipped"]
-        for key in NUMERIC:
-            a, b = float(g[key]), float(w[key])
-            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-7), \
-                (g["step"], key, a, b)
-
-
-def _student(run: Path) -> dict:
-    tensors = {}
-    for path in sorted((run / "student").rglob("*.safetensors")):
-        tensors.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
-    return tensors
-
-
 def _assert_same_student(got: Path, want: Path) -> None:
     # AdamW normalises each gradient element, so rounding-level differences in tiny gradient
     # elements become differences of up to lr per step: 4 steps of lr 3e-4 bound them by ~1e-3;
     # measured ~2e-5.
-    a, b = _student(got), _student(want)
-    assert a.keys() == b.keys() and len(a) > 100
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    worst = student_weight_difference(got, want)
     assert worst < 2e-4, worst
 
 
@@ -99,17 +66,17 @@ def one_process(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two") / "run"
-    result = _torchrun(2, "-m", "meanflow", *_distill_args(out))
+    result = torchrun(2, "-m", "meanflow", *_distill_args(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("distilling the digits teacher") == 1  # rank 0 alone logs
     return out
 
 
 def test_two_ranks_repeat_one_process(one_process, two_ranks):
-    rows = _rows(two_ranks)
+    rows = metrics_rows(two_ranks)
     assert [r["phase"] for r in rows] == ["A", "B", "B", "C"]
     assert all(r["align"] != "nan" and r["fake"] != "nan" for r in rows if r["phase"] == "C")
-    _assert_same_rows(rows, _rows(one_process))
+    _assert_samemetrics_rows(rows, metrics_rows(one_process))
     _assert_same_student(two_ranks, one_process)
     made = [load_file(str(run / "teacher_latents.safetensors"))["latents"] for run in (two_ranks, one_process)]
     assert made[0].shape == (8, 16, 4) and torch.allclose(made[0], made[1], rtol=0, atol=1e-6)
@@ -130,26 +97,26 @@ def test_sharded_checkpoint_resumes_on_one_and_on_two_ranks(one_process, two_ran
     on_one = _rewind(two_ranks, tmp_path / "on-one", 2)
     assert main(_distill_args(on_one, resume=True)) == 0
     on_two = _rewind(two_ranks, tmp_path / "on-two", 2)
-    result = _torchrun(2, "-m", "meanflow", *_distill_args(on_two, resume=True))
+    result = torchrun(2, "-m", "meanflow", *_distill_args(on_two, resume=True))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-000002" in result.stdout
     for run in (on_one, on_two):
-        _assert_same_rows(_rows(run), _rows(one_process))
+        _assert_samemetrics_rows(metrics_rows(run), metrics_rows(one_process))
         _assert_same_student(run, one_process)
 
 
 def test_one_process_checkpoint_resumes_on_two_ranks(one_process, tmp_path):
     run = _rewind(one_process, tmp_path / "run", 2)
     assert (run / "checkpoints" / "step-000002" / "student.safetensors").is_file()  # the one-process format
-    result = _torchrun(2, "-m", "meanflow", *_distill_args(run, resume=True))
+    result = torchrun(2, "-m", "meanflow", *_distill_args(run, resume=True))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _assert_same_rows(_rows(run), _rows(one_process))
+    _assert_samemetrics_rows(metrics_rows(run), metrics_rows(one_process))
     _assert_same_student(run, one_process)
 
 
 def test_failure_on_one_rank_ends_every_rank_with_the_error(tmp_path):
     start = time.perf_counter()
-    result = _torchrun(2, str(WORKER), "fail", *_distill_args(tmp_path / "run"), timeout=240)
+    result = torchrun(2, str(WORKER), "fail", *_distill_args(tmp_path / "run"), timeout=240)
     assert result.returncode != 0
     assert "injected failure on rank 1 at step 1" in result.stdout + result.stderr
     assert time.perf_counter() - start < 200  # torchrun stopped rank 0 rather than waiting out a timeout
@@ -159,7 +126,7 @@ def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path):
     import json
 
     out = tmp_path / "bytes.json"
-    result = _torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}")
+    result = torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ranks"] == 2
@@ -185,7 +152,7 @@ def test_bf16_mixed_precision_matches_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(WORKER), "bf16", str(tmp_path / "one.json"),
                           f"run.out_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, str(WORKER), "bf16", str(tmp_path / "two.json"), f"run.out_dir={tmp_path / 'two'}")
+    two = torchrun(2, str(WORKER), "bf16", str(tmp_path / "two.json"), f"run.out_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert all(math.isfinite(x) for x in b["losses"])

@@ -352,3 +352,35 @@ def test_distill_through_the_flux_world(pipe_dir, prompt_file, tmp_path, monkeyp
     mf = MeanFlowFluxPipeline.from_pretrained(run / "student", base=pipe_dir)
     out = mf("a red cat", num_inference_steps=2, height=16, width=16, output_type="pt")
     assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
+
+
+def test_distill_through_the_flux_world_on_two_ranks(pipe_dir, prompt_file, tmp_path):
+    """The FLUX world under torchrun (2 CPU ranks, FSDP2): the image folder is encoded once (by
+    rank 0, the other rank reads its cache), and the run repeats the one-process run."""
+    from meanflow.cli import main
+    from meanflow.testing import assert_same_metrics, metrics_rows, student_weight_difference, torchrun
+
+    images = tmp_path / "images"
+    _write_images(images)
+    overrides = ["model.kind=flux", f"model.teacher={pipe_dir}", f"data.prompts={prompt_file}",
+                 "data.source=dataset", f"data.images={images}", "run.eval_at_end=false",
+                 "method.guidance.mode=embedded", "method.guidance.scales=[3.5]", "sample.shift=flux",
+                 "model.resolution=16", "data.batch_size=2", "sample.per_prompt=1",
+                 "model.gradient_checkpointing=true",
+                 # Two solver steps: at initialisation the student equals the embedded-guidance
+                 # teacher, so a one-step target would leave only rounding noise to train on.
+                 "method.target.solver_steps=2"]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"run-{ranks}"
+        args = ["distill", "--preset", "tiny", "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+        if ranks == 1:
+            assert main(args) == 0
+        else:
+            result = torchrun(2, "-m", "meanflow", *args)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            assert result.stdout.count("encoding") <= 1  # rank 0 alone encodes and logs
+        runs[ranks] = out
+        assert (out / DATASET_LATENTS_FILE).is_file()
+    assert_same_metrics(metrics_rows(runs[2]), metrics_rows(runs[1]))
+    assert student_weight_difference(runs[2], runs[1]) < 2e-4
