@@ -76,7 +76,7 @@ def test_two_ranks_repeat_one_process(one_process, two_ranks):
     rows = metrics_rows(two_ranks)
     assert [r["phase"] for r in rows] == ["A", "B", "B", "C"]
     assert all(r["align"] != "nan" and r["fake"] != "nan" for r in rows if r["phase"] == "C")
-    _assert_samemetrics_rows(rows, metrics_rows(one_process))
+    assert_same_metrics(rows, metrics_rows(one_process))
     _assert_same_student(two_ranks, one_process)
     made = [load_file(str(run / "teacher_latents.safetensors"))["latents"] for run in (two_ranks, one_process)]
     assert made[0].shape == (8, 16, 4) and torch.allclose(made[0], made[1], rtol=0, atol=1e-6)
@@ -101,7 +101,7 @@ def test_sharded_checkpoint_resumes_on_one_and_on_two_ranks(one_process, two_ran
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-000002" in result.stdout
     for run in (on_one, on_two):
-        _assert_samemetrics_rows(metrics_rows(run), metrics_rows(one_process))
+        assert_same_metrics(metrics_rows(run), metrics_rows(one_process))
         _assert_same_student(run, one_process)
 
 
@@ -110,7 +110,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(one_process, tmp_path):
     assert (run / "checkpoints" / "step-000002" / "student.safetensors").is_file()  # the one-process format
     result = torchrun(2, "-m", "meanflow", *_distill_args(run, resume=True))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _assert_samemetrics_rows(metrics_rows(run), metrics_rows(one_process))
+    assert_same_metrics(metrics_rows(run), metrics_rows(one_process))
     _assert_same_student(run, one_process)
 
 
