@@ -23,7 +23,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["RowShard", "Generator", "rand", "randn", "randint", "choose_rows", "shared_generator"]
+__all__ = ["RowShard", "Generator", "rand", "randn", "randint", "choose_rows", "total_rows", "shared_generator"]
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,15 @@ def randint(high: int, shape: Sequence[int], generator: Generator = None, *, bat
     return _local(full, generator, batch_dim).to(device)
 
 
+def total_rows(batch: int, generator: Generator = None) -> int:
+    """The global batch size: ``batch`` on one process, the RowShard's total when sharded."""
+    return _global_shape((batch,), generator, 0)[0]
+
+
 def choose_rows(batch: int, fraction: float, generator: Generator = None, device=None) -> Tensor:
     """(batch,) bool: a uniformly random subset of exactly round(fraction · B_global) rows of the
     global batch (B_global = ``batch`` on one process), restricted to this rank's rows."""
-    total = _global_shape((batch,), generator, 0)[0]
+    total = total_rows(batch, generator)
     dev = _draw_device(generator, device)
     chosen = torch.randperm(total, generator=shared_generator(generator), device=dev)[:int(round(fraction * total))]
     mask = torch.zeros(total, dtype=torch.bool, device=dev)

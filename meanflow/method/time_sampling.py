@@ -69,6 +69,6 @@ def sample_times(batch: int, config: TimeSamplerConfig | None = None,
         raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
     pair = logit_normal((2, batch), config.mean, config.std, generator, device, torch.float64)
     r, t = pair.min(dim=0).values, pair.max(dim=0).values
-    if config.equal_fraction > 0:
+    if round(config.equal_fraction * draws.total_rows(batch, generator)):  # no draw when none are equal
         r = torch.where(draws.choose_rows(batch, config.equal_fraction, generator, device=t.device), t, r)
     return r.to(dtype), t.to(dtype)

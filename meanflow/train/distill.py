@@ -33,7 +33,7 @@ import torch
 
 from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from meanflow.train.config import ConfigError, TrainConfig, load_config, save_yaml, to_dict
-from meanflow.train.distributed import Ranks, full_state_dict, init_ranks
+from meanflow.train.distributed import Ranks, full_state_dict, init_ranks, silent
 from meanflow.train.logger import Progress, RunLogger
 from meanflow.train.loop import Distiller, NonFiniteLossError, sample_student
 from meanflow.train.world import resolve_device
@@ -94,7 +94,7 @@ class Run:
             ranks, device = init_ranks(resolve_device(config.run.device))
         self.ranks = ranks
         self.resume = resume
-        self.log = log if ranks.main else _silent
+        self.log = log if ranks.main else silent
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
         self.distiller = Distiller(config, ranks=ranks, device=device)
@@ -291,7 +291,7 @@ def distill(config: TrainConfig, resume: bool = False, log=print) -> int:
     start = time.perf_counter()
     run = Run(config, resume=resume, log=log)
     run.log(f"distilling the {config.model.kind} teacher into {config.run.out_dir} "
-        f"({config.run.max_steps} steps, batch {config.data.batch_size}, device {run.distiller.device})")
+            f"({config.run.max_steps} steps, batch {config.data.batch_size}, device {run.distiller.device})")
     status = run.train()
     if status != 0:
         return status
@@ -308,10 +308,6 @@ def _by_parameter_name(model, state: dict) -> dict:
     names = [name for name, _ in model.named_parameters()]
     groups = [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]
     return {"state": {names[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
-
-
-def _silent(*args, **kwargs) -> None:
-    """The log of ranks other than 0."""
 
 
 class _Quiet:

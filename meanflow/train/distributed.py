@@ -35,6 +35,10 @@ from meanflow.method.draws import RowShard
 __all__ = ["Ranks", "launched_by_torchrun", "init_ranks", "device_mesh", "shard_flux", "reshard", "full_state_dict"]
 
 
+def silent(*args, **kwargs) -> None:
+    """The ``log`` of ranks other than 0: prints nothing."""
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` (its environment names a world size)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

@@ -40,7 +40,8 @@ from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.ops import adaptive_weighted_loss
 from meanflow.train.config import TrainConfig
-from meanflow.train.distributed import Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux
+from meanflow.train.distributed import (Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux,
+                                        silent)
 from meanflow.train.ema import EMA
 from meanflow.train.world import World, make_world, resolve_device
 
@@ -85,6 +86,10 @@ class Distiller:
         check_batch_split(config.data.batch_size, ranks.size)
         torch.manual_seed(config.run.seed)
         self.world = world if world is not None else _make_world(config, ranks, device)
+        if config.data.source == "teacher":
+            from meanflow.train.data import prepare_teacher_data
+
+            prepare_teacher_data(self.world, config, log=print if ranks.main else silent, ranks=ranks)
         self.device = self.world.device
         self.generator = torch.Generator().manual_seed(config.run.seed)
         teacher = self.world.teacher
@@ -312,21 +317,17 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def _make_world(config: TrainConfig, ranks: Ranks, device: torch.device | None) -> World:
-    """The run's world, with its training data prepared. On several ranks, rank 0 builds its
-    world first (it writes any cache the world builds, such as the VAE latents of an image
-    folder; the others wait for it, for hours if need be, then read it); teacher latents are
-    made by all ranks together."""
+    """The run's world. On several ranks, rank 0 builds its world first: it writes any cache
+    the world builds (the VAE latents of an image folder), which the others, having waited for
+    it (for hours if need be), then read."""
     device = device if device is not None else resolve_device(config.run.device)
     world = None
     for first in (True, False):
         if ranks.main == first:
             world = make_world(config, device)
         ranks.barrier(timeout_hours=24)
-    if config.data.source == "teacher":
-        from meanflow.train.data import prepare_teacher_data
-
-        prepare_teacher_data(world, config, log=print if ranks.main else (lambda *a, **k: None), ranks=ranks)
     return world
+
 
 
 @torch.no_grad()
