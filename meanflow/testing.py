@@ -220,12 +220,22 @@ def torchrun(ranks: int, *args: str, timeout: float = 300):
     """``torchrun --standalone --nproc-per-node ranks ARGS`` on the CPU (plain-torch backend, one
     thread per rank); the ``subprocess.CompletedProcess`` with text stdout and stderr."""
     import os
+    import signal
     import subprocess
     import sys
 
     env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own session, so that a run past the timeout is killed with all its ranks.
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            raise AssertionError(f"torchrun ran past {timeout} s and was killed:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def metrics_rows(run) -> list[dict]:

@@ -14,6 +14,7 @@ diversity (mean pairwise feature distance within a prompt's label).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -27,8 +28,11 @@ def _batched(fn: Callable[[list, Tensor], Tensor], prompts: list, noise: Tensor,
     return torch.cat([fn(prompts[i:i + batch], noise[i:i + batch]) for i in range(0, len(prompts), batch)])
 
 
-def evaluate(world, student, config, *, seed: int = 1234, log: Callable[[str], None] = print) -> dict:
+def evaluate(world, student, config, *, seed: int = 1234, log: Callable[[str], None] = print,
+             sampling: Callable = contextlib.nullcontext) -> dict:
     """Evaluate the teacher and ``student`` (a FluxStudent, eval mode) as ``config.eval`` says.
+    ``sampling()`` is the context the models' sampling runs in (decoding and metrics run
+    outside it).
 
     Returns a dict: ``rows`` (one per model and step count: model, steps, nfe, fd, accuracy,
     diversity, seconds), ``reference`` (the same metrics for as many real training images,
@@ -55,7 +59,8 @@ def evaluate(world, student, config, *, seed: int = 1234, log: Callable[[str], N
     rows, samples = [], {}
     for model, steps, nfe, fn in runs:
         start = time.perf_counter()
-        latents = _batched(fn, all_prompts, noise, config.eval.batch_size)
+        with sampling():
+            latents = _batched(fn, all_prompts, noise, config.eval.batch_size)
         seconds = time.perf_counter() - start
         images = world.decode(latents)
         feats, logits = evaluator.features_and_logits(images)

@@ -89,7 +89,7 @@ def _draw_device(generator: Generator, device) -> torch.device | None:
 def rand(shape: Sequence[int], generator: Generator = None, *, batch_dim: int = 0,
          dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """U[0, 1) of ``shape`` (per sample along ``batch_dim``), drawn on the generator's device
-    and moved to ``device`` (default: stays there)."""
+    (on ``device`` without a generator) and moved to ``device`` (default: stays there)."""
     full = torch.rand(_global_shape(shape, generator, batch_dim), generator=shared_generator(generator),
                       dtype=dtype, device=_draw_device(generator, device))
     return _local(full, generator, batch_dim).to(device)

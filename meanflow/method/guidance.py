@@ -77,7 +77,7 @@ def sample_scales(batch: int, config: GuidanceConfig, generator: draws.Generator
                   device=None) -> Tensor:
     """(B,) float32 scales drawn uniformly from ``config.scales``."""
     positive_int(batch, "batch")
-    idx = draws.randint(len(config.scales), (batch,), generator)
+    idx = draws.randint(len(config.scales), (batch,), generator, device=device)
     table = torch.tensor(config.scales, dtype=torch.float32, device=idx.device)
     return table[idx].to(device)
 

@@ -40,7 +40,8 @@ def logit_normal(shape, mean: float, std: float, generator: draws.Generator = No
                  device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """sigmoid(mean + std·n), n ~ N(0, 1): a ``shape`` tensor of ``dtype`` in (0, 1), one value
     per sample along the last dimension."""
-    n = draws.randn(shape, generator, batch_dim=len(shape) - 1, dtype=torch.float64)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    n = draws.randn(shape, generator, batch_dim=len(shape) - 1, dtype=torch.float64, device=device)
     return torch.sigmoid(mean + std * n).to(device=device, dtype=dtype)
 
 

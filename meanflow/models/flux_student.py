@@ -52,8 +52,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import functools
 import os
-import types
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -476,8 +476,8 @@ def _install_pair_forwards(transformer) -> None:
     for fn, blocks in ((_double_block, transformer.transformer_blocks),
                        (_single_block, transformer.single_transformer_blocks)):
         for block in blocks:
-            if not hasattr(block, PAIR_FORWARD):
-                setattr(block, PAIR_FORWARD, types.MethodType(fn, block))
+            if not hasattr(block, PAIR_FORWARD):  # a partial (not a bound method): it pickles
+                setattr(block, PAIR_FORWARD, functools.partial(fn, block))
 
 
 def _checkpointed(block_fn: Callable, h, h_dot, c, c_dot, s, s_dot, rope, mask, dtype):

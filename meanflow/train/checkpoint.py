@@ -226,34 +226,48 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: di
     process without a process group.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected an int >= 0, got {step!r}")
     for name in sharded:
         if not isinstance(name, str) or not name:
             raise ValueError(f"sharded: invalid name {name!r}")
-    folders = _begin(Path(directory), step) if ranks.main else None
-    final, tmp = ranks.broadcast(folders)
-    error = None
-    try:
-        dcp.save(sharded, checkpoint_id=str(tmp / SHARDED))
-    except BaseException as err:  # every rank must reach the barrier below
-        error = err
-    ok = ranks.all(error is None)
+    # Every rank makes the same collective calls whatever fails where: each stage ends in an
+    # agreement, and a failure anywhere leaves no checkpoint behind (``latest`` unchanged).
+    folders = error = None
     if ranks.main:
         try:
-            if ok:
-                files = sorted(p for p in (tmp / SHARDED).rglob("*") if p.is_file())
-                _finish(final, tmp, step, files, state, generators, checksums,
-                        {"groups": [], "optimizers": [], "sharded": list(sharded), "ranks": ranks.size}, keep)
-        finally:
-            if not ok:
-                shutil.rmtree(tmp, ignore_errors=True)
-    ranks.barrier()
+            folders = _begin(Path(directory), step)
+        except Exception as err:  # noqa: BLE001 - re-raised on rank 0 below, reported on the others
+            error = err
+    folders = ranks.broadcast(folders)
+    if folders is None:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint of step {step}: rank 0 could not create the checkpoint folder")
+    final, tmp = folders
+    try:
+        dcp.save(sharded, checkpoint_id=str(tmp / SHARDED))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - every rank must reach the agreement below
+        error = RuntimeError(f"checkpoint of step {step}: writing the shards failed: {err}")
+        error.__cause__ = err
+    if ranks.all(error is None) and ranks.main:
+        try:
+            files = sorted(p for p in (tmp / SHARDED).rglob("*") if p.is_file())
+            _finish(final, tmp, step, files, state, generators, checksums,
+                    {"groups": [], "optimizers": [], "sharded": list(sharded), "ranks": ranks.size}, keep)
+        except Exception as err:  # noqa: BLE001
+            error = err
+    saved = ranks.all(error is None)
+    if not saved:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ranks.barrier()  # the failed save is gone on every rank's return
     if error is not None:
         raise error
-    if not ok:
-        raise RuntimeError(f"checkpoint of step {step}: another rank failed to write its shards; nothing saved")
+    if not saved:
+        raise RuntimeError(f"checkpoint of step {step}: another rank failed (see its error); nothing saved")
     return final
 
 

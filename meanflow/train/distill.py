@@ -195,7 +195,7 @@ class Run:
         """A grid: one row per step count in ``sample.steps``, the EMA student, fixed noise.
         Every rank samples (the models are sharded); rank 0 writes."""
         world = self.distiller.world
-        with self.distiller.ema_weights() as model, self.distiller.autocast():
+        with self.distiller.ema_weights() as model, self.distiller.sampling_precision():
             latents = [sample_student(model, world, self.grid_prompts, steps, self.grid_noise, self.config.sample.shift)
                        for steps in self.config.sample.steps]
         path = self.out_dir / "samples" / f"{tag}.png"
@@ -262,8 +262,7 @@ class Run:
             from meanflow.eval.evaluate import evaluate, json_ready
 
             # Every rank evaluates (the models are sharded); rank 0 writes.
-            with d.autocast():
-                result = evaluate(d.world, student, self.config, log=self.log)
+            result = evaluate(d.world, student, self.config, log=self.log, sampling=d.sampling_precision)
         if self.ranks.main:
             with open(self.out_dir / "eval.json", "w") as f:
                 json.dump(json_ready(result), f, indent=2)

@@ -183,12 +183,13 @@ def shutdown() -> None:
 def mixed_precision(dtype_name: str):
     """FSDP2's policy for ``run.dtype``: bf16 parameters in the blocks' compute with float32
     gradient reduction for ``"bfloat16"`` (the float32 master weights stay sharded); None (no
-    casting) for ``"float32"``."""
+    casting) for ``"float32"``. Block inputs are not cast: autocast and pair mode's explicit
+    casts choose each op's dtype as in one process, and the RoPE tables stay float32."""
     if dtype_name != "bfloat16":
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def device_mesh(device: torch.device, ranks: Ranks):

@@ -132,11 +132,16 @@ class Distiller:
 
     # -- pieces ------------------------------------------------------------------------------
     def autocast(self):
-        """bf16 autocast on the run's device for ``run.dtype="bfloat16"``, else nothing. Sampling
-        and evaluation run under it too: sharded with bf16 blocks, the models need it."""
+        """bf16 autocast on the run's device for ``run.dtype="bfloat16"``, else nothing."""
         if self.config.run.dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def sampling_precision(self):
+        """The context of the forwards outside training steps (sample grids, evaluation): bf16
+        autocast for a sharded bf16 run, whose blocks compute with bf16 parameters and need it;
+        nothing otherwise (one process samples its float32 weights in float32)."""
+        return self.autocast() if self.ranks.sharded else contextlib.nullcontext()
 
     def _guidance(self, cond, batch: int, rows):
         """(cond with embedded g if any, uncond or None, per-sample scales or None)."""
@@ -270,19 +275,19 @@ class Distiller:
         back on exit. Works on sharded students (each rank swaps its shards; every rank must
         then make the same calls). Costs one copy of the parameters."""
         reshard(self.student)
-        params = dict(self.student.named_parameters())
+        tensors = {**dict(self.student.named_parameters()), **dict(self.student.named_buffers())}
         with torch.no_grad():
-            saved = {name: p.detach().clone() for name, p in params.items()}
+            saved = {name: t.detach().clone() for name, t in tensors.items()}
         training = self.student.training
-        self.ema.copy_to(self.student)
-        self.student.eval()
         try:
+            self.ema.copy_to(self.student)
+            self.student.eval()
             yield self.student
         finally:
             reshard(self.student)
             with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
+                for name, t in tensors.items():
+                    t.copy_(saved[name])
             self.student.train(training)
 
     # -- state -------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
         the tiny preset's 4 steps with run.dtype bfloat16 forced onto the CPU (FSDP2's bf16
         mixed-precision policy under bf16 autocast), then 1-step samples of the EMA student;
         rank 0 writes the losses and the samples to OUT (JSON). Also runs on one process.
+    _ranks_worker.py save-fail DIR
+        a sharded checkpoint save whose shard writing fails on rank 1: every rank must raise and
+        leave no checkpoint; then a save that succeeds. Exit 0 when so.
 """
 import json
 import sys
@@ -99,8 +102,47 @@ def bf16(out, overrides):
     return 0
 
 
+def save_fail(directory):
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_sharded_checkpoint
+    from meanflow.train.distributed import init_ranks, shutdown
+
+    ranks, _ = init_ranks(torch.device("cpu"))
+    mesh = init_device_mesh("cpu", (ranks.size,))
+    weight = distribute_tensor(torch.arange(12.0).reshape(6, 2), mesh, [Shard(0)])
+    original = FileSystemWriter.write_data
+
+    def broken(self, *args, **kwargs):  # the shard files of rank 1 cannot be written
+        if ranks.rank == 1:
+            raise OSError("disk full on rank 1")
+        return original(self, *args, **kwargs)
+
+    FileSystemWriter.write_data = broken
+    try:
+        save_sharded_checkpoint(directory, 1, {"model": {"weight": weight}}, {"step": 1}, ranks=ranks)
+        raise AssertionError("the save did not fail")
+    except Exception as err:  # noqa: BLE001 - DCP reports rank 1's error to every rank
+        assert "disk full on rank 1" in str(err), str(err)
+    FileSystemWriter.write_data = original
+    assert find_checkpoint(directory) is None
+    assert not [p for p in Path(directory).iterdir() if p.name != "latest"], list(Path(directory).iterdir())
+    save_sharded_checkpoint(directory, 2, {"model": {"weight": weight}}, {"step": 2}, ranks=ranks)
+    loaded = {"model": {"weight": distribute_tensor(torch.zeros(6, 2), mesh, [Shard(0)])}}
+    load_checkpoint(directory).load_sharded(loaded)
+    assert torch.equal(loaded["model"]["weight"].full_tensor(), torch.arange(12.0).reshape(6, 2))
+    shutdown()
+    return 0
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "fail":
         sys.exit(fail(rest))
+    if mode == "save-fail":
+        sys.exit(save_fail(rest[0]))
     sys.exit((measure if mode == "measure" else bf16)(rest[0], rest[1:]))

@@ -122,6 +122,11 @@ def test_failure_on_one_rank_ends_every_rank_with_the_error(tmp_path):
     assert time.perf_counter() - start < 200  # torchrun stopped rank 0 rather than waiting out a timeout
 
 
+def test_sharded_save_failing_on_one_rank_saves_nothing_and_raises_on_every_rank(tmp_path):
+    result = torchrun(2, str(WORKER), "save-fail", str(tmp_path / "checkpoints"), timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path):
     import json
 
