@@ -150,7 +150,8 @@ def test_batch_must_split_over_ranks(tmp_path):
 def test_bf16_mixed_precision_matches_one_process(tmp_path):
     """FSDP2's bf16 policy (bf16 block parameters, float32 reduction) under bf16 autocast, with
     bf16 forced onto the CPU: the losses and the EMA student's samples stay within bf16 rounding
-    of one process's bf16 autocast run (measured: 0.35 % and 0.04 on samples of magnitude 2)."""
+    of one process's bf16 autocast run (measured: 1.2 % on the phase-C loss, whose alignment term
+    amplifies rounding, 0.02 % on the others, and 0.023 on samples of magnitude 2)."""
     import json
 
     env = dict(os.environ, MEANFLOW_BACKEND="reference", OMP_NUM_THREADS="1")
