@@ -32,7 +32,8 @@ from torch import nn
 
 from meanflow.method.draws import RowShard
 
-__all__ = ["Ranks", "launched_by_torchrun", "init_ranks", "device_mesh", "shard_flux", "reshard", "full_state_dict"]
+__all__ = ["Ranks", "launched_by_torchrun", "init_ranks", "shutdown", "check_batch_split", "device_mesh",
+           "mixed_precision", "shard_flux", "reshard", "full_state_dict", "silent"]
 
 
 def silent(*args, **kwargs) -> None:
