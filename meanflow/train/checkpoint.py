@@ -234,7 +234,8 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: di
         if not isinstance(name, str) or not name:
             raise ValueError(f"sharded: invalid name {name!r}")
     # Every rank makes the same collective calls whatever fails where: each stage ends in an
-    # agreement, and a failure anywhere leaves no checkpoint behind (``latest`` unchanged).
+    # agreement, and a failure before the folder is renamed into place leaves nothing behind
+    # (``latest`` unchanged).
     folders = error = None
     if ranks.main:
         try:
@@ -267,7 +268,7 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: di
     if error is not None:
         raise error
     if not saved:
-        raise RuntimeError(f"checkpoint of step {step}: another rank failed (see its error); nothing saved")
+        raise RuntimeError(f"checkpoint of step {step}: another rank failed to save it (see its error)")
     return final
 
 
