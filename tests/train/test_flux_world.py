@@ -384,3 +384,30 @@ def test_distill_through_the_flux_world_on_two_ranks(pipe_dir, prompt_file, tmp_
         assert (out / DATASET_LATENTS_FILE).is_file()
     assert_same_metrics(metrics_rows(runs[2]), metrics_rows(runs[1]))
     assert student_weight_difference(runs[2], runs[1]) < 2e-4
+
+
+@pytest.mark.gpu
+def test_sharded_distill_on_a_gpu_with_nccl(pipe_dir, prompt_file, tmp_path):
+    """The sharded trainer on CUDA: torchrun with one rank per visible GPU (NCCL and the gloo
+    side group), bf16 mixed precision, a sharded checkpoint, then a resume from it."""
+    from meanflow.testing import metrics_rows, torchrun
+
+    gpus = torch.cuda.device_count()
+    ranks = 2 if gpus >= 2 else 1
+    out = tmp_path / "run"
+    overrides = ["model.kind=flux", f"model.teacher={pipe_dir}", f"data.prompts={prompt_file}",
+                 "data.source=teacher", "run.device=cuda", "run.dtype=bfloat16", "run.eval_at_end=false",
+                 "method.guidance.mode=embedded", "method.guidance.scales=[3.5]", "sample.shift=flux",
+                 "model.resolution=16", "data.batch_size=2", "data.num_teacher_latents=4",
+                 "eval.teacher_steps=[2]", "sample.per_prompt=1", "model.gradient_checkpointing=true",
+                 "method.target.solver_steps=2"]
+    args = ["-m", "meanflow", "distill", "--preset", "tiny", "--out", str(out)]
+    args += [a for o in overrides for a in ("--set", o)]
+    first = torchrun(ranks, *args, "--set", "run.max_steps=2", timeout=240)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    again = torchrun(ranks, *args, "--set", "run.max_steps=4", "--resume", timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
+    assert all(r["skipped"] == "0" and float(r["loss"]) == float(r["loss"]) for r in rows)
+    assert (out / "student" / "meanflow_student.json").is_file()
