@@ -77,13 +77,14 @@ class Ranks:
             return generator
         return RowShard(generator, self.rank * (batch // self.size), batch // self.size, batch)
 
-    def mean(self, value: float) -> float:
-        """The average of a float over ranks (the value itself on one process)."""
+    def mean(self, *values: float) -> list[float]:
+        """The averages of floats over ranks, in one collective (the values themselves on one
+        process)."""
         if not self.sharded:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group())
-        return float(t) / self.size
+        return [float(x) / self.size for x in t]
 
     def all(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank."""

@@ -248,15 +248,14 @@ class Distiller:
                 self.fake_optimizer.step()
                 fake_loss = float(loss_fake.detach())
         # Figures of the whole batch: averages over ranks of equal shares.
-        mean = self.ranks.mean
-        meanflow_value = mean(float(meanflow.detach()))
+        meanflow_value, loss_value, mse, align, fake_loss = self.ranks.mean(
+            float(meanflow.detach()), float(total.detach()), float(per_sample.mean()) / u[0].numel(),
+            float("nan") if alignment is None else float(alignment.loss.detach()), fake_loss)
         if finite:
             self.schedule.observe(step, meanflow_value)
         self.step_index += 1
-        return StepResult(step=step, phase=objective.phase, loss=mean(float(total.detach())),
-                          meanflow=meanflow_value, mse=mean(float(per_sample.mean()) / u[0].numel()),
-                          align=float("nan") if alignment is None else mean(float(alignment.loss.detach())),
-                          fake=mean(fake_loss), grad_norm=grad_norm, lr=lr, skipped=not finite)
+        return StepResult(step=step, phase=objective.phase, loss=loss_value, meanflow=meanflow_value, mse=mse,
+                          align=align, fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)
 
     def check_finite(self) -> None:
         """Raises :class:`NonFiniteLossError` once ``run.max_nonfinite_in_a_row`` steps in a row

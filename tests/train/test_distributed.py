@@ -171,7 +171,7 @@ def test_bf16_mixed_precision_matches_one_process(tmp_path):
 def test_ranks_without_a_process_group():
     single = Ranks.single()
     g = torch.Generator()
-    assert single.rows(4, g) is g and single.mean(2.5) == 2.5 and single.all(False) is False
+    assert single.rows(4, g) is g and single.mean(2.5, 1.0) == [2.5, 1.0] and single.all(False) is False
     assert single.share(5) == slice(0, 5) and single.gather("x") == ["x"] and single.broadcast(3) == 3
     # shares of 5 items over 3 ranks: 2, 2, 1; over 8 ranks: some empty
     assert [Ranks(rank=r, size=3).share(5) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 5)]
