@@ -238,6 +238,26 @@ def torchrun(ranks: int, *args: str, timeout: float = 300):
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+def distill_args(out, *overrides: str, preset: str = "tiny", resume: bool = False) -> list[str]:
+    """The arguments of ``meanflow distill --preset PRESET --out OUT --set O ... [--resume]``."""
+    args = ["distill", "--preset", preset, "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    return args + (["--resume"] if resume else [])
+
+
+def state_bytes(tensors) -> int:
+    """Bytes of the tensors this process holds (a DTensor's local shard), 0-d ones (optimizer
+    step counters) and None left out."""
+    total = 0
+    for t in tensors:
+        if t is None or t.dim() == 0:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
 def metrics_rows(run) -> list[dict]:
     """The rows of a run folder's ``metrics.csv``."""
     import csv

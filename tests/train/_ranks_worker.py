@@ -33,17 +33,8 @@ def fail(argv):
     return main(argv)
 
 
-def _local_bytes(tensors):
-    total = 0
-    for t in tensors:
-        if t is None or t.dim() == 0:
-            continue
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
-
-
 def measure(out, overrides):
+    from meanflow.testing import state_bytes
     from meanflow.train.config import load_config
     from meanflow.train.distributed import init_ranks, shutdown
     from meanflow.train.loop import Distiller
@@ -56,14 +47,14 @@ def measure(out, overrides):
     while "C" not in phases:  # phase C runs the fake network's optimizer too
         phases.add(d.step().phase)
     measured = {
-        "student params": _local_bytes(d.student.parameters()),
-        "student grads": _local_bytes(p.grad for p in d.student.parameters()),
-        "student AdamW": _local_bytes(t for s in d.optimizer.state.values() for t in s.values()),
-        "student EMA": _local_bytes(d.ema.state_dict().values()),
-        "fake params": _local_bytes(d.fake.parameters()),
-        "fake grads": _local_bytes(p.grad for p in d.fake.parameters()),
-        "fake AdamW": _local_bytes(t for s in d.fake_optimizer.state.values() for t in s.values()),
-        "teacher": _local_bytes(d.world.teacher.parameters()),
+        "student params": state_bytes(d.student.parameters()),
+        "student grads": state_bytes(p.grad for p in d.student.parameters()),
+        "student AdamW": state_bytes(t for s in d.optimizer.state.values() for t in s.values()),
+        "student EMA": state_bytes(d.ema.state_dict().values()),
+        "fake params": state_bytes(d.fake.parameters()),
+        "fake grads": state_bytes(p.grad for p in d.fake.parameters()),
+        "fake AdamW": state_bytes(t for s in d.fake_optimizer.state.values() for t in s.values()),
+        "teacher": state_bytes(d.world.teacher.parameters()),
     }
     plan = plan_memory(config, ranks.size)
     if ranks.main:

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
 from meanflow.cli import main  # noqa: E402
+from meanflow.testing import distill_args  # noqa: E402
 from meanflow.train import loop as loop_module  # noqa: E402
 
 
@@ -21,10 +22,7 @@ pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 def _distill(out, *overrides, resume=False):
-    args = ["distill", "--preset", "tiny", "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    return main(args + (["--resume"] if resume else []))
+    return main(distill_args(out, *overrides, resume=resume))
 
 
 def _rows(run):

@@ -20,7 +20,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
 from meanflow.cli import main  # noqa: E402
-from meanflow.testing import assert_same_metrics, metrics_rows, student_weight_difference, torchrun  # noqa: E402
+from meanflow.testing import (assert_same_metrics, distill_args, metrics_rows, student_weight_difference,  # noqa: E402
+                              torchrun)
 from meanflow.train.config import ConfigError, load_config  # noqa: E402
 from meanflow.train.distributed import Ranks  # noqa: E402
 
@@ -35,10 +36,7 @@ pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
 def _distill_args(out: Path, *overrides: str, resume: bool = False) -> list[str]:
-    args = ["distill", "--preset", "tiny", "--out", str(out)]
-    for item in (*COMMON, *overrides):
-        args += ["--set", item]
-    return args + (["--resume"] if resume else [])
+    return distill_args(out, *COMMON, *overrides, resume=resume)
 
 
 def _assert_same_student(got: Path, want: Path) -> None:

@@ -358,7 +358,7 @@ def test_distill_through_the_flux_world_on_two_ranks(pipe_dir, prompt_file, tmp_
     """The FLUX world under torchrun (2 CPU ranks, FSDP2): the image folder is encoded once (by
     rank 0, the other rank reads its cache), and the run repeats the one-process run."""
     from meanflow.cli import main
-    from meanflow.testing import assert_same_metrics, metrics_rows, student_weight_difference, torchrun
+    from meanflow.testing import assert_same_metrics, distill_args, metrics_rows, student_weight_difference, torchrun
 
     images = tmp_path / "images"
     _write_images(images)
@@ -373,7 +373,7 @@ def test_distill_through_the_flux_world_on_two_ranks(pipe_dir, prompt_file, tmp_
     runs = {}
     for ranks in (1, 2):
         out = tmp_path / f"run-{ranks}"
-        args = ["distill", "--preset", "tiny", "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+        args = distill_args(out, *overrides)
         if ranks == 1:
             assert main(args) == 0
         else:
@@ -390,7 +390,7 @@ def test_distill_through_the_flux_world_on_two_ranks(pipe_dir, prompt_file, tmp_
 def test_sharded_distill_on_a_gpu_with_nccl(pipe_dir, prompt_file, tmp_path):
     """The sharded trainer on CUDA: torchrun with one rank per visible GPU (NCCL and the gloo
     side group), bf16 mixed precision, a sharded checkpoint, then a resume from it."""
-    from meanflow.testing import metrics_rows, torchrun
+    from meanflow.testing import distill_args, metrics_rows, torchrun
 
     gpus = torch.cuda.device_count()
     ranks = 2 if gpus >= 2 else 1
@@ -401,11 +401,10 @@ def test_sharded_distill_on_a_gpu_with_nccl(pipe_dir, prompt_file, tmp_path):
                  "model.resolution=16", "data.batch_size=2", "data.num_teacher_latents=4",
                  "eval.teacher_steps=[2]", "sample.per_prompt=1", "model.gradient_checkpointing=true",
                  "method.target.solver_steps=2"]
-    args = ["-m", "meanflow", "distill", "--preset", "tiny", "--out", str(out)]
-    args += [a for o in overrides for a in ("--set", o)]
-    first = torchrun(ranks, *args, "--set", "run.max_steps=2", timeout=240)
+    first = torchrun(ranks, "-m", "meanflow", *distill_args(out, *overrides, "run.max_steps=2"), timeout=240)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    again = torchrun(ranks, *args, "--set", "run.max_steps=4", "--resume", timeout=240)
+    again = torchrun(ranks, "-m", "meanflow", *distill_args(out, *overrides, "run.max_steps=4", resume=True),
+                     timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = metrics_rows(out)
     assert [r["step"] for r in rows] == ["0", "1", "2", "3"]

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from meanflow.testing import TINY_FLUX_CONFIG
+from meanflow.testing import TINY_FLUX_CONFIG, state_bytes
 from meanflow.train.config import load_config
 from meanflow.train.plan import FAKE_ROWS, STUDENT_ROWS, format_plan, plan_memory
 
@@ -42,10 +42,6 @@ def test_parameter_counts_equal_real_models():
     assert plan.bytes_of("text encoders + VAE") == 4 * _numel(text_encoder)
 
 
-def _bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None and t.dim() > 0)
-
-
 def test_state_bytes_equal_a_real_distiller(tmp_path):
     from meanflow.train.loop import Distiller
 
@@ -56,18 +52,18 @@ def test_state_bytes_equal_a_real_distiller(tmp_path):
         phases.add(distiller.step().phase)
     student, fake = distiller.student, distiller.fake
     measured = {
-        "student params": _bytes(student.parameters()),
-        "student grads": _bytes(p.grad for p in student.parameters()),
-        "student AdamW": _bytes(t for s in distiller.optimizer.state.values() for t in s.values()),
-        "student EMA": _bytes(distiller.ema.state_dict().values()),
-        "fake params": _bytes(fake.parameters()),
-        "fake grads": _bytes(p.grad for p in fake.parameters()),
-        "fake AdamW": _bytes(t for s in distiller.fake_optimizer.state.values() for t in s.values()),
+        "student params": state_bytes(student.parameters()),
+        "student grads": state_bytes(p.grad for p in student.parameters()),
+        "student AdamW": state_bytes(t for s in distiller.optimizer.state.values() for t in s.values()),
+        "student EMA": state_bytes(distiller.ema.state_dict().values()),
+        "fake params": state_bytes(fake.parameters()),
+        "fake grads": state_bytes(p.grad for p in fake.parameters()),
+        "fake AdamW": state_bytes(t for s in distiller.fake_optimizer.state.values() for t in s.values()),
     }
     plan = plan_memory(config, 1)
     for name in STUDENT_ROWS + FAKE_ROWS:
         assert plan.bytes_of(name) == measured[name], name
-    assert plan.bytes_of("teacher") == _bytes(distiller.world.teacher.parameters())
+    assert plan.bytes_of("teacher") == state_bytes(distiller.world.teacher.parameters())
 
 
 def _saved_bytes(fn, exclude):
