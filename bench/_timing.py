@@ -9,6 +9,11 @@ bytes the case must move or TFLOP/s for GEMMs, so ``bench/summary.py`` lists the
 the attention ones. Shapes are FLUX's at bf16 on CUDA; one small float32 shape on the CPU so
 the suite runs anywhere (``ours`` is then the reference backend).
 
+On CUDA each case also records ``device_ms``: the GPU time of one call, the sum of the durations
+of the kernels (and copies) it ran, read with ``torch.profiler`` over one more batch of calls.
+Wall time per call above device time means the call is bound by its host work (validation,
+autograd, launches), not by its kernels: the two columns tell a slow kernel from a slow launch.
+
 Environment: MEANFLOW_BENCH_COMPILE=0 skips the torch.compile providers (tens of seconds each
 to compile on a CPU).
 """
@@ -55,6 +60,29 @@ def clear_grads(*tensors) -> None:
             t.grad = None
 
 
+def device_busy_us(events) -> float:
+    """Microseconds of GPU work among profiler events: the sum over the device-side ones
+    (kernels, copies, fills), each ``time_range`` long; host-side events are left out."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA))
+
+
+def device_ms(target: Callable[..., object], args: tuple = (), calls: int = CALLS) -> float | None:
+    """GPU milliseconds per call of ``target(*args)``, over ``calls`` calls under the profiler;
+    None without CUDA."""
+    if not CUDA:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            target(*args)
+        sync()
+    return device_busy_us(prof.events()) / 1e3 / calls
+
+
 def _first_line(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {(text[0] if text else '')[:limit]}"
@@ -62,8 +90,10 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 
 def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Callable[..., object],
         setup: Callable[[], tuple] | None = None, bytes_moved: int | None = None, flops: int | None = None,
-        backend: str | None = None, tolerate_errors: bool = False) -> dict:
+        backend: str | None = None, tolerate_errors: bool = False, calls: int = CALLS) -> dict:
     """Times ``target(*setup())`` and records it; returns the extra_info.
+
+    ``calls``: how many calls each timed round makes before its one synchronisation.
 
     ``tolerate_errors``: a provider that raises (torch.compile without a working compiler, say)
     is skipped with the reason instead of failing the run.
@@ -77,7 +107,7 @@ def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Cal
         return args, {}
 
     def timed(*args):
-        for _ in range(CALLS):
+        for _ in range(calls):
             result = target(*args)
         sync()
         return result
@@ -91,11 +121,19 @@ def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Cal
         if not tolerate_errors:
             raise
         pytest.skip(f"{provider}: {_first_line(exc)}")
-    median = benchmark.stats.stats.median / CALLS
+    median = benchmark.stats.stats.median / calls
+    try:
+        gpu_ms, gpu_error = device_ms(target, prepare()[0], calls), None
+    except Exception as exc:  # noqa: BLE001 - the profiler is an aid: its failure keeps the timing
+        gpu_ms, gpu_error = None, _first_line(exc)
     info = {"op": op, "case": f"{op} {case}", "provider": provider, "backend": backend or provider,
             "shape": shape, "group": group, "dtype": str(DTYPE).removeprefix("torch."),
             "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
-            "calls_per_sync": CALLS, "median_ms": round(median * 1e3, 4)}
+            "calls_per_sync": calls, "median_ms": round(median * 1e3, 4)}
+    if gpu_ms is not None:
+        info["device_ms"] = round(gpu_ms, 4)
+    if gpu_error is not None:
+        info["device_ms_error"] = gpu_error
     if bytes_moved is not None:
         info["bytes"] = bytes_moved
         info["gbps"] = round(bytes_moved / median / 1e9, 1)
@@ -104,6 +142,7 @@ def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Cal
         info["tflops"] = float(f"{flops / median / 1e12:.4g}")
     benchmark.extra_info.update(info)
     print(f"\nBENCH {group} | {provider:>18} | {info['median_ms']:9.4f} ms"
+          + (f" | device {info['device_ms']:9.4f} ms" if "device_ms" in info else "")
           + (f" | {info['gbps']:8.1f} GB/s" if "gbps" in info else "")
           + (f" | {info['tflops']} TFLOP/s" if "tflops" in info else ""))
     return info

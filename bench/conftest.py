@@ -7,7 +7,8 @@
   ``MEANFLOW_BENCH_MEM_GIB`` (memory budget for the N×N estimate of math SDPA, default 70).
 - ``measure`` fixture: one warm-up call (compilation, autotuning), one call for peak memory, then
   ``benchmark.pedantic`` with a CUDA synchronisation inside the timed function and few rounds at
-  large N. It stores median ms, TFLOP/s and peak MiB in ``benchmark.extra_info``; cases skipped
+  large N. It stores median ms, TFLOP/s, peak MiB and, on CUDA, the GPU's busy time of one call
+  (``_timing.device_ms``) in ``benchmark.extra_info``; cases skipped
   for memory (by estimate or by a caught OOM) or for an unusable peer are listed under
   ``meanflow_skipped`` in the ``--benchmark-json`` output, so ``bench/summary.py`` shows them.
 - Prints the same markdown table as ``bench/summary.py`` at the end of the run.
@@ -31,6 +32,8 @@ CUDA = torch.cuda.is_available()
 
 # The benchmark files share bench/_timing.py; bench/ is not a package.
 sys.path.insert(0, str(Path(__file__).parent))
+import _timing as timing  # noqa: E402
+
 
 _RECORDS: list[dict] = []   # extra_info of every benchmark that ran
 _SKIPPED: list[dict] = []   # cases skipped for memory or an unusable provider
@@ -239,6 +242,13 @@ class Measure:
             median = stats.median
             info["median_ms"] = round(median * 1e3, 4)
             info["tflops"] = float(f"{flops / median / 1e12:.4g}")
+        try:
+            device = timing.device_ms(target, prepare(), calls=1)
+        except Exception as exc:  # noqa: BLE001 - the profiler is an aid: its failure keeps the timing
+            info["device_ms_error"] = _first_line(exc)
+        else:
+            if device is not None:
+                info["device_ms"] = round(device, 4)
         info["peak_mib"] = None if peak_mib is None else round(peak_mib, 1)
         info["rounds"] = rounds
         self.benchmark.extra_info.update(info)

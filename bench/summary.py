@@ -3,7 +3,8 @@
 
     python bench/summary.py out/bench.json >> bench/RESULTS.md   # after review
 
-Columns: case, provider, shape, median ms, TFLOP/s (on 4/12/10/22·Nq·Nk·d per B·H for
+Columns: case, provider, shape, median ms, device ms (the GPU's busy time per call, where
+recorded: below the median, the call waits on its host work), TFLOP/s (on 4/12/10/22·Nq·Nk·d per B·H for
 fwd/fwd_jvp/bwd/fwd_jvp_bwd), peak MiB (CUDA max_memory_allocated over the call, less what
 was allocated before it), speedup vs math SDPA (its median / this median, same case and shape)
 and, where the case has a flash SDPA row, speedup vs flash SDPA. Rows that were skipped (memory
@@ -59,8 +60,10 @@ def format_table(rows: list[dict], skipped: list[dict] | None = None) -> str:
         if row.get("median_ms") is not None:
             medians.setdefault((row["case"], row["shape"]), {})[row["provider"]] = row["median_ms"]
     has_flash = any("flash_sdpa" in group for group in medians.values())
+    has_device = any(row.get("device_ms") is not None for row in rows)
 
-    header = ["case", "provider", "shape", "median ms", "TFLOP/s", "peak MiB", "speedup vs math SDPA"]
+    header = ["case", "provider", "shape", "median ms", *(["device ms"] if has_device else []),
+              "TFLOP/s", "peak MiB", "speedup vs math SDPA"]
     if has_flash:
         header.append("speedup vs flash SDPA")
     lines = ["| " + " | ".join(header) + " |",
@@ -70,13 +73,17 @@ def format_table(rows: list[dict], skipped: list[dict] | None = None) -> str:
         case = CASE_LABEL.get(row["case"], row["case"])
         cells = [case, provider, row["shape"]]
         if "skipped" in row:
-            cells += [f"skipped: {row['skipped']}", "–", "–", "–"]
+            cells += [f"skipped: {row['skipped']}", "–", "–", "–"] + (["–"] if has_device else [])
             if has_flash:
                 cells.append("–")
         else:
             group = medians.get((row["case"], row["shape"]), {})
             median = row.get("median_ms")
-            cells += [_fmt(median, 3 if (median or 0) >= 1 else 4), _fmt_tflops(row.get("tflops")),
+            cells.append(_fmt(median, 3 if (median or 0) >= 1 else 4))
+            if has_device:
+                device = row.get("device_ms")
+                cells.append(_fmt(device, 3 if (device or 0) >= 1 else 4))
+            cells += [_fmt_tflops(row.get("tflops")),
                       _fmt(row.get("peak_mib"), 0), _speedup(group.get("math_sdpa"), median)]
             if has_flash:
                 cells.append(_speedup(group.get("flash_sdpa"), median))

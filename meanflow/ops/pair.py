@@ -103,6 +103,25 @@ class PairFunction(torch.autograd.Function):
 PairFunction.forward.__signature__ = inspect.signature(PairFunction.forward)
 
 
+class EagerPairFunction(torch.autograd.Function):
+    """``PairFunction`` in autograd's context-first form, for calls outside torch.func transforms.
+
+    The same forward, backward and jvp; only the form differs. ``apply`` of a Function that
+    defines ``setup_context`` binds its arguments to ``forward``'s signature at every call,
+    which was most of the host time of a pair op; this form skips it. torch.func transforms
+    accept only the ``setup_context`` form, so ``apply_pair`` uses ``PairFunction`` under them.
+    """
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = PairFunction.forward(*args)
+        PairFunction.setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(PairFunction.backward)
+    jvp = staticmethod(PairFunction.jvp)
+
+
 def nested_jvp_depth() -> int:
     """How many torch.func.jvp transforms are active around this call."""
     if retrieve_all_functorch_interpreters is None:
@@ -144,5 +163,18 @@ def apply_pair(
     else:
         tangents = tuple(absent_if_zero(t) for t in tangents)
         keep_for_jvp = False
-    y, y_dot, *_ = PairFunction.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents)
+    if not torch._C._are_functorch_transforms_active():
+        if not keep_for_jvp and not needs_autograd(inputs):
+            # Nothing to differentiate: no autograd node, just the fused pass.
+            y, y_dot, _ = op.forward(tuple(inputs), tangents, options)
+            return y, y_dot
+        function = EagerPairFunction
+    else:
+        function = PairFunction
+    y, y_dot, *_ = function.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents)
     return y, y_dot
+
+
+def needs_autograd(inputs: Sequence[Tensor | None]) -> bool:
+    """Whether autograd would record an op on these inputs (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
