@@ -7,7 +7,8 @@
 Each step runs in a fresh subprocess. On the CPU its cost is the growth of the process's peak
 resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the step, measured after
 the model and the inputs exist; on CUDA the growth of ``torch.cuda.max_memory_allocated``.
-Steps (``--dtype``, default float32; B=2; MEANFLOW_BACKEND as set, default auto):
+Steps (``--dtype``, default float32, or float32 parameters under ``--autocast bfloat16`` as the
+trainer runs one process; B=2; MEANFLOW_BACKEND as set, default auto):
 
 - ``plain``: a flow-matching step, stock diffusers forward (default SDPA) + backward;
 - ``pair``: a MeanFlow step in pair mode: ``student.forward_with_tangent`` (u and the detached
@@ -116,7 +117,17 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
         target = v - (t - r)[:, None, None] * u_dot.detach()
         return ((u - target) ** 2).mean()
 
+    autocast = getattr(torch, args.autocast) if args.autocast != "none" else None
+
     def step():
+        # Under --autocast the forward and the loss run in autocast, the backward outside it.
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = step_loss()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step_loss():
         if base == "plain":
             loss = ((stock(z, t) - v) ** 2).mean()
         elif base == "pair":
@@ -134,9 +145,7 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
             with torch.no_grad():
                 _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
             loss = meanflow_loss(stock(z, t), u_dot)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        return loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     param_mib = sum(p.numel() * p.element_size() for p in params) / 2**20
@@ -176,11 +185,14 @@ def measure(step, params, grads: str, device, repeat: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
-    for _ in range(repeat):
+    for index in range(repeat):
         for p in params:
             p.grad = torch.zeros_like(p) if grads == "pre" else None
         start = time.perf_counter()
-        step()
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            return {"error": f"timed step {index + 1}: {_describe(e)}"}
         times.append((time.perf_counter() - start) * 1e3)
     return {"mib": (peak - before) / 2**20, "ms": sorted(times)[len(times) // 2] if times else first_ms}
 
@@ -196,12 +208,18 @@ def main(argv=None) -> None:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--autocast", default="none", choices=("none", "bfloat16", "float16"),
+                        help="run each step's forward under torch.autocast in this dtype, over float32 "
+                             "parameters (the trainer's one-process precision); needs --dtype float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--allocator", choices=("both", "mmap", "default"), default="both")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS_COLUMNS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.autocast != "none" and args.dtype != "float32":
+        parser.error(f"--autocast {args.autocast} runs over float32 parameters: use --dtype float32, "
+                     f"not {args.dtype}")
 
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1].split(","), args)))
@@ -238,7 +256,9 @@ def main(argv=None) -> None:
     n_img = int(round(args.image_tokens ** 0.5)) ** 2
     print(f"FLUX-shaped stack: hidden {args.hidden} ({heads} heads x {args.head_dim}), "
           f"{args.double} double + {args.single} single blocks, {n_img} image + {args.text_tokens} text tokens,"
-          f" batch {args.batch}, {args.dtype}, device {args.device}, {args.threads} thread(s); "
+          f" batch {args.batch}, {args.dtype}"
+          f"{'' if args.autocast == 'none' else f' under {args.autocast} autocast'}, device {args.device}, "
+          f"{args.threads} thread(s); "
           f"parameters {param_mib:.1f} MiB")
     titles = {"pre": "activations (grads preallocated)", "none": "full step (grads allocated in it)",
               "raw": "full step, default malloc"}
