@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 1024, 4
@@ -55,9 +56,9 @@ def adaptive_weighted_loss_forward(
     u, u_tgt (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
     u, u_tgt = unit_last(u), unit_last(u_tgt)
     batch, n_elem = u.shape
-    n_chunks = triton.cdiv(n_elem, CHUNK)
-    block = min(BLOCK, triton.next_power_of_2(n_elem))
-    chunk = min(CHUNK, triton.cdiv(n_elem, block) * block)  # a multiple of block
+    n_chunks = cdiv(n_elem, CHUNK)
+    block = min(BLOCK, next_power_of_2(n_elem))
+    chunk = min(CHUNK, cdiv(n_elem, block) * block)  # a multiple of block
     partial = torch.empty((batch, n_chunks), device=u.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=u.device, dtype=u.dtype) if need_residual else None
     _adaptive_weighted_loss_fwd_kernel[(n_chunks, batch)](

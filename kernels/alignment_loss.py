@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 1024, 4
@@ -60,9 +61,9 @@ def alignment_loss_forward(
     All inputs (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
     x_hat, x0_fake, x0_teacher = (unit_last(t) for t in (x_hat, x0_fake, x0_teacher))
     batch, n_elem = x_hat.shape
-    n_chunks = triton.cdiv(n_elem, CHUNK)
-    block = min(BLOCK, triton.next_power_of_2(n_elem))
-    chunk = min(CHUNK, triton.cdiv(n_elem, block) * block)  # a multiple of block
+    n_chunks = cdiv(n_elem, CHUNK)
+    block = min(BLOCK, next_power_of_2(n_elem))
+    chunk = min(CHUNK, cdiv(n_elem, block) * block)  # a multiple of block
     abs_partial = torch.empty((batch, n_chunks), device=x_hat.device, dtype=torch.float32)
     sq_partial = torch.empty((batch, n_chunks), device=x_hat.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=x_hat.device, dtype=x_hat.dtype) if need_residual else None

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv
+
 KIND_GELU_TANH, KIND_SILU = 0, 1
 _KINDS = {"gelu_tanh": KIND_GELU_TANH, "silu": KIND_SILU}
 _TWO_C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -58,7 +60,7 @@ def _jvp_activation_kernel(
 
 def _launch(x, t, y, y_dot, kind, write_primal):
     n = x.numel()
-    _jvp_activation_kernel[(triton.cdiv(n, BLOCK),)](
+    _jvp_activation_kernel[(cdiv(n, BLOCK),)](
         x, x if t is None else t, x if y is None else y, x if y_dot is None else y_dot, n,
         TWO_C=_TWO_C, A=_A, KIND=_KINDS[kind], WRITE_PRIMAL=write_primal, HAS_TANGENT=t is not None,
         BLOCK=BLOCK, num_warps=NUM_WARPS,

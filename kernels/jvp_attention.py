@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634  # = 1 / ln 2
 
 # Mask kinds (constexpr): no mask, one value per key (broadcast over queries: key padding),
@@ -434,7 +436,7 @@ def _jvp_attention_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _head_block(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
@@ -508,7 +510,7 @@ def jvp_attention_forward(
     aligned = _rows_aligned(q, k, v, q_dot, k_dot, v_dot)
 
     def grid(meta):
-        return (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)
+        return (cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)
 
     _jvp_attention_fwd_kernel[grid](
         q, k, v, q if q_dot is None else q_dot, k if k_dot is None else k_dot, v if v_dot is None else v_dot,
@@ -566,11 +568,11 @@ def jvp_attention_backward(
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
-    _jvp_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](
+    _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common,
         n_heads, n_kv_heads, n_queries, n_keys, group, scale, **flags,
     )
-    _jvp_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)](
+    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)](
         q, k, v, mask_t, grad_out, lse, delta, dq, *common,
         n_heads, n_queries, n_keys, group, scale, **flags,
     )

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv
+
 BLOCK_N, BLOCK_D, NUM_WARPS = 16, 256, 8
 CHUNK_N = 128  # tokens per backward program
 
@@ -96,7 +98,7 @@ def jvp_gated_residual_forward(
     out = torch.empty((batch, n_tokens, dim), device=h.device, dtype=h.dtype)
     has_tangent = any(t is not None for t in (h_dot, gate_dot, y_dot))
     out_dot = torch.empty_like(out) if has_tangent else None
-    grid = (triton.cdiv(n_tokens, BLOCK_N), triton.cdiv(dim, BLOCK_D), batch)
+    grid = (cdiv(n_tokens, BLOCK_N), cdiv(dim, BLOCK_D), batch)
     _jvp_gated_residual_fwd_kernel[grid](
         h, gate, y, h if h_dot is None else h_dot, gate if gate_dot is None else gate_dot,
         y if y_dot is None else y_dot, out, out if out_dot is None else out_dot,
@@ -122,10 +124,10 @@ def jvp_gated_residual_backward(
         return dh, None, None
     grad_out, gate, y = (_unit_last(t) for t in (grad_out, gate, y))
     batch, n_tokens, dim = grad_out.shape
-    chunks = triton.cdiv(n_tokens, CHUNK_N)
+    chunks = cdiv(n_tokens, CHUNK_N)
     dy = torch.empty((batch, n_tokens, dim), device=y.device, dtype=y.dtype) if need_y else None
     partial = torch.empty((chunks, batch, dim), device=y.device, dtype=torch.float32) if need_gate else None
-    _jvp_gated_residual_bwd_kernel[(chunks, triton.cdiv(dim, BLOCK_D), batch)](
+    _jvp_gated_residual_bwd_kernel[(chunks, cdiv(dim, BLOCK_D), batch)](
         grad_out, gate, y, y if dy is None else dy, gate if partial is None else partial,
         *grad_out.stride()[:2], gate.stride(0), *y.stride()[:2], n_tokens, dim, batch,
         NEED_Y=need_y, NEED_G=need_gate, CHUNK_N=CHUNK_N, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from meanflow.kernels.jvp_rms_norm import (ROW_TILES, reduction_programs, row_block, row_configs, row_pruner,
                                            rows_per_program)
+from meanflow.kernels.launch import cdiv
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def jvp_layer_norm_modulate_forward(
     block_d = row_block(n_cols)
 
     def grid(meta):
-        return (triton.cdiv(n_rows, rows_per_program(meta["TILE"], block_d)),)
+        return (cdiv(n_rows, rows_per_program(meta["TILE"], block_d)),)
 
     def stride(t, like, dim):
         return (like if t is None else t).stride(dim)
@@ -217,7 +218,7 @@ def jvp_layer_norm_modulate_backward(
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
     block_d = row_block(n_cols)
-    n_blocks = triton.cdiv(n_tokens, rows_per_program(ROW_TILES[0][0], block_d))
+    n_blocks = cdiv(n_tokens, rows_per_program(ROW_TILES[0][0], block_d))
     n_programs = max(1, reduction_programs(x.device, n_blocks * batch) // batch)
     n_programs = min(n_programs, n_blocks)
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
+
 
 def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -88,7 +90,7 @@ def row_pruner(configs, named_args, **kwargs):
 
 
 def row_block(dim: int) -> int:
-    return triton.next_power_of_2(dim)
+    return next_power_of_2(dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def jvp_rms_norm_forward(
     block_d = row_block(n_cols)
 
     def grid(meta):
-        return (triton.cdiv(n_rows, rows_per_program(meta["TILE"], block_d)),)
+        return (cdiv(n_rows, rows_per_program(meta["TILE"], block_d)),)
 
     _jvp_rms_norm_kernel[grid](
         x, x if x_dot is None else x_dot, x if weight is None else weight,
@@ -271,7 +273,7 @@ def jvp_rms_norm_backward(
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
     block_d = row_block(n_cols)
-    n_programs = reduction_programs(x.device, triton.cdiv(n_rows, rows_per_program(ROW_TILES[0][0], block_d)))
+    n_programs = reduction_programs(x.device, cdiv(n_rows, rows_per_program(ROW_TILES[0][0], block_d)))
     partial = torch.empty((n_programs, n_cols), device=x.device, dtype=torch.float32) if needs_dw else None
     _rms_norm_bwd_kernel[(n_programs,)](
         grad_y, x, x if weight is None else weight, x if dx is None else dx,

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
+
 BLOCK_N = 16
 NUM_WARPS = 4
 
@@ -82,13 +84,13 @@ def _launch(x, t, cos, sin, transpose):
     y = torch.empty((batch, heads, n_tokens, dim), device=x.device, dtype=x.dtype)
     y_dot = None if t is None else torch.empty_like(y)
     tt = x if t is None else t
-    grid = (triton.cdiv(n_tokens, BLOCK_N), batch * heads)
+    grid = (cdiv(n_tokens, BLOCK_N), batch * heads)
     _jvp_rope_kernel[grid](
         x, tt, cos, sin, y, y if y_dot is None else y_dot,
         x.stride(0), x.stride(1), x.stride(2), tt.stride(0), tt.stride(1), tt.stride(2),
         cos.stride(0), sin.stride(0), heads, n_tokens, dim,
         HAS_TANGENT=t is not None, TRANSPOSE=transpose, BLOCK_N=BLOCK_N,
-        BLOCK_D=max(triton.next_power_of_2(dim), 2), num_warps=NUM_WARPS,
+        BLOCK_D=max(next_power_of_2(dim), 2), num_warps=NUM_WARPS,
     )
     return y, y_dot
 

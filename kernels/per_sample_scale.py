@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meanflow.kernels.launch import cdiv, next_power_of_2
+
 BLOCK, NUM_WARPS = 1024, 4
 
 
@@ -37,8 +39,8 @@ def per_sample_scale(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     """
     batch, n_elem = residual.shape
     grad = torch.empty_like(residual)
-    block = min(BLOCK, triton.next_power_of_2(n_elem))
-    _per_sample_scale_kernel[(triton.cdiv(n_elem, block), batch)](
+    block = min(BLOCK, next_power_of_2(n_elem))
+    _per_sample_scale_kernel[(cdiv(n_elem, block), batch)](
         residual, scale.to(torch.float32).contiguous(), grad, n_elem, BLOCK=block, num_warps=NUM_WARPS,
     )
     return grad
