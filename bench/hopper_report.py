@@ -11,6 +11,9 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
     smem     shared memory per CTA, bytes: static (cubin; 1 KiB on sm_90 is the system-reserved
              block) + dynamic (compiled metadata ``shared``); an H100 CTA fits in 228 KiB total
              (227 KiB opt-in + that reserved 1 KiB)
+    ldg/stg 128-bit  global loads / stores that move 16 bytes (LDG.E.128, STG.E.128) out of all
+             of them, "128-bit/all" (the second table): memory-bound kernels want their tile
+             traffic in 16-byte vectors
     hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback; only the
              attention kernels have matrix products: the row and elementwise kernels show 0)
     cta/sm   CTAs per SM allowed by registers, shared memory and warps
@@ -453,6 +456,8 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
     return dict(
         regs=res["REG"], stack=res["STACK"], local=res["LOCAL"], smem_static=res["SHARED"],
         stl=count(r"\bSTL\b"), ldl=count(r"\bLDL\b"), hgmma=count(r"\bHGMMA\."),
+        ldg=count(r"\bLDG\."), ldg128=count(r"\bLDG\.E\.128\b"),
+        stg=count(r"\bSTG\."), stg128=count(r"\bSTG\.E\.128\b"),
         loop_stl=count(r"\bSTL\b", in_loop), loop_ldl=count(r"\bLDL\b", in_loop),
     )
 
@@ -542,7 +547,7 @@ COLUMNS = [  # header, key, width
 ]
 OTHER_COLUMNS = [  # the other kernels: their configuration's meta-parameters instead of head dim and tiles
     ("kernel", "kernel", 31), ("variant", "label", 17), ("dtype", "dtype", 5), ("config", "meta_text", 34),
-    *COLUMNS[6:],
+    *COLUMNS[6:-3], ("ldg/stg 128-bit", "vectors", 15), *COLUMNS[-3:],
 ]
 
 
@@ -569,6 +574,7 @@ def format_row(row: dict, columns: list = COLUMNS) -> str:
         cells["notes"] = "COMPILE FAILED: " + row["error"]
     else:
         cells["stl_ldl"] = f"{row['stl']}/{row['ldl']} ({row['loop_stl']}/{row['loop_ldl']})"
+        cells["vectors"] = f"{row['ldg128']}/{row['ldg']} {row['stg128']}/{row['stg']}"
         notes = []
         if row["spill"]:
             notes.append("SPILLS IN LOOP" if row["loop_stl"] or row["loop_ldl"] else "spills outside loop")
