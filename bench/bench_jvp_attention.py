@@ -9,13 +9,18 @@ Cases (one pytest-benchmark group per case and shape, so the ratios sit side by 
 - ``fwd``: the primal forward only; 4·Nq·Nk·d.
 - ``bwd``: the primal backward only (the forward runs untimed in the set-up); 10·Nq·Nk·d.
 
-Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``math_sdpa``
+Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``ours_eager_rescale``
+(CUDA only: ours with ``RESCALE_THRESHOLD`` < 0, the forward's rescale on every key block, for
+fwd_jvp and fwd), ``math_sdpa``
 (``SDPBackend.MATH``, the only SDPA backend that works under forward AD), ``flash_sdpa``
 (``SDPBackend.FLASH_ATTENTION``: FlashAttention-2 inside PyTorch, CUDA only) and
 ``jvp_flash_attention`` (PyPI, CUDA only; ``JVPAttn.fwd_dual`` under ``torch.func.jvp``; its
 kernel takes N even and >= 32 — its backward N a multiple of 32 — and head dims 16/32/64/128/256).
 """
 from __future__ import annotations
+
+import contextlib
+import importlib
 
 import pytest
 import torch
@@ -36,6 +41,7 @@ except Exception as exc:  # noqa: BLE001 - absent or broken: the rows are skippe
     _PEER_IMPORT_ERROR = f"{type(exc).__name__}: {str(exc).strip()[:120]}"
 
 PEER = "jvp_flash_attention"
+EAGER = "ours_eager_rescale"
 PEER_HEAD_DIMS = (16, 32, 64, 128, 256)
 PEER_MIN_BLOCK = 32  # its backward tiles N by 32
 
@@ -60,8 +66,26 @@ def _peer_dual(q, k, v):
     return _PeerAttn.fwd_dual(q, k, v)
 
 
+@contextlib.contextmanager
+def _rescale_threshold(value: float):
+    kernels = importlib.import_module("meanflow.kernels.jvp_attention")
+    saved, kernels.RESCALE_THRESHOLD = kernels.RESCALE_THRESHOLD, value
+    try:
+        yield
+    finally:
+        kernels.RESCALE_THRESHOLD = saved
+
+
+def _ours_eager_rescale(q, k, v):
+    """``ours`` with the forward rescaling its accumulators on every key block (the form before
+    lazy rescaling): its A/B, timed side by side."""
+    with _rescale_threshold(-1.0):
+        return jvp_attention(q, k, v)
+
+
 ATTENTION = {
     "ours": lambda q, k, v: jvp_attention(q, k, v),
+    EAGER: _ours_eager_rescale,
     "math_sdpa": _sdpa(SDPBackend.MATH),
     "flash_sdpa": _sdpa(SDPBackend.FLASH_ATTENTION),
     PEER: _peer_dual,
@@ -70,7 +94,7 @@ ATTENTION = {
 
 def _check_provider(provider: str, n_ctx: int, head_dim: int, needs_backward: bool) -> None:
     """Skips rows that cannot run here, with the reason."""
-    if provider in ("flash_sdpa", PEER) and not CUDA:
+    if provider in ("flash_sdpa", PEER, EAGER) and not CUDA:
         pytest.skip(f"{provider} needs CUDA")
     if provider == PEER:
         if _PeerAttn is None:
@@ -82,8 +106,8 @@ def _check_provider(provider: str, n_ctx: int, head_dim: int, needs_backward: bo
 
 
 def _backend_label(provider: str, cfg) -> str:
-    if provider == "ours":
-        return f"ours/{resolve_backend(torch.device(cfg.device))}"
+    if provider in ("ours", EAGER):
+        return provider.replace("ours", f"ours/{resolve_backend(torch.device(cfg.device))}", 1)
     return provider
 
 
@@ -110,7 +134,7 @@ def _clear_grads(*tensors):
 # Benchmarks
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", ["ours", PEER, "math_sdpa"])
+@pytest.mark.parametrize("provider", ["ours", EAGER, PEER, "math_sdpa"])
 def test_fwd_jvp(measure, bench_cfg, provider, n_ctx):
     _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=False)
     attention = ATTENTION[provider]
@@ -147,7 +171,7 @@ def test_fwd_jvp_bwd(measure, bench_cfg, provider, n_ctx):
             tolerate_errors=provider == PEER, backend=_backend_label(provider, bench_cfg))
 
 
-@pytest.mark.parametrize("provider", ["ours", "flash_sdpa", "math_sdpa"])
+@pytest.mark.parametrize("provider", ["ours", EAGER, "flash_sdpa", "math_sdpa"])
 def test_fwd(measure, bench_cfg, provider, n_ctx):
     _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=False)
     attention = ATTENTION[provider]

@@ -11,6 +11,9 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
     smem     shared memory per CTA, bytes: static (cubin; 1 KiB on sm_90 is the system-reserved
              block) + dynamic (compiled metadata ``shared``); an H100 CTA fits in 228 KiB total
              (227 KiB opt-in + that reserved 1 KiB)
+    loop     SASS instructions in the main (longest) loop per iteration, and in brackets on its
+             common path (less the longest block a forward branch inside it skips: the attention
+             forward's lazy rescale); fewer per key block is less issue time beside the MMAs
     ldg/stg 128-bit  global loads / stores that move 16 bytes (LDG.E.128, STG.E.128) out of all
              of them, "128-bit/all" (the second table): memory-bound kernels want their tile
              traffic in 16-byte vectors
@@ -141,9 +144,10 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
     values = dict(
         Mask=mask_t, Lse=MockTensor(torch.float32), Delta=MockTensor(torch.float32),
         n_heads=h, n_kv_heads=h, n_queries=n, n_keys=n, HEAD_DIM=d, VALUE_DIM=d, group=1, scale=d ** -0.5,
+        rescale_threshold=ja._rescale_threshold(torch_dtype),
         ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
         IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
-        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent,
+        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent, LAZY_RESCALE=ja.RESCALE_THRESHOLD >= 0,
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
     )
     fn = getattr(ja, KERNEL_OF[variant]).fn
@@ -444,11 +448,23 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
             labels[label.group(1)] = len(instructions)
         elif instruction := re.search(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", text):
             instructions.append(instruction.group(1))
-    in_loop = set()
+    in_loop, loops = set(), []
     for index, instruction in enumerate(instructions):
         branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", instruction)
         if branch and labels.get(branch.group(1), index + 1) <= index:
             in_loop.update(range(labels[branch.group(1)], index + 1))
+            if labels[branch.group(1)] < index:  # not the branch-to-itself after EXIT
+                loops.append((labels[branch.group(1)], index))
+    # The main loop (the longest), and its common path: without the longest block that a forward
+    # branch inside it can skip (the attention forward's lazy rescale).
+    loop_len = loop_common = 0
+    if loops:
+        first, last = max(loops, key=lambda span: span[1] - span[0])
+        loop_len = last - first + 1
+        skippable = [labels[b.group(1)] - i for i in range(first, last + 1)
+                     if (b := re.search(r"\bBRA\b.*?(\.L_x_\d+)", instructions[i]))
+                     and i < labels.get(b.group(1), -1) <= last]
+        loop_common = loop_len - max(skippable, default=0)
 
     def count(pattern, where=range(len(instructions))):
         return sum(1 for i in where if re.search(pattern, instructions[i]))
@@ -459,6 +475,7 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
         ldg=count(r"\bLDG\."), ldg128=count(r"\bLDG\.E\.128\b"),
         stg=count(r"\bSTG\."), stg128=count(r"\bSTG\.E\.128\b"),
         loop_stl=count(r"\bSTL\b", in_loop), loop_ldl=count(r"\bLDL\b", in_loop),
+        loop_len=loop_len, loop_common=loop_common,
     )
 
 
@@ -542,7 +559,8 @@ COLUMNS = [  # header, key, width
     ("kernel", "kernel", 30), ("variant", "label", 15), ("dtype", "dtype", 5), ("d", "d", 3),
     ("BM", "BLOCK_M", 3), ("BN", "BLOCK_N", 3), ("w", "warps", 2), ("s", "stages", 2),
     ("regs", "regs", 4), ("spill", "spill", 5), ("st/ld (loop)", "stl_ldl", 13), ("smem", "smem", 6),
-    ("hgmma", "hgmma", 5), ("cta/sm", "ctas_per_sm", 6), ("keep", "keep", 4), ("sec", "compile_s", 5),
+    ("hgmma", "hgmma", 5), ("loop (common)", "loop_text", 13), ("cta/sm", "ctas_per_sm", 6),
+    ("keep", "keep", 4), ("sec", "compile_s", 5),
     ("notes", "notes", 0),
 ]
 OTHER_COLUMNS = [  # the other kernels: their configuration's meta-parameters instead of head dim and tiles
@@ -575,6 +593,7 @@ def format_row(row: dict, columns: list = COLUMNS) -> str:
     else:
         cells["stl_ldl"] = f"{row['stl']}/{row['ldl']} ({row['loop_stl']}/{row['loop_ldl']})"
         cells["vectors"] = f"{row['ldg128']}/{row['ldg']} {row['stg128']}/{row['stg']}"
+        cells["loop_text"] = f"{row['loop_len']} ({row['loop_common']})" if row["loop_len"] else "–"
         notes = []
         if row["spill"]:
             notes.append("SPILLS IN LOOP" if row["loop_stl"] or row["loop_ldl"] else "spills outside loop")

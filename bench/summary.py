@@ -16,7 +16,7 @@ import json
 import sys
 
 CASE_ORDER = ["fwd_jvp", "fwd_jvp_bwd", "fwd", "bwd"]
-PROVIDER_ORDER = ["ours", "jvp_flash_attention", "flash_sdpa", "math_sdpa"]
+PROVIDER_ORDER = ["ours", "ours_eager_rescale", "jvp_flash_attention", "flash_sdpa", "math_sdpa"]
 CASE_LABEL = {
     "fwd_jvp": "fwd+JVP",
     "fwd_jvp_bwd": "fwd+JVP+bwd",

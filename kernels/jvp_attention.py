@@ -8,7 +8,8 @@ scale, work is done in the base-2 domain (exp2) with S₂ = S·log2(e):
     Õ  = Σ P̃ V                        T̃ = Σ P̃ V̇ + (P̃ ⊙ Ṡ) V      r̃ = Σ P̃ ⊙ Ṡ
 
 Õ, T̃, r̃ and l are all rescaled by the same α = exp(m_old − m_new) when the max moves, since
-Ṡ does not enter the max. The two tangent products P̃V̇ and (P̃⊙Ṡ)V share one accumulator T̃
+Ṡ does not enter the max; lazily: m moves only when some row's max grew by more than
+``RESCALE_THRESHOLD`` (base 2), so most key blocks skip the rescale and p stays <= 2^threshold. The two tangent products P̃V̇ and (P̃⊙Ṡ)V share one accumulator T̃
 (one MMA chain [P̃, P̃⊙Ṡ]·[V̇; V]), as do the two score tangents (Q̇Kᵀ + QK̇ᵀ). Epilogue:
 
     O = Õ / l      μ = r̃ / l  (tangent of the log-sum-exp)      Ȯ = T̃ / l − μ·O
@@ -41,6 +42,14 @@ LOG2E = 1.4426950408889634  # = 1 / ln 2
 # Mask kinds (constexpr): no mask, one value per key (broadcast over queries: key padding),
 # a full (query, key) tile read through strides (stride 0 on broadcast dims).
 MASK_NONE, MASK_KEYS, MASK_FULL = 0, 1, 2
+
+# The forward moves its accumulators to a new running max only when some row's max grew by more
+# than this many powers of two (DESIGN §3's online softmax, rescaled lazily). Skipping a rescale
+# saves the multiplies of Õ and T̃ (128 per thread per key block at d = 128, most of the loop's
+# arithmetic); the stale max bounds p by 2^8. fp16 inputs use 0 (rescale whenever a max grows, p
+# <= 1 as in the eager form), since P̃⊙Ṡ is rounded to fp16 for its product with V. A negative
+# value compiles the eager form: rescale on every key block.
+RESCALE_THRESHOLD = 8.0
 
 
 def is_interpreting() -> bool:
@@ -138,7 +147,7 @@ def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
 
 
 _FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
-                "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT"]
+                "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "LAZY_RESCALE"]
 _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
 
@@ -216,10 +225,10 @@ def _jvp_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqm, stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    n_heads, n_queries, n_keys, group, scale,
+    n_heads, n_queries, n_keys, group, scale, rescale_threshold,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr,
+    HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HAS_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT or HAS_V_DOT
@@ -269,15 +278,30 @@ def _jvp_attention_fwd_kernel(
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        # Rows with nothing visible yet keep max −inf: exponentiate against 0 there.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp2(row_max - safe_max)
+        # Lazy rescaling: the accumulators move to a new max only when some row's max grew by more
+        # than rescale_threshold (base 2); otherwise the stale max stays, and p <= 2^threshold.
+        # A row's first visible key always moves it (growth +inf), so p never overflows.
+        if LAZY_RESCALE:
+            # (−inf → finite counts as +1e30; the floor keeps −inf − −inf, a NaN, out.)
+            growth = tl.where(new_max > row_max, new_max - tl.maximum(row_max, -1e30), 0.0)
+            rescale = tl.max(growth, 0) > rescale_threshold
+        else:
+            rescale = True
+        if rescale:
+            # Rows with nothing visible yet keep max −inf: exponentiate against 0 there.
+            alpha = tl.exp2(row_max - tl.where(new_max == float("-inf"), 0.0, new_max))
+            row_sum = row_sum * alpha
+            acc = acc * alpha[:, None]
+            if HAS_TANGENT:
+                acc_dot = acc_dot * alpha[:, None]
+                lse_dot = lse_dot * alpha
+            row_max = new_max
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         p = tl.exp2(scores - safe_max[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
+        row_sum = row_sum + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         if HAS_TANGENT:
-            acc_dot = acc_dot * alpha[:, None]
             if HAS_V_DOT:
                 v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM)
                 acc_dot = tl.dot(p.to(v.dtype), v_dot, acc_dot, input_precision=PRECISION)
@@ -289,9 +313,8 @@ def _jvp_attention_fwd_kernel(
                     k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM)
                     score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
                 p_score_dot = p * (score_dot * scale)
-                lse_dot = lse_dot * alpha + tl.sum(p_score_dot, 1)
+                lse_dot = lse_dot + tl.sum(p_score_dot, 1)
                 acc_dot = tl.dot(p_score_dot.to(v.dtype), v, acc_dot, input_precision=PRECISION)
-        row_max = new_max
 
     empty = row_sum == 0.0
     denom = tl.where(empty, 1.0, row_sum)
@@ -462,6 +485,10 @@ def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def _rescale_threshold(dtype: torch.dtype) -> float:
+    return 0.0 if dtype == torch.float16 else RESCALE_THRESHOLD
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get full float32 products, as SDPA's math path; 16-bit use tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -518,10 +545,11 @@ def jvp_attention_forward(
         *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned),
         *_strides3(q_dot, q, aligned), *_strides3(k_dot, k, aligned), *_strides3(v_dot, v, aligned),
         *mask_strides,
-        n_heads, n_queries, n_keys, group, scale,
+        n_heads, n_queries, n_keys, group, scale, _rescale_threshold(q.dtype),
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
+        LAZY_RESCALE=RESCALE_THRESHOLD >= 0,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse

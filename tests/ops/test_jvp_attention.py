@@ -34,7 +34,7 @@ class Case:
     head_dim: int = 32
     value_dim: int = 32
     is_causal: bool = False
-    mask: str = "none"  # none | keys | bool | additive | additive2d | empty_rows
+    mask: str = "none"  # none | keys | bool | additive | additive2d | empty_rows | ramp
     scale: float | None = None
     std: float = 1.0
 
@@ -64,6 +64,9 @@ class Case:
         elif self.mask == "empty_rows":  # some rows see no key at all
             mask = torch.rand(b, 1, nq, nk) > 0.3
             mask[:, :, ::3, :] = False
+        elif self.mask == "ramp":  # scores that climb along the keys (even rows) or fall (odd rows)
+            climb = 40.0 * torch.arange(nk, dtype=torch.float64) / nk
+            mask = torch.where(torch.arange(nq)[:, None] % 2 == 0, climb, climb.flip(0)).to(dtype)
         else:
             raise AssertionError(self.mask)
         return mask.to(device)
@@ -150,6 +153,21 @@ def _grad_like(primals, case, dtype):
 def test_jvp_attention_matches_math_sdpa(backend, case_name):
     for dtype in backend_dtypes(backend):
         check_against_math_sdpa(CASES[case_name], dtype)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 8.0])
+@pytest.mark.parametrize("case", [Case(n_queries=21, n_keys=130, mask="ramp"), Case(std=3.0, n_keys=97),
+                                  Case(n_keys=70, mask="empty_rows"), Case(n_queries=40, n_keys=90, is_causal=True)],
+                         ids=["ramp", "large_values", "empty_rows", "causal"])
+def test_lazy_rescale_matches_math_sdpa(monkeypatch, poison_empty, threshold, case):
+    """The forward kernel's rescale threshold (negative: every key block; 0: whenever a row's max
+    grows; 8: only past a growth of 2^8) changes no result. The ramp's 40 units of score over the
+    keys make the maxima of even rows grow by far more than 2^8 from block to block, so stale and
+    moved maxima both occur; the odd rows peak in the first block."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    monkeypatch.setattr(importlib.import_module("meanflow.kernels.jvp_attention"), "RESCALE_THRESHOLD", threshold)
+    for dtype in INTERPRETED_DTYPES:
+        check_against_math_sdpa(case, dtype)
 
 
 @given(
