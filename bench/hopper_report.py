@@ -17,6 +17,7 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
     ldg/stg 128-bit  global loads / stores that move 16 bytes (LDG.E.128, STG.E.128) out of all
              of them, "128-bit/all" (the second table): memory-bound kernels want their tile
              traffic in 16-byte vectors
+    lazy     the attention forward's rescale form (LAZY_RESCALE, autotuned: yes = lazy, no = eager)
     hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback; only the
              attention kernels have matrix products: the row and elementwise kernels show 0)
     cta/sm   CTAs per SM allowed by registers, shared memory and warps
@@ -147,7 +148,7 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
         rescale_threshold=ja._rescale_threshold(torch_dtype),
         ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
         IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
-        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent, LAZY_RESCALE=ja.RESCALE_THRESHOLD >= 0,
+        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent, EVEN_N=n % ja.MAX_FORWARD_BLOCK_N == 0,
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
     )
     fn = getattr(ja, KERNEL_OF[variant]).fn
@@ -546,7 +547,8 @@ def tasks(quick: bool) -> list[dict]:
 
 
 def run_task(task: dict) -> dict:
-    meta = task["meta"] if "meta" in task else dict(BLOCK_M=task["BLOCK_M"], BLOCK_N=task["BLOCK_N"])
+    meta = task["meta"] if "meta" in task else {k: task[k] for k in ("BLOCK_M", "BLOCK_N", "LAZY_RESCALE")
+                                                  if k in task}
     args = dict(case_args(task), **meta)
     try:
         result = compile_and_inspect(_jit(_kernel(task)), args, task["warps"], task["stages"])
@@ -557,7 +559,7 @@ def run_task(task: dict) -> dict:
 
 COLUMNS = [  # header, key, width
     ("kernel", "kernel", 30), ("variant", "label", 15), ("dtype", "dtype", 5), ("d", "d", 3),
-    ("BM", "BLOCK_M", 3), ("BN", "BLOCK_N", 3), ("w", "warps", 2), ("s", "stages", 2),
+    ("BM", "BLOCK_M", 3), ("BN", "BLOCK_N", 3), ("lazy", "lazy_text", 4), ("w", "warps", 2), ("s", "stages", 2),
     ("regs", "regs", 4), ("spill", "spill", 5), ("st/ld (loop)", "stl_ldl", 13), ("smem", "smem", 6),
     ("hgmma", "hgmma", 5), ("loop (common)", "loop_text", 13), ("cta/sm", "ctas_per_sm", 6),
     ("keep", "keep", 4), ("sec", "compile_s", 5),
@@ -565,7 +567,7 @@ COLUMNS = [  # header, key, width
 ]
 OTHER_COLUMNS = [  # the other kernels: their configuration's meta-parameters instead of head dim and tiles
     ("kernel", "kernel", 31), ("variant", "label", 17), ("dtype", "dtype", 5), ("config", "meta_text", 34),
-    *COLUMNS[6:-3], ("ldg/stg 128-bit", "vectors", 15), *COLUMNS[-3:],
+    *COLUMNS[7:-3], ("ldg/stg 128-bit", "vectors", 15), *COLUMNS[-3:],
 ]
 
 
@@ -587,7 +589,8 @@ def _order(row: dict) -> tuple:
 
 def format_row(row: dict, columns: list = COLUMNS) -> str:
     cells = dict(row, label=_label(row), keep="yes" if row["kept"] else "no",
-                 meta_text=" ".join(f"{k}={v}" for k, v in row.get("meta", {}).items()))
+                 meta_text=" ".join(f"{k}={v}" for k, v in row.get("meta", {}).items()),
+                 lazy_text={True: "yes", False: "no"}.get(row.get("LAZY_RESCALE"), "–"))
     if "error" in row:
         cells["notes"] = "COMPILE FAILED: " + row["error"]
     else:

@@ -28,6 +28,7 @@ Launchers take tensors and return tensors; there is no autograd here.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -43,12 +44,12 @@ LOG2E = 1.4426950408889634  # = 1 / ln 2
 # a full (query, key) tile read through strides (stride 0 on broadcast dims).
 MASK_NONE, MASK_KEYS, MASK_FULL = 0, 1, 2
 
-# The forward moves its accumulators to a new running max only when some row's max grew by more
-# than this many powers of two (DESIGN §3's online softmax, rescaled lazily). Skipping a rescale
-# saves the multiplies of Õ and T̃ (128 per thread per key block at d = 128, most of the loop's
-# arithmetic); the stale max bounds p by 2^8. fp16 inputs use 0 (rescale whenever a max grows, p
-# <= 1 as in the eager form), since P̃⊙Ṡ is rounded to fp16 for its product with V. A negative
-# value compiles the eager form: rescale on every key block.
+# The forward's lazy form (LAZY_RESCALE, autotuned against the eager form) moves its accumulators
+# to a new running max only when some row's max grew by more than this many powers of two
+# (DESIGN §3's online softmax). Skipping a rescale saves the multiplies of Õ and T̃ (128 per thread
+# per key block at d = 128, a fifth of the loop); the stale max bounds p by 2^8. fp16 inputs use
+# 0 (rescale whenever a max grows, p <= 1 as in the eager form), since P̃⊙Ṡ is rounded to fp16
+# for its product with V. A negative value leaves only the eager form: rescale on every block.
 RESCALE_THRESHOLD = 8.0
 
 
@@ -100,10 +101,14 @@ INTERPRETER_TILE = (32, 32, 4, 1)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory per block on an H100
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+def _configs(tiles: list[tuple[int, int, int, int]], **variants: tuple) -> list[triton.Config]:
+    """One configuration per tile (the interpreter's only) and per combination of ``variants``
+    (meta-parameter -> its values, first value first: the order of the default)."""
     if is_interpreting():
         tiles = [INTERPRETER_TILE]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    combos = [dict(zip(variants, values)) for values in itertools.product(*variants.values())]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **combo}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in tiles for combo in combos]
 
 
 def _forward_shared_memory(bm, bn, stages, d, e, kw):
@@ -117,6 +122,14 @@ def _forward_fits_registers(bm, bn, kw):
     # 128×64 per program they spill inside the loop at every head dim.
     has_tangent = kw.get("HAS_Q_DOT") or kw.get("HAS_K_DOT") or kw.get("HAS_V_DOT")
     return not has_tangent or bm * bn <= 128 * 64
+
+
+def _forward_pruner(configs, named_args, **kwargs):
+    """Tiles that fit, each lazy and eager (DESIGN §3's rescale), or eager only when
+    ``RESCALE_THRESHOLD`` < 0 (passed as rescale_threshold)."""
+    if named_args["rescale_threshold"] < 0:
+        configs = [c for c in configs if not c.kwargs["LAZY_RESCALE"]]
+    return _pruner(_forward_shared_memory, _forward_fits_registers)(configs, named_args, **kwargs)
 
 
 def _dkdv_shared_memory(bm, bn, stages, d, e, kw):
@@ -147,7 +160,10 @@ def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
 
 
 _FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
-                "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "LAZY_RESCALE"]
+                "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "rescale_threshold"]
+# The forward skips the key-edge masks (EVEN_N) when n_keys is a multiple of every BLOCK_N it may
+# run with (FLUX's 4608 tokens are 36 × 128).
+MAX_FORWARD_BLOCK_N = max(bn for _, bn, _, _ in FORWARD_TILES + [INTERPRETER_TILE])
 _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
 
@@ -159,10 +175,17 @@ _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "M
 def _masked_scores(
     q, k_t, mask_ptr, offs_m, offs_n, n_queries, n_keys, stride_mask_m, stride_mask_n, scale_log2,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    KEYS_IN_BOUNDS: tl.constexpr,
 ):
-    """Base-2 scores s·log2(e)·(q k_t) + mask·log2(e) of a (BLOCK_M, BLOCK_N) tile, −inf where hidden."""
+    """Base-2 scores s·log2(e)·(q k_t) + mask·log2(e) of a (BLOCK_M, BLOCK_N) tile, −inf where hidden.
+    KEYS_IN_BOUNDS: every key of the tile exists (n_keys is a multiple of BLOCK_N), so only the
+    causal rule and the mask can hide one; with neither, the tile needs no select at all."""
     scores = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
+    if KEYS_IN_BOUNDS and not IS_CAUSAL and MASK_KIND == 0:
+        return scores
     visible = (offs_n < n_keys)[None, :]
+    if KEYS_IN_BOUNDS:
+        visible = offs_n[None, :] >= 0  # all true: the causal rule and the mask narrow it below
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
     if MASK_KIND == 1:
@@ -194,31 +217,30 @@ def _hint_aligned(stride_b, stride_h, stride_n, ROWS_ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
-    """(rows, cols) tile with unit column stride, zero outside [0, n_rows) × [0, n_cols)."""
-    return tl.load(
-        ptr + offs_rows[:, None] * stride_rows + offs_cols[None, :],
-        mask=(offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :],
-        other=0.0,
-    )
+def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr = False):
+    """(rows, cols) tile with unit column stride, zero outside [0, n_rows) × [0, n_cols);
+    ROWS_IN_BOUNDS: every row exists, so only the columns are masked."""
+    mask = (offs_cols < n_cols)[None, :]
+    if not ROWS_IN_BOUNDS:
+        mask = mask & (offs_rows < n_rows)[:, None]
+    return tl.load(ptr + offs_rows[:, None] * stride_rows + offs_cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols):
+def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr = False):
     """The transpose (cols, rows) of the tile ``_load_tile`` would read."""
-    return tl.load(
-        ptr + offs_rows[None, :] * stride_rows + offs_cols[:, None],
-        mask=(offs_rows < n_rows)[None, :] & (offs_cols < n_cols)[:, None],
-        other=0.0,
-    )
+    mask = (offs_cols < n_cols)[:, None]
+    if not ROWS_IN_BOUNDS:
+        mask = mask & (offs_rows < n_rows)[None, :]
+    return tl.load(ptr + offs_rows[None, :] * stride_rows + offs_cols[:, None], mask=mask, other=0.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward (primal, or primal + tangent)
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs(FORWARD_TILES), key=_FORWARD_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(_forward_shared_memory, _forward_fits_registers)})
+@triton.autotune(configs=_configs(FORWARD_TILES, LAZY_RESCALE=(True, False)), key=_FORWARD_KEY,
+                 prune_configs_by={"early_config_prune": _forward_pruner})
 @triton.jit
 def _jvp_attention_fwd_kernel(
     Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse,
@@ -229,6 +251,7 @@ def _jvp_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
     HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HAS_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT or HAS_V_DOT
@@ -274,9 +297,9 @@ def _jvp_attention_fwd_kernel(
         hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, EVEN_N)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
-                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Lazy rescaling: the accumulators move to a new max only when some row's max grew by more
         # than rescale_threshold (base 2); otherwise the stale max stays, and p <= 2^threshold.
@@ -299,18 +322,18 @@ def _jvp_attention_fwd_kernel(
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         p = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM, EVEN_N)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         if HAS_TANGENT:
             if HAS_V_DOT:
-                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM)
+                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM, EVEN_N)
                 acc_dot = tl.dot(p.to(v.dtype), v_dot, acc_dot, input_precision=PRECISION)
             if HAS_SCORE_TANGENT:
                 score_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 if HAS_Q_DOT:
                     score_dot = tl.dot(q_dot, k_t, score_dot, input_precision=PRECISION)
                 if HAS_K_DOT:
-                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM)
+                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM, EVEN_N)
                     score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
                 p_score_dot = p * (score_dot * scale)
                 lse_dot = lse_dot + tl.sum(p_score_dot, 1)
@@ -384,7 +407,7 @@ def _jvp_attention_bwd_dkdv_kernel(
             lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
             scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
-                                    stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+                                    stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, False)
             p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
             dv = tl.dot(tl.trans(p.to(q.dtype)), grad_out, dv, input_precision=PRECISION)
             dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
@@ -443,7 +466,7 @@ def _jvp_attention_bwd_dq_kernel(
         k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
         v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
-                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION)
+                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, False)
         p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
         dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -486,7 +509,7 @@ def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
 
 
 def _rescale_threshold(dtype: torch.dtype) -> float:
-    return 0.0 if dtype == torch.float16 else RESCALE_THRESHOLD
+    return 0.0 if dtype == torch.float16 and RESCALE_THRESHOLD >= 0 else RESCALE_THRESHOLD
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -549,7 +572,7 @@ def jvp_attention_forward(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
-        LAZY_RESCALE=RESCALE_THRESHOLD >= 0,
+        EVEN_N=n_keys % MAX_FORWARD_BLOCK_N == 0,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse
