@@ -148,7 +148,8 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
         rescale_threshold=ja._rescale_threshold(torch_dtype),
         ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
         IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
-        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent, EVEN_N=n % ja.MAX_FORWARD_BLOCK_N == 0,
+        HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent,
+        EVEN_M=n % ja.TILE_MULTIPLE == 0, EVEN_N=n % ja.TILE_MULTIPLE == 0,
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
     )
     fn = getattr(ja, KERNEL_OF[variant]).fn

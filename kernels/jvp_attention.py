@@ -161,9 +161,10 @@ def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
 
 _FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
                 "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "rescale_threshold"]
-# The forward skips the key-edge masks (EVEN_N) when n_keys is a multiple of every BLOCK_N it may
-# run with (FLUX's 4608 tokens are 36 × 128).
-MAX_FORWARD_BLOCK_N = max(bn for _, bn, _, _ in FORWARD_TILES + [INTERPRETER_TILE])
+# The kernels skip the masks of a sequence edge (EVEN_M, EVEN_N) when its length is a multiple of
+# every tile side they may run with (FLUX's 4608 tokens are 36 × 128).
+TILE_MULTIPLE = max(side for tiles in (FORWARD_TILES, BWD_DKDV_TILES, BWD_DQ_TILES, [INTERPRETER_TILE])
+                    for tile in tiles for side in tile[:2])
 _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
 
@@ -369,6 +370,7 @@ def _jvp_attention_bwd_dkdv_kernel(
     n_heads, n_kv_heads, n_queries, n_keys, group, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
@@ -402,12 +404,16 @@ def _jvp_attention_bwd_dkdv_kernel(
         row_base = (batch * n_heads + head) * n_queries
         for start_m in range(lo, n_queries, BLOCK_M):
             offs_m = start_m + offs_m0
-            q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
-            grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, VALUE_DIM)
-            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
-            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
+            q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM, EVEN_M)
+            grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, VALUE_DIM, EVEN_M)
+            if EVEN_M:
+                lse = tl.load(Lse + row_base + offs_m)
+                delta = tl.load(Delta + row_base + offs_m)
+            else:
+                lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
+                delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
             scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
-                                    stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, False)
+                                    stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
             p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
             dv = tl.dot(tl.trans(p.to(q.dtype)), grad_out, dv, input_precision=PRECISION)
             dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
@@ -432,6 +438,7 @@ def _jvp_attention_bwd_dq_kernel(
     n_heads, n_queries, n_keys, group, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
@@ -463,10 +470,10 @@ def _jvp_attention_bwd_dq_kernel(
         hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
-        v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
+        k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, EVEN_N)
+        v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM, EVEN_N)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
-                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, False)
+                                scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
         p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
         dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -572,7 +579,7 @@ def jvp_attention_forward(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
-        EVEN_N=n_keys % MAX_FORWARD_BLOCK_N == 0,
+        EVEN_N=n_keys % TILE_MULTIPLE == 0,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse
@@ -617,6 +624,7 @@ def jvp_attention_backward(
     flags = dict(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
+        EVEN_M=n_queries % TILE_MULTIPLE == 0, EVEN_N=n_keys % TILE_MULTIPLE == 0,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](

@@ -106,6 +106,12 @@ CASES = {
     "fully_masked_rows": Case(mask="empty_rows"),
     "causal_key_padding_gqa": Case(batch=2, q_heads=4, kv_heads=1, mask="keys", is_causal=True),
     "large_values": Case(std=3.0, head_dim=64, value_dim=64),
+    # Sequence lengths that are multiples of every tile side (128): the kernels drop the edge masks.
+    "even": Case(n_queries=128, n_keys=256),
+    "even_causal": Case(n_queries=128, n_keys=128, is_causal=True),
+    "even_key_padding": Case(n_queries=128, n_keys=128, mask="keys"),
+    "even_keys_ragged_queries": Case(n_queries=50, n_keys=128),
+    "even_queries_ragged_keys": Case(n_queries=128, n_keys=70),
 }
 
 
