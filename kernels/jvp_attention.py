@@ -301,6 +301,15 @@ def _jvp_attention_fwd_kernel(
         k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, EVEN_N)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
+        if HAS_SCORE_TANGENT:
+            # Ṡ first, beside S: p and p ⊙ Ṡ then take their places, and only their 16-bit
+            # copies live through the products with V and V̇ (fewer registers at the peak).
+            score_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if HAS_Q_DOT:
+                score_dot = tl.dot(q_dot, k_t, score_dot, input_precision=PRECISION)
+            if HAS_K_DOT:
+                k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM, EVEN_N)
+                score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Lazy rescaling: the accumulators move to a new max only when some row's max grew by more
         # than rescale_threshold (base 2); otherwise the stale max stays, and p <= 2^threshold.
@@ -323,22 +332,17 @@ def _jvp_attention_fwd_kernel(
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         p = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum + tl.sum(p, 1)
+        if HAS_SCORE_TANGENT:
+            p_score_dot = p * (score_dot * scale)
+            lse_dot = lse_dot + tl.sum(p_score_dot, 1)
         v = _load_tile(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM, EVEN_N)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        if HAS_TANGENT:
-            if HAS_V_DOT:
-                v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM, EVEN_N)
-                acc_dot = tl.dot(p.to(v.dtype), v_dot, acc_dot, input_precision=PRECISION)
-            if HAS_SCORE_TANGENT:
-                score_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                if HAS_Q_DOT:
-                    score_dot = tl.dot(q_dot, k_t, score_dot, input_precision=PRECISION)
-                if HAS_K_DOT:
-                    k_dot_t = _load_tile_t(k_dot_base, offs_n, offs_d, stride_tkn, n_keys, HEAD_DIM, EVEN_N)
-                    score_dot = tl.dot(q, k_dot_t, score_dot, input_precision=PRECISION)
-                p_score_dot = p * (score_dot * scale)
-                lse_dot = lse_dot + tl.sum(p_score_dot, 1)
-                acc_dot = tl.dot(p_score_dot.to(v.dtype), v, acc_dot, input_precision=PRECISION)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+        if HAS_V_DOT:
+            v_dot = _load_tile(v_dot_base, offs_n, offs_dv, stride_tvn, n_keys, VALUE_DIM, EVEN_N)
+            acc_dot = tl.dot(p, v_dot, acc_dot, input_precision=PRECISION)
+        if HAS_SCORE_TANGENT:
+            acc_dot = tl.dot(p_score_dot.to(v.dtype), v, acc_dot, input_precision=PRECISION)
 
     empty = row_sum == 0.0
     denom = tl.where(empty, 1.0, row_sum)
