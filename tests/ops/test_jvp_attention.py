@@ -438,8 +438,24 @@ GPU_CASES = {
 @pytest.mark.parametrize("case_name", list(GPU_CASES))
 def test_gpu_jvp_attention_against_float64(monkeypatch, case_name, dtype):
     """Prints the error of ours and of math SDPA in the same dtype, both against float64."""
+    check_gpu_case(monkeypatch, case_name, GPU_CASES[case_name], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("threshold", [-1.0, 8.0])
+@pytest.mark.parametrize("case_name", ["flux_4608", "ramp_1024"])
+def test_gpu_rescale_forms_against_float64(monkeypatch, case_name, threshold, dtype):
+    """The eager form (threshold < 0) and the lazy one, pinned, at FLUX's shape and with scores
+    that climb along the keys (rescales well into the sequence)."""
+    monkeypatch.setattr(importlib.import_module("meanflow.kernels.jvp_attention"), "RESCALE_THRESHOLD", threshold)
+    case = GPU_CASES.get(case_name) or Case(q_heads=4, kv_heads=4, n_queries=1024, n_keys=1024, head_dim=128,
+                                            value_dim=128, mask="ramp")
+    check_gpu_case(monkeypatch, f"{case_name} threshold {threshold}", case, dtype)
+
+
+def check_gpu_case(monkeypatch, case_name: str, case: Case, dtype: torch.dtype) -> None:
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
-    case = GPU_CASES[case_name]
     primals, tangents, mask = case.inputs(dtype, "cuda")
     kwargs = case.kwargs(mask)
     grad_out = torch.randn(case.batch, case.q_heads, case.n_queries, case.value_dim, device="cuda", dtype=dtype)
