@@ -9,15 +9,15 @@
 # 3. makes `meanflow` (and `meanflow.kernels`, mapped from the top-level kernels/ folder) importable
 #    without a regular install, and fails loudly if it is not;
 # 4. runs the GPU tests (`pytest tests -m gpu`), then the benchmarks (`pytest bench
-#    --benchmark-only`), each under a wall-clock cap; with step 5 the caps add up to 9 min, so a
-#    device session with less than that left runs it in two calls (STEPS=tests,flux, then
-#    STEPS=bench);
+#    --benchmark-only`), each under a wall-clock cap; with step 5 the caps add up to 10 min, more
+#    than one device call may run, so run it in two calls: STEPS=tests,flux (at most 5.5 min),
+#    then STEPS=bench (at most 4.5 min);
 # 5. times a MeanFlow step on a FLUX-width stack (bench/flux_memory.py; needs diffusers, which
 #    the GPU image lacks: carry its wheel in .whl/);
 # 6. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
 #
 # Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 180),
-# BENCH_LIMIT_S (default 210), FLUX_LIMIT_S (default 150), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384),
+# BENCH_LIMIT_S (default 270), FLUX_LIMIT_S (default 150), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384),
 # STEPS (which of tests,bench,flux to run; default all three).
 # Exit status: non-zero if the import check, the GPU tests or the benchmarks failed (the
 # benchmarks and the table still run after failing tests).
@@ -174,12 +174,12 @@ main() {
         section "benchmarks: pytest bench --benchmark-only"
         local bench_rc=0
         rm -f "$OUT/bench.json"
-        run_capped "${BENCH_LIMIT_S:-210}" "$OUT/bench.log" \
+        run_capped "${BENCH_LIMIT_S:-270}" "$OUT/bench.log" \
             env TRITON_PRINT_AUTOTUNING=1 "$PY" -m pytest bench --benchmark-only -q -s --benchmark-json="$OUT/bench.json" \
             --benchmark-columns=min,median,max,rounds --junitxml="$OUT/bench.xml" || bench_rc=$?
         case $bench_rc in
             0) echo "benchmarks done" ;;
-            124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-210} s (partial results)"; status=1 ;;
+            124) echo "benchmarks: TIMED OUT after ${BENCH_LIMIT_S:-270} s (partial results)"; status=1 ;;
             *) echo "benchmarks: FAILED (pytest exit $bench_rc)"; status=1 ;;
         esac
     fi
