@@ -39,6 +39,7 @@ mmaps slow the CPU down), and are indicative only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -108,6 +109,14 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
         if base == "two_pass_fused":  # jvp_attention where tangents flow, stock SDPA elsewhere
             enable_jvp_attention(transformer)
 
+    # The stock forward with grad uses SDPA's FlashAttention-2 on CUDA (the FA2 reference of DESIGN
+    # §6) rather than its default pick, cuDNN on Hopper, whose backward failed in this harness on
+    # an H100 (a CUDA error in the plain step, 2026-11-26); on the CPU, SDPA's default.
+    def stock_with_grad(z_, t_):
+        with (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]) if device.type == "cuda"
+              else contextlib.nullcontext()):
+            return stock(z_, t_)
+
     def stock(z_, t_):
         return transformer(hidden_states=z_, encoder_hidden_states=cond.encoder_hidden_states,
                            pooled_projections=cond.pooled_projections, timestep=t_, img_ids=cond.img_ids,
@@ -129,7 +138,7 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
 
     def step_loss():
         if base == "plain":
-            loss = ((stock(z, t) - v) ** 2).mean()
+            loss = ((stock_with_grad(z, t) - v) ** 2).mean()
         elif base == "pair":
             u, u_dot = model.forward_with_tangent(z, r, t, cond, v, None, ones)
             loss = meanflow_loss(u, u_dot)
@@ -140,11 +149,11 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
         elif base == "two_pass":
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
                 _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
-            loss = meanflow_loss(stock(z, t), u_dot)
+            loss = meanflow_loss(stock_with_grad(z, t), u_dot)
         elif base == "two_pass_fused":
             with torch.no_grad():
                 _, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
-            loss = meanflow_loss(stock(z, t), u_dot)
+            loss = meanflow_loss(stock_with_grad(z, t), u_dot)
         return loss
 
     params = [p for p in model.parameters() if p.requires_grad]
