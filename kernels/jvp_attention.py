@@ -8,9 +8,10 @@ scale, work is done in the base-2 domain (exp2) with S₂ = S·log2(e):
     Õ  = Σ P̃ V                        T̃ = Σ P̃ V̇ + (P̃ ⊙ Ṡ) V      r̃ = Σ P̃ ⊙ Ṡ
 
 Õ, T̃, r̃ and l are all rescaled by the same α = exp(m_old − m_new) when the max moves, since
-Ṡ does not enter the max; lazily: m moves only when some row's max grew by more than
-``RESCALE_THRESHOLD`` (base 2), so most key blocks skip the rescale and p stays <= 2^threshold. The two tangent products P̃V̇ and (P̃⊙Ṡ)V share one accumulator T̃
-(one MMA chain [P̃, P̃⊙Ṡ]·[V̇; V]), as do the two score tangents (Q̇Kᵀ + QK̇ᵀ). Epilogue:
+Ṡ does not enter the max. In the lazy form m moves only when some row's max grew by more than
+``RESCALE_THRESHOLD`` (base 2), so most key blocks skip the rescale and p stays <= 2^threshold.
+The two tangent products P̃V̇ and (P̃⊙Ṡ)V share one accumulator T̃ (one MMA chain
+[P̃, P̃⊙Ṡ]·[V̇; V]), as do the two score tangents (Q̇Kᵀ + QK̇ᵀ). Epilogue:
 
     O = Õ / l      μ = r̃ / l  (tangent of the log-sum-exp)      Ȯ = T̃ / l − μ·O
     lse = m + log l   (+inf for a row with no visible key, so the backward's P is 0 there)
@@ -161,11 +162,12 @@ def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
 
 _FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
                 "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "rescale_threshold"]
+_BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
+
 # The kernels skip the masks of a sequence edge (EVEN_M, EVEN_N) when its length is a multiple of
 # every tile side they may run with (FLUX's 4608 tokens are 36 × 128).
 TILE_MULTIPLE = max(side for tiles in (FORWARD_TILES, BWD_DKDV_TILES, BWD_DQ_TILES, [INTERPRETER_TILE])
                     for tile in tiles for side in tile[:2])
-_BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
 
 # --------------------------------------------------------------------------------------------
