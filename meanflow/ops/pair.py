@@ -11,6 +11,9 @@ what was saved. ``apply_pair`` turns it into an autograd op usable three ways:
   extra inputs, and the Function's ``jvp`` returns the tangent it computed;
 - plain autograd, when no input has a tangent: the fused pass without tangents.
 
+When nothing needs a gradient (grad mode off, or no input requires grad) and no tangent must
+reach forward AD, the fused pass runs alone, with no autograd node (``needs_autograd``).
+
 The tangent is never recorded for backward: gradients reach the inputs through y only. Tangents
 that are absent or forward AD's zero tensors are passed as None, so they cost no work.
 """
