@@ -184,27 +184,28 @@ def _masked_scores(
     KEYS_IN_BOUNDS: every key of the tile exists (n_keys is a multiple of BLOCK_N), so only the
     causal rule and the mask can hide one; with neither, the tile needs no select at all."""
     scores = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
-    if KEYS_IN_BOUNDS and not IS_CAUSAL and MASK_KIND == 0:
-        return scores
-    visible = (offs_n < n_keys)[None, :]
-    if KEYS_IN_BOUNDS:
-        visible = offs_n[None, :] >= 0  # all true: the causal rule and the mask narrow it below
-    if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None])
-    if MASK_KIND == 1:
-        mask_tile = tl.load(mask_ptr + offs_n * stride_mask_n, mask=offs_n < n_keys, other=0)[None, :]
-    elif MASK_KIND == 2:
-        mask_tile = tl.load(
-            mask_ptr + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n,
-            mask=(offs_m < n_queries)[:, None] & (offs_n < n_keys)[None, :],
-            other=0,
-        )
-    if MASK_KIND != 0:
-        if MASK_BOOL:
-            visible = visible & (mask_tile != 0)
+    if not KEYS_IN_BOUNDS or IS_CAUSAL or MASK_KIND != 0:
+        if KEYS_IN_BOUNDS:
+            visible = offs_n[None, :] >= 0  # all true: the causal rule and the mask narrow it below
         else:
-            scores = scores + mask_tile.to(tl.float32) * 1.4426950408889634
-    return tl.where(visible, scores, float("-inf"))
+            visible = (offs_n < n_keys)[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        if MASK_KIND == 1:
+            mask_tile = tl.load(mask_ptr + offs_n * stride_mask_n, mask=offs_n < n_keys, other=0)[None, :]
+        elif MASK_KIND == 2:
+            mask_tile = tl.load(
+                mask_ptr + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n,
+                mask=(offs_m < n_queries)[:, None] & (offs_n < n_keys)[None, :],
+                other=0,
+            )
+        if MASK_KIND != 0:
+            if MASK_BOOL:
+                visible = visible & (mask_tile != 0)
+            else:
+                scores = scores + mask_tile.to(tl.float32) * 1.4426950408889634
+        scores = tl.where(visible, scores, float("-inf"))
+    return scores
 
 
 @triton.jit
@@ -220,7 +221,7 @@ def _hint_aligned(stride_b, stride_h, stride_n, ROWS_ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr = False):
+def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr):
     """(rows, cols) tile with unit column stride, zero outside [0, n_rows) × [0, n_cols);
     ROWS_IN_BOUNDS: every row exists, so only the columns are masked."""
     mask = (offs_cols < n_cols)[None, :]
@@ -230,7 +231,7 @@ def _load_tile(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_B
 
 
 @triton.jit
-def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr = False):
+def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN_BOUNDS: tl.constexpr):
     """The transpose (cols, rows) of the tile ``_load_tile`` would read."""
     mask = (offs_cols < n_cols)[:, None]
     if not ROWS_IN_BOUNDS:
@@ -279,10 +280,11 @@ def _jvp_attention_fwd_kernel(
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
     mask_base = Mask + batch * stride_mb + head * stride_mh
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM,
+                   False)
     if HAS_Q_DOT:
         q_dot = _load_tile(Q_dot + batch * stride_tqb + head * stride_tqh, offs_m, offs_d, stride_tqm,
-                           n_queries, HEAD_DIM)
+                           n_queries, HEAD_DIM, False)
     if HAS_K_DOT:
         k_dot_base = K_dot + batch * stride_tkb + kv_head * stride_tkh
     if HAS_V_DOT:
@@ -392,8 +394,10 @@ def _jvp_attention_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM)
-    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM,
+                   EVEN_N)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM,
+                   EVEN_N)
     k_t = tl.trans(k)
     v_t = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -461,9 +465,10 @@ def _jvp_attention_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM,
+                   EVEN_M)
     grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh, offs_m, offs_dv, stride_gm,
-                          n_queries, VALUE_DIM)
+                          n_queries, VALUE_DIM, EVEN_M)
     lse = tl.load(Lse + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=float("inf"))
     delta = tl.load(Delta + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
