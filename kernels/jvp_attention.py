@@ -103,10 +103,11 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory per block on 
 
 
 def _configs(tiles: list[tuple[int, int, int, int]], **variants: tuple) -> list[triton.Config]:
-    """One configuration per tile (the interpreter's only) and per combination of ``variants``
-    (meta-parameter -> its values, first value first: the order of the default)."""
+    """One configuration per tile and per combination of ``variants`` (meta-parameter -> its
+    values, first value first: the order of the default). The interpreter gets exactly one (its
+    tile; the launcher passes the variants), since autotuning over several fails there."""
     if is_interpreting():
-        tiles = [INTERPRETER_TILE]
+        tiles, variants = [INTERPRETER_TILE], {}
     combos = [dict(zip(variants, values)) for values in itertools.product(*variants.values())]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **combo}, num_warps=w, num_stages=s)
             for bm, bn, w, s in tiles for combo in combos]
@@ -128,8 +129,8 @@ def _forward_fits_registers(bm, bn, kw):
 def _forward_pruner(configs, named_args, **kwargs):
     """Tiles that fit, each lazy and eager (DESIGN §3's rescale), or eager only when
     ``RESCALE_THRESHOLD`` < 0 (passed as rescale_threshold)."""
-    if named_args["rescale_threshold"] < 0:
-        configs = [c for c in configs if not c.kwargs["LAZY_RESCALE"]]
+    if named_args["rescale_threshold"] < 0:  # (the interpreter's one config has no LAZY_RESCALE)
+        configs = [c for c in configs if not c.kwargs.get("LAZY_RESCALE", False)]
     return _pruner(_forward_shared_memory, _forward_fits_registers)(configs, named_args, **kwargs)
 
 
@@ -591,6 +592,7 @@ def jvp_attention_forward(
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
         EVEN_N=n_keys % TILE_MULTIPLE == 0,
+        **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if is_interpreting() else {}),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse
