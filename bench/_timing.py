@@ -83,7 +83,18 @@ def device_ms(target: Callable[..., object], args: tuple = (), calls: int = CALL
     return device_busy_us(prof.events()) / 1e3 / calls
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
+def device_time(target: Callable[..., object], args: tuple = (), calls: int = CALLS) -> dict:
+    """``{"device_ms": ...}`` for a benchmark row on CUDA (:func:`device_ms`), ``{}`` without
+    CUDA, or ``{"device_ms_error": ...}``: the profiler is an aid, its failure keeps the timing."""
+    try:
+        gpu_ms = device_ms(target, args, calls)
+    except Exception as exc:  # noqa: BLE001
+        return {"device_ms_error": first_line(exc)}
+    return {} if gpu_ms is None else {"device_ms": round(gpu_ms, 4)}
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` of an exception, for a table cell."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {(text[0] if text else '')[:limit]}"
 
@@ -120,20 +131,13 @@ def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Cal
     except Exception as exc:  # noqa: BLE001 - a provider that cannot run here is a result
         if not tolerate_errors:
             raise
-        pytest.skip(f"{provider}: {_first_line(exc)}")
+        pytest.skip(f"{provider}: {first_line(exc)}")
     median = benchmark.stats.stats.median / calls
-    try:
-        gpu_ms, gpu_error = device_ms(target, prepare()[0], calls), None
-    except Exception as exc:  # noqa: BLE001 - the profiler is an aid: its failure keeps the timing
-        gpu_ms, gpu_error = None, _first_line(exc)
     info = {"op": op, "case": f"{op} {case}", "provider": provider, "backend": backend or provider,
             "shape": shape, "group": group, "dtype": str(DTYPE).removeprefix("torch."),
             "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
-            "calls_per_sync": calls, "median_ms": round(median * 1e3, 4)}
-    if gpu_ms is not None:
-        info["device_ms"] = round(gpu_ms, 4)
-    if gpu_error is not None:
-        info["device_ms_error"] = gpu_error
+            "calls_per_sync": calls, "median_ms": round(median * 1e3, 4),
+            **device_time(target, prepare()[0], calls)}
     if bytes_moved is not None:
         info["bytes"] = bytes_moved
         info["gbps"] = round(bytes_moved / median / 1e9, 1)

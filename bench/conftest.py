@@ -116,20 +116,10 @@ def bench_cfg() -> BenchConfig:
 # Measurement
 # --------------------------------------------------------------------------------------------
 
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def _free() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {(text[0] if text else '')[:limit]}"
 
 
 class Measure:
@@ -191,12 +181,12 @@ class Measure:
 
         def prepare() -> tuple:
             args = setup() if setup is not None else ()
-            sync()
+            timing.sync()
             return args
 
         def timed(*args):
             result = target(*args)
-            sync()
+            timing.sync()
             return result
 
         # Warm-up (compilation, autotuning) and a separate call for peak memory, so that the
@@ -215,11 +205,11 @@ class Measure:
                 peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
             del result, args
         except torch.OutOfMemoryError as exc:
-            reason = f"OOM ({_first_line(exc, 80)})"
+            reason = f"OOM ({timing.first_line(exc, 80)})"
         except Exception as exc:  # noqa: BLE001 - a broken peer is a result, not a crash
             if not tolerate_errors:
                 raise
-            reason = f"error: {_first_line(exc)}"
+            reason = f"error: {timing.first_line(exc)}"
         if reason is not None:
             self.skip(info, reason)
         _free()
@@ -229,11 +219,11 @@ class Measure:
             self.benchmark.pedantic(timed, setup=lambda: (prepare(), {}), rounds=rounds,
                                     warmup_rounds=warmup, iterations=1)
         except torch.OutOfMemoryError as exc:
-            reason = f"OOM ({_first_line(exc, 80)})"
+            reason = f"OOM ({timing.first_line(exc, 80)})"
         except Exception as exc:  # noqa: BLE001
             if not tolerate_errors:
                 raise
-            reason = f"error: {_first_line(exc)}"
+            reason = f"error: {timing.first_line(exc)}"
         if reason is not None:
             self.skip(info, reason)
 
@@ -242,13 +232,7 @@ class Measure:
             median = stats.median
             info["median_ms"] = round(median * 1e3, 4)
             info["tflops"] = float(f"{flops / median / 1e12:.4g}")
-        try:
-            device = timing.device_ms(target, prepare(), calls=1)
-        except Exception as exc:  # noqa: BLE001 - the profiler is an aid: its failure keeps the timing
-            info["device_ms_error"] = _first_line(exc)
-        else:
-            if device is not None:
-                info["device_ms"] = round(device, 4)
+        info.update(timing.device_time(target, prepare(), calls=1))
         info["peak_mib"] = None if peak_mib is None else round(peak_mib, 1)
         info["rounds"] = rounds
         self.benchmark.extra_info.update(info)
