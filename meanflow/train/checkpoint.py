@@ -134,10 +134,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
         checksums: record each file's sha256 in the manifest (default True; costs one read of
             the written files).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep: expected an int >= 1 or None, got {keep!r}")
+    _check_step_and_keep(step, keep)
     for group in tensors:
         _check_name("tensors", group)
     for name in optimizers or {}:
@@ -157,6 +154,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _check_step_and_keep(step, keep) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep: expected an int >= 1 or None, got {keep!r}")
 
 
 def _begin(directory: Path, step: int) -> tuple[Path, Path]:
@@ -228,8 +232,7 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, sharded: di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+    _check_step_and_keep(step, keep)
     for name in sharded:
         if not isinstance(name, str) or not name:
             raise ValueError(f"sharded: invalid name {name!r}")
