@@ -17,6 +17,7 @@ Draws come in two kinds:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -86,29 +87,31 @@ def _draw_device(generator: Generator, device) -> torch.device | None:
     return generator.device if generator is not None else device
 
 
+def _per_sample(draw, shape: Sequence[int], generator: Generator, batch_dim: int, device, **kwargs) -> Tensor:
+    """``draw(global shape, generator=..., device=..., **kwargs)`` on the generator's device (on
+    ``device`` without a generator), this rank's rows of it, moved to ``device``."""
+    full = draw(_global_shape(shape, generator, batch_dim), generator=shared_generator(generator),
+                device=_draw_device(generator, device), **kwargs)
+    return _local(full, generator, batch_dim).to(device)
+
+
 def rand(shape: Sequence[int], generator: Generator = None, *, batch_dim: int = 0,
          dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """U[0, 1) of ``shape`` (per sample along ``batch_dim``), drawn on the generator's device
     (on ``device`` without a generator) and moved to ``device`` (default: stays there)."""
-    full = torch.rand(_global_shape(shape, generator, batch_dim), generator=shared_generator(generator),
-                      dtype=dtype, device=_draw_device(generator, device))
-    return _local(full, generator, batch_dim).to(device)
+    return _per_sample(torch.rand, shape, generator, batch_dim, device, dtype=dtype)
 
 
 def randn(shape: Sequence[int], generator: Generator = None, *, batch_dim: int = 0,
           dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """N(0, 1) of ``shape`` (per sample along ``batch_dim``); devices as :func:`rand`."""
-    full = torch.randn(_global_shape(shape, generator, batch_dim), generator=shared_generator(generator),
-                       dtype=dtype, device=_draw_device(generator, device))
-    return _local(full, generator, batch_dim).to(device)
+    return _per_sample(torch.randn, shape, generator, batch_dim, device, dtype=dtype)
 
 
 def randint(high: int, shape: Sequence[int], generator: Generator = None, *, batch_dim: int = 0,
             device=None) -> Tensor:
     """int64 uniform in {0, …, high − 1} of ``shape`` (per sample along ``batch_dim``)."""
-    full = torch.randint(high, _global_shape(shape, generator, batch_dim), generator=shared_generator(generator),
-                         device=_draw_device(generator, device))
-    return _local(full, generator, batch_dim).to(device)
+    return _per_sample(functools.partial(torch.randint, high), shape, generator, batch_dim, device)
 
 
 def total_rows(batch: int, generator: Generator = None) -> int:

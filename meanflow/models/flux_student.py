@@ -50,9 +50,9 @@ a float32 or float64 model, ``student(...)`` is diffusers' forward bit for bit a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
-import functools
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable

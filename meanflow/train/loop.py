@@ -333,7 +333,6 @@ def _make_world(config: TrainConfig, ranks: Ranks, device: torch.device | None) 
     return world
 
 
-
 @torch.no_grad()
 def sample_student(student: FluxStudent, world: World, prompts: Sequence[str], steps: int, noise: Tensor,
                    shift: str = "none") -> Tensor:
