@@ -103,8 +103,12 @@ def _kernel_module(name: str = "jvp_attention"):
     import importlib
 
     module = importlib.import_module(f"meanflow.kernels.{name}")
-    fn = importlib.import_module("meanflow.kernels.jvp_attention")._jvp_attention_fwd_kernel.fn
-    if not hasattr(fn, "arg_names"):
+    from triton.runtime.jit import JITFunction
+
+    kernel = importlib.import_module("meanflow.kernels.jvp_attention")._jvp_attention_fwd_kernel
+    while hasattr(kernel, "fn") and not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    if not isinstance(kernel, JITFunction):
         raise RuntimeError("meanflow.kernels was imported in interpreter mode")
     return module
 
@@ -118,7 +122,8 @@ def _jvp_attention_module():
 # --------------------------------------------------------------------------------------------
 
 def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False, mask: str = "none") -> dict:
-    """Name -> value of every argument of the variant's kernel except BLOCK_M / BLOCK_N.
+    """Name -> value of every argument of the variant's kernel except BLOCK_M / BLOCK_N and what
+    the kernel's heuristics derive from them (``with_heuristics`` adds those).
 
     Tensors are ``MockTensor`` (16-byte aligned); ``mask`` is "none" or "keys" (a bool
     (B, 1, 1, Nk) key-padding mask, read as one row per key).
@@ -149,16 +154,16 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
         ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
         IS_CAUSAL=causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION="tf32",
         HAS_Q_DOT=tangent, HAS_K_DOT=tangent, HAS_V_DOT=tangent,
-        EVEN_M=n % ja.TILE_MULTIPLE == 0, EVEN_N=n % ja.TILE_MULTIPLE == 0,
         BLOCK_D=ja._head_block(d), BLOCK_DV=ja._head_block(d),
     )
-    fn = getattr(ja, KERNEL_OF[variant]).fn
+    kernel = getattr(ja, KERNEL_OF[variant])
+    fn = _jit(kernel)
     for name in fn.arg_names:
         if name.startswith("stride_m"):
             values[name] = mask_strides["bhmn".index(name[-1])]
         elif name.startswith("stride_"):
             values[name] = strides[name[len("stride_"):-1]]["bhmn".index(name[-1]) if name[-1] != "n" else 2]
-    return build_args(fn, values, torch_dtype, skip=("BLOCK_M", "BLOCK_N"))
+    return build_args(fn, values, torch_dtype, skip=("BLOCK_M", "BLOCK_N", *_heuristics(kernel)))
 
 
 def build_args(fn, values: dict, dtype, skip=()) -> dict:
@@ -353,8 +358,34 @@ def _kernel(case: dict):
 
 
 def _jit(kernel):
-    """The JITFunction of an Autotuner or JITFunction."""
-    return kernel.fn if hasattr(kernel, "configs") else kernel
+    """The JITFunction under an Autotuner and its Heuristics, or the JITFunction itself."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _heuristics(kernel) -> dict:
+    """Name -> function of the arguments, for each meta-parameter that a ``triton.heuristics``
+    between the kernel's Autotuner and its JITFunction derives at launch, outermost first."""
+    from triton.runtime.autotuner import Heuristics
+    from triton.runtime.jit import JITFunction
+
+    values = {}
+    while not isinstance(kernel, JITFunction):
+        if isinstance(kernel, Heuristics):
+            values.update(kernel.values)
+        kernel = kernel.fn
+    return values
+
+
+def with_heuristics(kernel, args: dict) -> dict:
+    """``args`` (every argument but the heuristics') completed as the launch completes them."""
+    args = dict(args)
+    for name, derive in _heuristics(kernel).items():
+        args[name] = derive(args)
+    return args
 
 
 def case_args(case: dict) -> dict:
@@ -367,7 +398,7 @@ def case_args(case: dict) -> dict:
     values = values_of(case["variant"], case["dtype"], **{k: case[k] for k in extras[0]})
     configs = getattr(kernel, "configs", [])
     return build_args(_jit(kernel), values, _torch_dtype(case["dtype"]),
-                      skip={name for c in configs for name in c.kwargs})
+                      skip={name for c in configs for name in c.kwargs} | set(_heuristics(kernel)))
 
 
 def kernel_configs(kernel, args: dict) -> tuple[list, list]:
@@ -382,8 +413,9 @@ def kernel_configs(kernel, args: dict) -> tuple[list, list]:
         config = triton.Config({name: args[name] for name in FIXED_META[kernel.__name__]},
                                num_warps=module.NUM_WARPS, num_stages=CUDAOptions.num_stages)
         return [config], [config]
-    flags = {name: args[name] for i, name in enumerate(kernel.fn.arg_names)
-             if i in kernel.fn.constexprs and name in args}  # what the launcher passes by keyword
+    fn = _jit(kernel)
+    flags = {name: args[name] for i, name in enumerate(fn.arg_names)
+             if i in fn.constexprs and name in args}  # what the launcher passes by keyword
     kept = kernel.early_config_prune(kernel.configs, args, **flags) if kernel.early_config_prune \
         else kernel.configs
     return kernel.configs, kept
@@ -550,9 +582,10 @@ def tasks(quick: bool) -> list[dict]:
 def run_task(task: dict) -> dict:
     meta = task["meta"] if "meta" in task else {k: task[k] for k in ("BLOCK_M", "BLOCK_N", "LAZY_RESCALE")
                                                   if k in task}
-    args = dict(case_args(task), **meta)
+    kernel = _kernel(task)
+    args = with_heuristics(kernel, dict(case_args(task), **meta))
     try:
-        result = compile_and_inspect(_jit(_kernel(task)), args, task["warps"], task["stages"])
+        result = compile_and_inspect(_jit(kernel), args, task["warps"], task["stages"])
     except Exception as error:  # a failed compile is a finding, not a crash of the report
         result = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
     return dict(task, **result)

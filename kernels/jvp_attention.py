@@ -165,10 +165,11 @@ _FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MA
                 "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "rescale_threshold"]
 _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
 
-# The kernels skip the masks of a sequence edge (EVEN_M, EVEN_N) when its length is a multiple of
-# every tile side they may run with (FLUX's 4608 tokens are 36 × 128).
-TILE_MULTIPLE = max(side for tiles in (FORWARD_TILES, BWD_DKDV_TILES, BWD_DQ_TILES, [INTERPRETER_TILE])
-                    for tile in tiles for side in tile[:2])
+# A sequence edge needs no mask when its length is a multiple of the tile side the autotuner chose
+# (FLUX's 4608 tokens are 36 × 128; a multiple of 64 takes the unmasked path with 64-wide tiles).
+# Decided per configuration, after the autotuner's choice: heuristics see BLOCK_M and BLOCK_N.
+_EVEN_KEYS = {"EVEN_N": lambda args: args["n_keys"] % args["BLOCK_N"] == 0}
+_EVEN_QUERIES_AND_KEYS = dict(_EVEN_KEYS, EVEN_M=lambda args: args["n_queries"] % args["BLOCK_M"] == 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN
 
 @triton.autotune(configs=_configs(FORWARD_TILES, LAZY_RESCALE=(True, False)), key=_FORWARD_KEY,
                  prune_configs_by={"early_config_prune": _forward_pruner})
+@triton.heuristics(_EVEN_KEYS)
 @triton.jit
 def _jvp_attention_fwd_kernel(
     Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse,
@@ -371,6 +373,7 @@ def _jvp_attention_fwd_kernel(
 
 @triton.autotune(configs=_configs(BWD_DKDV_TILES), key=_BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_dkdv_shared_memory)})
+@triton.heuristics(_EVEN_QUERIES_AND_KEYS)
 @triton.jit
 def _jvp_attention_bwd_dkdv_kernel(
     Q, K, V, Mask, Grad_out, Lse, Delta, DK, DV,
@@ -441,6 +444,7 @@ def _jvp_attention_bwd_dkdv_kernel(
 
 @triton.autotune(configs=_configs(BWD_DQ_TILES), key=_BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_dq_shared_memory)})
+@triton.heuristics(_EVEN_QUERIES_AND_KEYS)
 @triton.jit
 def _jvp_attention_bwd_dq_kernel(
     Q, K, V, Mask, Grad_out, Lse, Delta, DQ,
@@ -591,7 +595,6 @@ def jvp_attention_forward(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
-        EVEN_N=n_keys % TILE_MULTIPLE == 0,
         **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if is_interpreting() else {}),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
@@ -637,7 +640,6 @@ def jvp_attention_backward(
     flags = dict(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
-        EVEN_M=n_queries % TILE_MULTIPLE == 0, EVEN_N=n_keys % TILE_MULTIPLE == 0,
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](

@@ -106,12 +106,13 @@ CASES = {
     "fully_masked_rows": Case(mask="empty_rows"),
     "causal_key_padding_gqa": Case(batch=2, q_heads=4, kv_heads=1, mask="keys", is_causal=True),
     "large_values": Case(std=3.0, head_dim=64, value_dim=64),
-    # Sequence lengths that are multiples of every tile side (128): the kernels drop the edge masks.
-    "even": Case(n_queries=128, n_keys=256),
+    # Sequence lengths that are multiples of the tile side (the interpreter's 32; on a GPU, the
+    # autotuned one): the kernels drop the edge masks there.
+    "even": Case(n_queries=64, n_keys=96),
     "even_causal": Case(n_queries=128, n_keys=128, is_causal=True),
-    "even_key_padding": Case(n_queries=128, n_keys=128, mask="keys"),
-    "even_keys_ragged_queries": Case(n_queries=50, n_keys=128),
-    "even_queries_ragged_keys": Case(n_queries=128, n_keys=70),
+    "even_key_padding": Case(n_queries=64, n_keys=64, mask="keys"),
+    "even_keys_ragged_queries": Case(n_queries=50, n_keys=64),
+    "even_queries_ragged_keys": Case(n_queries=96, n_keys=70),
 }
 
 
@@ -159,6 +160,24 @@ def _grad_like(primals, case, dtype):
 def test_jvp_attention_matches_math_sdpa(backend, case_name):
     for dtype in backend_dtypes(backend):
         check_against_math_sdpa(CASES[case_name], dtype)
+
+
+def test_even_flags_follow_the_chosen_tile():
+    """EVEN_M / EVEN_N are derived per configuration, after the autotuner's choice: 192 queries are
+    even for 64-row tiles only; and the interpreter's tile sends the "even" cases above down the
+    unmasked path (the forward has no EVEN_M: its query tile is loaded once)."""
+    ja = importlib.import_module("meanflow.kernels.jvp_attention")
+    for kernel in (ja._jvp_attention_bwd_dkdv_kernel, ja._jvp_attention_bwd_dq_kernel):
+        even = kernel.fn.values
+        args = dict(n_queries=192, n_keys=4608, BLOCK_M=64, BLOCK_N=128)
+        assert even["EVEN_M"](args) and even["EVEN_N"](args)
+        assert not even["EVEN_M"](dict(args, BLOCK_M=128))
+    assert set(ja._jvp_attention_fwd_kernel.fn.values) == {"EVEN_N"}
+    block_m, block_n = ja.INTERPRETER_TILE[:2]
+    for name in ("even", "even_causal", "even_key_padding"):
+        assert CASES[name].n_queries % block_m == 0 and CASES[name].n_keys % block_n == 0
+    assert CASES["even_keys_ragged_queries"].n_queries % block_m != 0
+    assert CASES["even_queries_ragged_keys"].n_keys % block_n != 0
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 8.0])
