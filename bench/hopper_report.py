@@ -475,6 +475,14 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
         sass = subprocess.run([bin_dir / "nvdisasm", path], check=True, capture_output=True, text=True).stdout
     line = next(ln for ln in usage.splitlines() if "REG:" in ln)
     res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+    return dict(regs=res["REG"], stack=res["STACK"], local=res["LOCAL"], smem_static=res["SHARED"],
+                **sass_counts(sass))
+
+
+def sass_counts(sass: str) -> dict:
+    """Instruction counts of ``nvdisasm`` output: local-memory traffic (spills), HGMMA (wgmma in
+    use), global loads and stores (and how many are 128-bit), and the main loop's length per warp,
+    whole and on its common path."""
     # Instructions in order, and where each label points; a branch back to a label closes a loop.
     instructions, labels = [], {}
     for text in sass.splitlines():
@@ -482,12 +490,16 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
             labels[label.group(1)] = len(instructions)
         elif instruction := re.search(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", text):
             instructions.append(instruction.group(1))
+    # Code after the last unconditional EXIT is out of line (the retry of an mbarrier wait, which
+    # branches back into the loop it came from): its branches back close no loop.
+    body_end = max((i for i, ins in enumerate(instructions) if re.fullmatch(r"EXIT\s*", ins)),
+                   default=len(instructions))
     in_loop, loops = set(), []
-    for index, instruction in enumerate(instructions):
+    for index, instruction in enumerate(instructions[:body_end]):
         branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", instruction)
         if branch and labels.get(branch.group(1), index + 1) <= index:
             in_loop.update(range(labels[branch.group(1)], index + 1))
-            if labels[branch.group(1)] < index:  # not the branch-to-itself after EXIT
+            if labels[branch.group(1)] < index:  # not a branch to itself (a spin wait)
                 loops.append((labels[branch.group(1)], index))
     # The main loop (the longest), and its common path: without the longest block that a forward
     # branch inside it can skip (the attention forward's lazy rescale).
@@ -495,7 +507,7 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
     if loops:
         first, last = max(loops, key=lambda span: span[1] - span[0])
         loop_len = last - first + 1
-        skippable = [labels[b.group(1)] - i for i in range(first, last + 1)
+        skippable = [labels[b.group(1)] - i - 1 for i in range(first, last + 1)  # (the branch runs)
                      if (b := re.search(r"\bBRA\b.*?(\.L_x_\d+)", instructions[i]))
                      and i < labels.get(b.group(1), -1) <= last]
         loop_common = loop_len - max(skippable, default=0)
@@ -504,7 +516,6 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
         return sum(1 for i in where if re.search(pattern, instructions[i]))
 
     return dict(
-        regs=res["REG"], stack=res["STACK"], local=res["LOCAL"], smem_static=res["SHARED"],
         stl=count(r"\bSTL\b"), ldl=count(r"\bLDL\b"), hgmma=count(r"\bHGMMA\."),
         ldg=count(r"\bLDG\."), ldg128=count(r"\bLDG\.E\.128\b"),
         stg=count(r"\bSTG\."), stg128=count(r"\bSTG\.E\.128\b"),

@@ -89,3 +89,47 @@ def test_other_kernel_first_config_compiles_without_spills(rows, op, variant):
     row = rows[op, variant]
     assert "error" not in row, f"{_describe(row)} does not compile for sm_90: {row['error']}"
     _assert_no_spill(row)
+
+
+def _sass(lines):
+    """nvdisasm-style text: an instruction per string, except labels (".L_x_N:")."""
+    out, address = [], 0
+    for line in lines:
+        if line.endswith(":"):
+            out.append(line)
+        else:
+            out.append(f"        /*{address:04x}*/                   {line} ;")
+            address += 16
+    return "\n".join(out)
+
+
+def test_sass_counts_main_loop_ignores_out_of_line_retries():
+    """The main loop is the longest span closed by a branch back; a TMA kernel's mbarrier wait
+    retries sit after the final EXIT and branch back into the loop, which closes no loop. The
+    common path leaves out the longest block a forward branch skips (the lazy rescale)."""
+    report = _load_report()
+    sass = _sass([
+        "MOV R0, RZ",
+        ".L_x_0:",                                        # loop head
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR4], R1",
+        "@!P2 BRA `(.L_x_3)",                             # wait: retried out of line
+        ".L_x_4:",
+        "HGMMA.64x32x16.F32.BF16 R8, gdesc[UR8], RZ",
+        "@P1 BRA `(.L_x_1)",                              # skip the rescale
+        "FMUL R2, R2, R3", "FMUL R4, R4, R3", "FMUL R5, R5, R3",
+        ".L_x_1:",
+        "LDG.E.128 R12, desc[UR6][R10.64]",
+        "@P0 BRA `(.L_x_0)",                              # the loop's branch back
+        "STG.E.128 desc[UR6][R10.64], R12",
+        "EXIT",
+        ".L_x_3:",
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR4], R1",
+        "@!P2 BRA `(.L_x_3)",
+        "BRA `(.L_x_4)",                                  # back into the loop: not a loop
+        ".L_x_5:",
+        "BRA `(.L_x_5)",
+    ])
+    counts = report.sass_counts(sass)
+    assert (counts["loop_len"], counts["loop_common"]) == (9, 6)
+    assert (counts["hgmma"], counts["ldg"], counts["ldg128"], counts["stg128"]) == (1, 1, 1, 1)
+    assert counts["loop_stl"] == counts["loop_ldl"] == 0
