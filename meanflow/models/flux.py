@@ -94,13 +94,13 @@ def _key_padding_to_4d(mask: torch.Tensor | None, batch: int, n_keys: int) -> to
 
 
 def _stock_attention(processor, query, key, value, attention_mask):
-    """The stock attention core for (B, H, N, D) inputs: diffusers' dispatcher (which takes
-    (B, N, H, D)), or plain SDPA on diffusers releases without one. Returns (B, H, Nq, Dv)."""
+    """The stock attention core for (B, H, N, D) inputs and a mask in SDPA form (see
+    :func:`_key_padding_to_4d`): diffusers' dispatcher (which takes (B, N, H, D)), or plain SDPA
+    on diffusers releases without one. Returns (B, H, Nq, Dv)."""
     try:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
     except ImportError:  # diffusers < 0.35
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=_key_padding_to_4d(
-            attention_mask, query.shape[0], key.shape[2]))
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
     out = dispatch_attention_fn(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         attn_mask=attention_mask,
@@ -152,8 +152,9 @@ class JVPFluxAttnProcessor:
             hidden_states: (B, S, C) image tokens (double-stream) or (B, T + S, C) text and
                 image tokens (single-stream).
             encoder_hidden_states: (B, T, C) text tokens (double-stream) or None.
-            attention_mask: None, a (B, N) key mask, or a bool / additive mask broadcastable to
-                (B, H, N, N).
+            attention_mask: None, a (B, N) key mask, or a mask broadcastable to (B, H, N, N):
+                bool (True = attend), 0/1 integers (nonzero = attend) or floating (added to the
+                scores); the same on the plain and the forward-AD path.
             image_rotary_emb: (cos, sin), each (N, D), for all N = T + S tokens.
 
         Returns:
@@ -181,14 +182,15 @@ class JVPFluxAttnProcessor:
         if image_rotary_emb is not None:
             query, key = _apply_rope(query, image_rotary_emb), _apply_rope(key, image_rotary_emb)
 
+        # One mask normalisation for both paths (0/1 integer masks would crash SDPA).
+        mask = _key_padding_to_4d(attention_mask, query.shape[0], key.shape[2])
         if self.always_jvp or any(_has_tangent(t) for t in (query, key, value)):
             if getattr(self, "_parallel_config", None) is not None:
                 raise ValueError("JVPFluxAttnProcessor: context parallelism (_parallel_config) is not "
                                  "supported under forward-mode AD")
-            mask = _key_padding_to_4d(attention_mask, query.shape[0], key.shape[2])
             out = jvp_attention(query, key, value, attn_mask=mask)
         else:
-            out = _stock_attention(self, query, key, value, attention_mask)
+            out = _stock_attention(self, query, key, value, mask)
 
         # (B, H, N, D) -> (B, N, H·D)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)

@@ -94,8 +94,10 @@ class FluxCondition:
             guidance-distilled models (FLUX.1-dev);
             multiplied by 1000 inside, as diffusers does. Required exactly when the model was
             built with ``guidance_embeds=True``.
-        attention_mask: None, a (B, T + N_img) key mask (bool, or 0/1 integers; True = attend)
-            or a bool / additive mask broadcastable to (B, H, N, N), text tokens first.
+        attention_mask: None; a (B, T) text mask as a tokenizer returns it (the image tokens
+            are then all attended); a (B, T + N_img) key mask; or a mask broadcastable to
+            (B, H, N, N), N = T + N_img, text tokens first. bool (True = attend), 0/1 integers
+            (nonzero = attend) or floating (added to the attention scores).
     """
 
     encoder_hidden_states: Tensor
@@ -106,15 +108,28 @@ class FluxCondition:
     attention_mask: Tensor | None = None
 
     def to(self, *args, **kwargs) -> "FluxCondition":
-        """``Tensor.to`` on every floating tensor field (ids and masks keep their dtype)."""
-        def move(t):
-            if t is None:
-                return None
-            if t.is_floating_point():
-                return t.to(*args, **kwargs)
-            device = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
-            return t if device is None else t.to(device)
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        """A copy moved and cast with ``Tensor.to``'s arguments (``to(device)``, ``to(dtype)``,
+        ``to(device, dtype)``, ``to(device=..., dtype=..., non_blocking=...)``).
+
+        A device move applies to every field. A dtype applies to the embeddings only
+        (``encoder_hidden_states``, ``pooled_projections``): the position ids, the guidance scales
+        and the attention mask keep theirs, since bf16 would round positions above 256 and
+        guidance scales (4.3 → 4.3125); the model reads them in float32 itself.
+
+        Raises:
+            ValueError: naming ``dtype``, if it is not a floating dtype.
+        """
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype: the embeddings take a floating dtype, got {dtype}")
+
+        def move(name: str, t):
+            if not isinstance(t, torch.Tensor):  # None, or a float guidance scale
+                return t
+            cast = dtype if name in ("encoder_hidden_states", "pooled_projections") else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+        return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,10 +543,23 @@ def _check_transformer(transformer) -> None:
                          "LayerNorm")
 
 
-def _check_inputs(transformer, z, cond) -> None:
+def _check_inputs(transformer, z, cond) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The input check shared by the student's two forwards and the teacher's.
+
+    Returns:
+        z (B, N_img, in_channels) and ``cond.encoder_hidden_states`` (B, T, joint_attention_dim),
+        each cast to the dtype of the layer that reads it (the model's parameter dtype: a float32
+        z into a bf16 model is rounded to bf16, as a diffusers pipeline casts its latents), and
+        the attention mask in SDPA form (:func:`_attention_mask`).
+
+    Raises:
+        ValueError: naming the argument (``z``, ``cond``, ``cond.<field>``) that is malformed.
+    """
     if not isinstance(z, torch.Tensor) or z.dim() != 3:
         raise ValueError(f"z must be a (B, N_img, C) tensor of packed latents, got "
                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if not z.is_floating_point():
+        raise ValueError(f"z must be floating point, got {z.dtype}")
     in_ch = transformer.config.in_channels
     if z.shape[-1] != in_ch:
         raise ValueError(f"z must have {in_ch} channels (the transformer's in_channels), got {z.shape[-1]}")
@@ -539,19 +567,62 @@ def _check_inputs(transformer, z, cond) -> None:
         raise ValueError(f"cond must be a FluxCondition, got {type(cond).__name__}")
     b = z.shape[0]
     ehs, pooled = cond.encoder_hidden_states, cond.pooled_projections
+    for name, x in (("encoder_hidden_states", ehs), ("pooled_projections", pooled)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"cond.{name} must be a floating tensor, got "
+                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if ehs.dim() != 3 or ehs.shape[0] != b or ehs.shape[-1] != transformer.config.joint_attention_dim:
         raise ValueError(f"cond.encoder_hidden_states must be (B={b}, T, "
                          f"{transformer.config.joint_attention_dim}), got {tuple(ehs.shape)}")
     if pooled.shape != (b, transformer.config.pooled_projection_dim):
         raise ValueError(f"cond.pooled_projections must be (B={b}, "
                          f"{transformer.config.pooled_projection_dim}), got {tuple(pooled.shape)}")
-    txt, img = _ids(cond.txt_ids), _ids(cond.img_ids)
-    if txt.shape[0] != ehs.shape[1]:
-        raise ValueError(f"cond.txt_ids must have one row per text token ({ehs.shape[1]}), "
-                         f"got {tuple(txt.shape)}")
-    if img.shape[0] != z.shape[1]:
-        raise ValueError(f"cond.img_ids must have one row per image token ({z.shape[1]}), "
-                         f"got {tuple(img.shape)}")
+    n_text, n_img = ehs.shape[1], z.shape[1]
+    for name, ids, rows, what in (("txt_ids", cond.txt_ids, n_text, "text"),
+                                  ("img_ids", cond.img_ids, n_img, "image")):
+        if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] != 3:
+            raise ValueError(f"cond.{name} must be a ({rows}, 3) tensor (one (axis 0, axis 1, axis 2) "
+                             f"position per {what} token), got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if _ids(ids).shape[0] != rows:
+            raise ValueError(f"cond.{name} must have one row per {what} token ({rows}), "
+                             f"got {tuple(ids.shape)}")
+    mask = _attention_mask(cond.attention_mask, b, n_text, n_img, transformer.config.num_attention_heads)
+    z = z.to(transformer.x_embedder.weight.dtype)
+    ehs = ehs.to(transformer.context_embedder.weight.dtype)
+    return z, ehs, mask
+
+
+def _attention_mask(mask, batch: int, n_text: int, n_img: int, heads: int) -> Tensor | None:
+    """``cond.attention_mask`` in the form every attention call takes, on every path (the stock
+    processor, JVPFluxAttnProcessor, pair mode): see :func:`~meanflow.models.flux._key_padding_to_4d`.
+
+    A (B, T) text mask gets the image tokens appended as attended (True, 1 or 0.0 added), then
+    (B, N) becomes (B, 1, 1, N); 0/1 integers become bool; a 3-d or 4-d mask must broadcast to
+    (B, H, N, N). N = T + N_img.
+    """
+    if mask is None:
+        return None
+    n = n_text + n_img
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"cond.attention_mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, n_text):
+        attend = 0 if mask.is_floating_point() else 1
+        mask = torch.cat([mask, mask.new_full((batch, n_img), attend)], dim=1)
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, n):
+            raise ValueError(f"cond.attention_mask: a 2-d mask must be (B, T) = ({batch}, {n_text}) or "
+                             f"(B, T + N_img) = ({batch}, {n}), got {tuple(mask.shape)}")
+    else:
+        target = (batch, heads, n, n)
+        try:
+            fits = mask.dim() in (3, 4) and torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"cond.attention_mask must be (B, T), (B, N) or broadcastable to (B, H, N, N) "
+                             f"= {target}, got {tuple(mask.shape)}")
+    return _key_padding_to_4d(mask, batch, n)
 
 
 def _check_tangent(name: str, tangent, primal: Tensor) -> Tensor | None:
@@ -586,19 +657,20 @@ def _compute_dtype(transformer, device_type: str) -> torch.dtype:
 
 def _plain_forward(transformer, delta_embedder, z, r, t, cond: FluxCondition, gradient_checkpointing: bool):
     """diffusers' FluxTransformer2DModel.forward with the student's time embedding, through the
-    blocks' own modules (so forward AD works with JVPFluxAttnProcessor installed)."""
-    _check_inputs(transformer, z, cond)
+    blocks' own modules (so forward AD works with JVPFluxAttnProcessor installed). The teacher
+    passes ``delta_embedder`` None (and r is then ignored); the student needs r."""
+    z, ehs, mask = _check_inputs(transformer, z, cond)
     b = z.shape[0]
     t = _as_times(t, b, z, "t")
-    r = None if r is None else _as_times(r, b, z, "r")
+    r = None if delta_embedder is None else _as_times(r, b, z, "r")
     h = transformer.x_embedder(z)
     temb, _ = _time_embedding(transformer, delta_embedder, t, r, cond.guidance, cond.pooled_projections)
     # Where the blocks read it, temb takes the dtype of their modulation weights (a 16-bit model),
     # else stays in float32 and autocast casts it at the Linear.
     temb = temb.to(transformer.norm_out.linear.weight.dtype)
-    c = transformer.context_embedder(cond.encoder_hidden_states)
+    c = transformer.context_embedder(ehs)
     rope = _rotary_tables(transformer, cond)
-    jak = None if cond.attention_mask is None else {"attention_mask": cond.attention_mask}
+    jak = None if mask is None else {"attention_mask": mask}
     use_ckpt = gradient_checkpointing and torch.is_grad_enabled()
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         if use_ckpt:
@@ -611,7 +683,7 @@ def _plain_forward(transformer, delta_embedder, z, r, t, cond: FluxCondition, gr
 
 
 def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_dot, gradient_checkpointing):
-    _check_inputs(transformer, z, cond)
+    z, ehs, mask = _check_inputs(transformer, z, cond)
     b = z.shape[0]
     t = _as_times(t, b, z, "t")
     r = _as_times(r, b, z, "r")
@@ -629,11 +701,8 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
         s, s_dot = s.to(dtype), _cast(s_dot, dtype)
 
         h, h_dot = _linear(z.to(dtype), _cast(z_dot, dtype), transformer.x_embedder, dtype, "x_embedder")
-        c, c_dot = _linear(cond.encoder_hidden_states.to(dtype), None, transformer.context_embedder, dtype,
-                           "context_embedder")
+        c, c_dot = _linear(ehs.to(dtype), None, transformer.context_embedder, dtype, "context_embedder")
         rope = _rotary_tables(transformer, cond)
-        n_tokens = c.shape[1] + h.shape[1]
-        mask = _key_padding_to_4d(cond.attention_mask, b, n_tokens)
 
         use_ckpt = gradient_checkpointing and torch.is_grad_enabled()
         for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
@@ -656,6 +725,40 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
 # Student and teacher
 # --------------------------------------------------------------------------------------------
 
+# The fused projection of diffusers' fuse_qkv_projections() and the layers it concatenates, in order.
+_FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"),
+                      "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def _unfused_view(transformer):
+    """``transformer`` itself if no attention layer is fused; else a model of the same config
+    whose state is the live weights in diffusers' unfused layout: each fused ``to_qkv`` /
+    ``to_added_qkv`` weight and bias split (copied) into its q, k, v layers, in place of their
+    stale pre-fusion values. Every other tensor is shared, not copied (the split pieces take the
+    fused layers' memory once more, on their device, while the view lives); ``transformer`` is
+    not touched."""
+    fused = {name: module for name, module in transformer.named_modules()
+             if getattr(module, "fused_projections", False)}
+    if not fused:
+        return transformer
+    state = transformer.state_dict()
+    for name, attn in fused.items():
+        for fused_name, parts in _FUSED_PROJECTIONS.items():
+            if getattr(attn, fused_name, None) is None:
+                continue
+            sizes = [getattr(attn, part).out_features for part in parts]
+            for param in ("weight", "bias"):
+                value = state.pop(f"{name}.{fused_name}.{param}", None)
+                if value is None:
+                    continue
+                for part, piece in zip(parts, value.detach().split(sizes)):
+                    state[f"{name}.{part}.{param}"] = piece.clone()  # own storage: safetensors refuses views
+    with torch.device("meta"):
+        unfused = type(transformer).from_config(transformer.config)
+    unfused.load_state_dict(state, strict=True, assign=True)
+    return unfused
+
+
 def _make_delta_embedder(transformer) -> nn.Module:
     from diffusers.models.embeddings import TimestepEmbedding
 
@@ -666,19 +769,55 @@ def _make_delta_embedder(transformer) -> nn.Module:
     return emb.to(device=ref.linear_1.weight.device, dtype=ref.linear_1.weight.dtype)
 
 
+def _checkpointing_switch() -> property:
+    """``gradient_checkpointing`` of a wrapper: the transformer's own diffusers switch, so that
+    ``wrapper.gradient_checkpointing = True`` and ``wrapper.transformer.enable_gradient_checkpointing()``
+    are the same thing (either turns per-block checkpointing on, in every forward of the wrapper)."""
+
+    def get(self) -> bool:
+        return bool(getattr(self.transformer, "gradient_checkpointing", False))
+
+    def set(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ValueError(f"gradient_checkpointing must be a bool, got {type(on).__name__}")
+        if on == get(self):
+            return
+        if on:  # diffusers' default checkpoint function, as a partial (it pickles, a closure does not)
+            self.transformer.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=False))
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    return property(get, set, doc="Per-block activation checkpointing (the transformer's diffusers switch).")
+
+
 class FluxStudent(nn.Module):
     """u_θ(z, r, t, c): a FLUX transformer plus a zero-initialised embedder of (t − r).
 
     Build with :meth:`from_transformer`, :meth:`from_config`, :meth:`from_teacher_pretrained`
     or :meth:`from_pretrained` (a directory :meth:`save_pretrained` wrote).
 
+    A student is made to be trained: the constructor sets every parameter (transformer and
+    delta embedder) to ``requires_grad=True`` and the whole student to train mode, whatever
+    state the transformer came in (a copy of a :class:`FluxTeacher`'s frozen, eval-mode
+    transformer, say). Freeze parts afterwards if you want to. :meth:`from_pretrained` returns
+    it in eval mode, as diffusers' ``from_pretrained`` does.
+
+    Inputs of any floating dtype are accepted: z and ``cond.encoder_hidden_states`` are cast to
+    the model's parameter dtype (a float32 z into a bf16 model is rounded to bf16, as diffusers'
+    pipelines cast their latents to the transformer's dtype), in both forwards; u comes out in
+    the compute dtype (the parameter dtype, or autocast's).
+
     Attributes:
         transformer: the ``FluxTransformer2DModel`` (owned, not copied; its attention layers get
             :class:`~meanflow.models.flux.JVPFluxAttnProcessor`).
         delta_embedder: diffusers ``TimestepEmbedding`` of the sinusoidal projection of
             1000·(t − r); its last Linear starts at zero.
-        gradient_checkpointing: per-block activation checkpointing, in both forwards.
+        gradient_checkpointing: per-block activation checkpointing, in both forwards. It is the
+            transformer's own switch: ``student.transformer.enable_gradient_checkpointing()``
+            turns it on too.
     """
+
+    gradient_checkpointing = _checkpointing_switch()
 
     def __init__(self, transformer, delta_embedder: nn.Module | None = None):
         super().__init__()
@@ -690,14 +829,16 @@ class FluxStudent(nn.Module):
             delta_embedder = _make_delta_embedder(transformer)
         self.delta_embedder = delta_embedder
         _check_timestep_mlp(self.delta_embedder, "delta_embedder")
-        self.gradient_checkpointing = False
+        self.requires_grad_(True)
+        self.train()
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_transformer(cls, transformer) -> "FluxStudent":
         """A student around ``transformer`` (taken over, not copied: deep-copy the teacher's
-        first if the teacher must stay as it is)."""
+        first if the teacher must stay as it is). The transformer is made trainable and put in
+        train mode (see the class)."""
         return cls(transformer)
 
     @classmethod
@@ -719,14 +860,20 @@ class FluxStudent(nn.Module):
         return cls(FluxTransformer2DModel.from_pretrained(path_or_id, **kwargs))
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
-        """Writes ``transformer/`` (diffusers' ``save_pretrained``: config and safetensors weights,
-        loadable as a plain FLUX transformer), ``delta_embedder.safetensors`` and
-        ``meanflow_student.json``. ``kwargs`` go to the transformer's ``save_pretrained``."""
+        """Writes ``transformer/`` (diffusers' ``save_pretrained``: config and weights, loadable as
+        a plain FLUX transformer), ``delta_embedder.safetensors`` and ``meanflow_student.json``.
+
+        ``kwargs`` go to the transformer's ``save_pretrained`` (``safe_serialization``,
+        ``max_shard_size``, ``variant``, ...). Attention layers fused with
+        ``transformer.fuse_qkv_projections()`` are written in diffusers' unfused layout (the
+        fused weights split into ``to_q``/``to_k``/``to_v`` and ``add_q_proj``/``add_k_proj``/
+        ``add_v_proj``), the only one ``from_pretrained`` reads; the live model is left as it is.
+        """
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        self.transformer.save_pretrained(os.path.join(directory, TRANSFORMER_SUBFOLDER),
-                                         safe_serialization=True, **kwargs)
+        transformer_dir = os.path.join(directory, TRANSFORMER_SUBFOLDER)
+        _unfused_view(self.transformer).save_pretrained(transformer_dir, **kwargs)
         state = {k: v.detach().contiguous().cpu() for k, v in self.delta_embedder.state_dict().items()}
         save_file(state, os.path.join(directory, DELTA_WEIGHTS_NAME), metadata={"format": "pt"})
         ref = self.delta_embedder.linear_1
@@ -738,8 +885,9 @@ class FluxStudent(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> "FluxStudent":
-        """Loads what :meth:`save_pretrained` wrote. ``kwargs`` (``torch_dtype``, ...) go to the
-        transformer's ``from_pretrained``; the (t − r) embedder takes the transformer's dtype."""
+        """Loads what :meth:`save_pretrained` wrote, in eval mode (as diffusers' ``from_pretrained``;
+        call ``.train()`` to train it). ``kwargs`` (``torch_dtype``, ...) go to the transformer's
+        ``from_pretrained``; the (t − r) embedder takes the transformer's dtype."""
         from diffusers import FluxTransformer2DModel
         from diffusers.models.embeddings import TimestepEmbedding
         from safetensors.torch import load_file
@@ -758,11 +906,12 @@ class FluxStudent(nn.Module):
         delta = TimestepEmbedding(in_channels=spec["in_channels"], time_embed_dim=spec["time_embed_dim"])
         delta.load_state_dict(load_file(os.path.join(directory, spec["weights"])), strict=True)
         ref = transformer.time_text_embed.timestep_embedder.linear_1.weight
-        return cls(transformer, delta.to(device=ref.device, dtype=ref.dtype))
+        return cls(transformer, delta.to(device=ref.device, dtype=ref.dtype)).eval()
 
     # -- checkpointing --------------------------------------------------------------------
 
     def enable_gradient_checkpointing(self) -> None:
+        """Per-block activation checkpointing on (the transformer's switch, see the class)."""
         self.gradient_checkpointing = True
 
     def disable_gradient_checkpointing(self) -> None:
@@ -815,7 +964,10 @@ class FluxTeacher(nn.Module):
     Uses the same top-level forward (and float32 time path) as :class:`FluxStudent`, so a
     student made from a copy of the same transformer agrees with it exactly at r = t, under
     autocast too. Without autocast, for a float32/float64 model, it is diffusers' forward bit
-    for bit. The transformer's parameters are set to ``requires_grad=False``.
+    for bit. The transformer's parameters are set to ``requires_grad=False`` and it is put in
+    eval mode; a student made with ``FluxStudent.from_transformer(copy.deepcopy(teacher.transformer))``
+    is trainable all the same (the student's constructor unfreezes its copy). Inputs are checked
+    and cast as :class:`FluxStudent` checks and casts them.
     """
 
     def __init__(self, transformer):
@@ -840,17 +992,19 @@ class FluxTeacher(nn.Module):
 class FluxVelocity(nn.Module):
     """A trainable velocity v_φ(z, t, c) on a FLUX transformer: the fake velocity network of
     trajectory alignment (DESIGN §2), started as a copy of the teacher. Same top-level forward
-    and float32 time path as :class:`FluxTeacher`, with gradients.
+    and float32 time path as :class:`FluxTeacher`, with gradients; ``gradient_checkpointing`` is
+    the transformer's diffusers switch, as for :class:`FluxStudent`.
 
     Args:
         transformer: a ``FluxTransformer2DModel`` (owned; copy the teacher's first).
     """
 
+    gradient_checkpointing = _checkpointing_switch()
+
     def __init__(self, transformer):
         super().__init__()
         _check_transformer(transformer)
         self.transformer = transformer
-        self.gradient_checkpointing = False
 
     def forward(self, z: Tensor, t, cond: FluxCondition) -> Tensor:
         """v_φ(z, t, c): (B, N_img, C) for z (B, N_img, C) and t (B,) (or 0-d / float)."""

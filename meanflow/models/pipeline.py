@@ -17,9 +17,11 @@ such as ``"black-forest-labs/FLUX.1-dev"`` or a local ``FluxPipeline`` folder), 
 Sampling follows FLUX's own layout: the noise is drawn exactly as ``FluxPipeline`` draws it
 ((B, C_vae, H/s, W/s), s the VAE scale factor, then packed into 2×2 patches: (B, N_img, 4·C_vae)
 with N_img = (H/2s)·(W/2s)), so the same ``generator`` gives the same starting noise as the
-stock pipeline. The time grid is uniform in K steps passed through FLUX's resolution-dependent
-shift (:func:`meanflow.method.sampler.time_grid` with ``shift="flux"``), and each step is
-z ← z − (τ_k − τ_{k+1})·u_θ(z, τ_{k+1}, τ_k, c).
+stock pipeline. The time grid is uniform in K steps, passed through FLUX's resolution-dependent
+shift or not (:func:`meanflow.method.sampler.time_grid` with ``shift="flux"`` or ``"none"``): the
+one the student was trained and evaluated with, as ``meanflow_pipeline.json`` records it (the
+trainer's export writes ``sample.shift`` there), ``"flux"`` for a folder that records none. Each
+step is z ← z − (τ_k − τ_{k+1})·u_θ(z, τ_{k+1}, τ_k, c).
 
 The module also holds the FLUX helpers :class:`~meanflow.train.flux_world.FluxWorld` shares:
 :func:`encode_flux_prompts`, :func:`pack_latents`, :func:`unpack_latents`,
@@ -39,7 +41,7 @@ from meanflow.models.flux_student import FluxCondition, FluxStudent
 
 __all__ = ["MeanFlowFluxPipeline", "MeanFlowFluxPipelineOutput", "encode_flux_prompts", "pack_latents",
            "unpack_latents", "latent_image_ids", "decode_packed", "check_resolution",
-           "default_max_sequence_length", "dtype_kwargs"]
+           "default_max_sequence_length", "dtype_kwargs", "save_pipeline_config"]
 
 PIPELINE_CONFIG_NAME = "meanflow_pipeline.json"
 _FORMAT = "meanflow.MeanFlowFluxPipeline"
@@ -47,6 +49,8 @@ _FORMAT_VERSION = 1
 STEP_COUNTS = (1, 2, 3, 4)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 T5_MAX_SEQUENCE_LENGTH = 512
+SHIFTS = ("none", "flux")
+DEFAULT_SHIFT = "flux"  # FluxPipeline's own grid, for a folder that records no shift
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +204,24 @@ def decode_packed(vae, latents: Tensor, height: int, width: int, batch_size: int
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def _check_shift(shift: Any, name: str = "shift") -> str:
+    if shift not in SHIFTS:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, SHIFTS))}, got {shift!r}")
+    return shift
+
+
+def save_pipeline_config(directory: str | os.PathLike, *, shift: str, base: str | None = None,
+                         revision: str | None = None, max_sequence_length: int | None = None) -> None:
+    """Writes ``meanflow_pipeline.json`` into a student folder: what :class:`MeanFlowFluxPipeline`
+    reads beside the student. ``shift`` is the time grid the student samples on (``"none"`` or
+    ``"flux"``, the run's ``sample.shift``); ``base``, ``revision`` and ``max_sequence_length``
+    (None: not recorded) are the defaults of :meth:`MeanFlowFluxPipeline.from_pretrained`."""
+    meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "base": base, "revision": revision,
+            "max_sequence_length": max_sequence_length, "shift": _check_shift(shift)}
+    with open(os.path.join(os.fspath(directory), PIPELINE_CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+
+
 @dataclass
 class MeanFlowFluxPipelineOutput:
     """``images``: a list of B PIL images (``"pil"``), a (B, H, W, 3) float32 numpy array in [0, 1]
@@ -220,10 +242,13 @@ class MeanFlowFluxPipeline:
         revision: the base repository's revision, recorded alike (optional).
         max_sequence_length: T5 tokens per prompt (default: 512, or the T5 tokenizer's maximum
             if smaller).
+        shift: the time grid, ``"flux"`` (default: FLUX's resolution-dependent shift) or
+            ``"none"`` (uniform); use the one the student was trained with.
     """
 
     def __init__(self, student: FluxStudent, base_pipeline, base: str | None = None,
-                 revision: str | None = None, max_sequence_length: int | None = None):
+                 revision: str | None = None, max_sequence_length: int | None = None,
+                 shift: str = DEFAULT_SHIFT):
         if not isinstance(student, FluxStudent):
             raise ValueError(f"student: expected a FluxStudent, got {type(student).__name__}")
         for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
@@ -241,6 +266,7 @@ class MeanFlowFluxPipeline:
             raise ValueError(f"max_sequence_length: expected an int in [1, {T5_MAX_SEQUENCE_LENGTH}], "
                              f"got {max_sequence_length!r}")
         self.max_sequence_length = max_sequence_length
+        self.shift = _check_shift(shift)
         for module in (base_pipeline.vae, base_pipeline.text_encoder, base_pipeline.text_encoder_2):
             module.eval().requires_grad_(False)
         self.vae_scale_factor = _vae_scale_factor(base_pipeline.vae)
@@ -255,7 +281,7 @@ class MeanFlowFluxPipeline:
     def from_pretrained(cls, student_dir: str | os.PathLike, base: str | os.PathLike | None = None, *,
                         torch_dtype: torch.dtype | None = None, revision: str | None = None,
                         device: str | torch.device | None = None, max_sequence_length: int | None = None,
-                        **base_kwargs) -> "MeanFlowFluxPipeline":
+                        shift: str | None = None, **base_kwargs) -> "MeanFlowFluxPipeline":
         """Loads a student folder and the base pipeline's encoders and VAE.
 
         Args:
@@ -267,6 +293,8 @@ class MeanFlowFluxPipeline:
                 default branch).
             device: where to move everything (default: stay on the CPU).
             max_sequence_length: see the class.
+            shift: the time grid, ``"none"`` or ``"flux"`` (default: the one recorded in
+                ``student_dir/meanflow_pipeline.json``, else ``"flux"``).
             base_kwargs: passed on to ``FluxPipeline.from_pretrained``.
         """
         from diffusers import FluxPipeline
@@ -291,6 +319,9 @@ class MeanFlowFluxPipeline:
                              "model id or folder the student was distilled from>")
         if max_sequence_length is None:
             max_sequence_length = recorded.get("max_sequence_length")
+        if shift is None:
+            shift = _check_shift(recorded.get("shift", DEFAULT_SHIFT), f"student_dir: {path}: shift")
+        _check_shift(shift)
         base = os.fspath(base)
         kwargs = {**base_kwargs, **dtype_kwargs(torch_dtype)}
         try:
@@ -300,31 +331,53 @@ class MeanFlowFluxPipeline:
                              f"({type(err).__name__}: {err})") from err
         student = FluxStudent.from_pretrained(student_dir, **dtype_kwargs(torch_dtype))
         pipe = cls(student, base_pipeline, base=base, revision=revision,
-                   max_sequence_length=max_sequence_length)
+                   max_sequence_length=max_sequence_length, shift=shift)
         return pipe if device is None else pipe.to(device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes the student (``FluxStudent.save_pretrained``) and ``meanflow_pipeline.json``
-        naming the base (an absolute path if it is a local folder), so that
+        naming the base (an absolute path if it is a local folder) and the time grid, so that
         ``from_pretrained(directory)`` alone works while the base stays where it is."""
         directory = os.fspath(directory)
         self.student.save_pretrained(directory)
         base = self.base
         if base is not None and os.path.isdir(base):
             base = os.path.abspath(base)
-        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "base": base, "revision": self.revision,
-                "max_sequence_length": self.max_sequence_length}
-        with open(os.path.join(directory, PIPELINE_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        save_pipeline_config(directory, shift=self.shift, base=base, revision=self.revision,
+                             max_sequence_length=self.max_sequence_length)
 
     # -- devices ------------------------------------------------------------------------------
 
-    def to(self, device: str | torch.device) -> "MeanFlowFluxPipeline":
-        """Moves the student, the text encoders and the VAE to ``device``; returns self."""
-        device = torch.device(device)
-        self.student.to(device)
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            getattr(self.base_pipeline, name).to(device)
+    def to(self, *args, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> "MeanFlowFluxPipeline":
+        """Moves and/or casts the student, the text encoders and the VAE, as diffusers pipelines
+        do: ``to("cuda")``, ``to(torch.bfloat16)``, ``to("cuda", torch.bfloat16)``,
+        ``to(device=..., dtype=...)``. Returns self.
+
+        Raises:
+            ValueError: naming ``device`` or ``dtype`` (not a device, not a floating dtype, given twice).
+        """
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                if dtype is not None:
+                    raise ValueError(f"dtype: given twice ({dtype} and {arg})")
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                if device is not None:
+                    raise ValueError(f"device: given twice ({device} and {arg})")
+                device = arg
+            else:
+                raise ValueError(f"device, dtype: expected a device (str or torch.device) and/or a "
+                                 f"torch.dtype, got {arg!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        try:
+            device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: expected a device, got {device!r} ({err})") from err
+        for module in (self.student, self.base_pipeline.vae, self.base_pipeline.text_encoder,
+                       self.base_pipeline.text_encoder_2):
+            module.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -360,7 +413,7 @@ class MeanFlowFluxPipeline:
                  width: int = 1024, guidance_scale: float = 3.5, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, shift: str | None = None):
         """Text to image in K = ``num_inference_steps`` student steps.
 
         Args:
@@ -374,6 +427,7 @@ class MeanFlowFluxPipeline:
             latents: optional starting noise (B·n, N_img, 4·C_vae) instead of drawing it.
             output_type: ``"pil"`` (default), ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`MeanFlowFluxPipelineOutput` (default) or a 1-tuple.
+            shift: the time grid, ``"none"`` or ``"flux"`` (default: the pipeline's ``shift``).
 
         Returns:
             ``.images`` as documented on :class:`MeanFlowFluxPipelineOutput`.
@@ -397,6 +451,7 @@ class MeanFlowFluxPipeline:
                              f"got {output_type!r}")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale: expected a number, got {guidance_scale!r}")
+        shift = self.shift if shift is None else _check_shift(shift)
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(prompts)
@@ -417,7 +472,7 @@ class MeanFlowFluxPipeline:
                                  f"{tuple(getattr(latents, 'shape', ()))}")
             noise = latents.to(device=self.device, dtype=torch.float32)
 
-        grid = time_grid(SamplerConfig(steps=num_inference_steps, shift="flux"), image_seq_len=n_img)
+        grid = time_grid(SamplerConfig(steps=num_inference_steps, shift=shift), image_seq_len=n_img)
         dtype = self.dtype
 
         def u(z, r, t, c):

@@ -7,7 +7,8 @@ Run folder (``run.out_dir``)::
     samples/step-*.png   student samples (EMA weights) at 1, 2, 4 steps, fixed noise
     checkpoints/         step-*/ folders (student, EMA, fake network, optimizers, RNG, schedule)
                          and a ``latest`` pointer, written atomically
-    student/             the final student (EMA weights), ``FluxStudent.from_pretrained``-loadable
+    student/             the final student (EMA weights), ``FluxStudent.from_pretrained``-loadable, and
+                         ``meanflow_pipeline.json`` recording its time grid (``sample.shift``)
     eval.json, report.md, loss.png, eval grids    at the end (``run.eval_at_end``)
 
 A run folder that already holds checkpoints is never overwritten: pass ``resume=True`` to
@@ -271,9 +272,12 @@ class Run:
         return result
 
     def export_student(self, directory: Path) -> None:
-        """Writes the student as it is now, whole (``FluxStudent.save_pretrained``), from rank 0.
-        Every rank calls it; the weights are gathered on rank 0's CPU."""
+        """Writes the student as it is now, whole (``FluxStudent.save_pretrained``), and the time
+        grid it samples on (``sample.shift``, in ``meanflow_pipeline.json``, which
+        ``MeanFlowFluxPipeline`` reads), from rank 0. Every rank calls it; the weights are
+        gathered on rank 0's CPU."""
         from meanflow.models.flux_student import FluxStudent
+        from meanflow.models.pipeline import save_pipeline_config
 
         d = self.distiller
         state = full_state_dict(d.student, d.ranks)
@@ -282,6 +286,7 @@ class Run:
                 whole = FluxStudent.from_config(dict(d.student.transformer.config))
             whole.load_state_dict(state, assign=True)
             whole.save_pretrained(directory)
+            save_pipeline_config(directory, shift=self.config.sample.shift)
         d.ranks.barrier()
 
 

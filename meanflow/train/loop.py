@@ -104,7 +104,7 @@ class Distiller:
             self.student = FluxStudent.from_transformer(float32_copy(teacher.transformer, home))
         # Trained weights stay float32 (master weights); bf16 is autocast's, in the forward only.
         self.student.to(home, torch.float32)
-        self.student.requires_grad_(True).train()
+        self.student.train()  # trainable by construction; from_pretrained gives eval mode, as diffusers does
         self.student.gradient_checkpointing = config.model.gradient_checkpointing
         if ranks.sharded:
             shard_flux(self.student, mesh, ("forward_with_tangent",), policy)

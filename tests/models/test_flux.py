@@ -205,6 +205,25 @@ def test_jvp_with_attention_mask(mask_kind, monkeypatch):
     assert (unmasked - out).abs().max() > 1e-6
 
 
+def test_integer_mask_is_read_as_bool_on_the_plain_path_too(monkeypatch):
+    """A tokenizer's 0/1 integer mask (which SDPA refuses) is read as bool on the plain forward,
+    as under forward AD: one normalisation for both paths."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    dtype = torch.float64
+    stock, ours = _models("tiny", dtype)
+    inputs = _inputs(dtype, batch=2, text=5)
+    mask = torch.ones(2, 5 + 12, dtype=torch.bool, device=_device())
+    mask[0, 3:5] = False
+    run = lambda model, m: _fn(model, inputs, joint_attention_kwargs={"attention_mask": m})(  # noqa: E731
+        inputs["hidden_states"], inputs["timestep"])
+    with torch.no_grad():
+        expected = run(stock, mask)
+        assert torch.equal(run(ours, mask.long()), expected)
+        assert (run(ours, None) - expected).abs().max() > 1e-6
+    out, _ = _jvp(ours, inputs, joint_attention_kwargs={"attention_mask": mask.long()})
+    _assert_close(out, expected, dtype, "forward-AD path")
+
+
 def test_jvp_with_fused_qkv_projections(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
     dtype = torch.float64

@@ -14,6 +14,7 @@ one thread: the whole file runs in well under a minute and a half on a loaded 2-
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,20 @@ def test_teacher_is_frozen():
     assert not any(isinstance(p, JVPFluxAttnProcessor) for p in stock.attn_processors.values())
     assert all(isinstance(p, JVPFluxAttnProcessor)
                for p in _student(_stock("tiny", torch.float32)).transformer.attn_processors.values())
+
+
+def test_student_made_from_the_frozen_teachers_transformer_trains():
+    """FluxTeacher freezes its transformer; a student built from a copy of it (as the docs say)
+    is trainable all the same: every parameter requires grad and gets one, in train mode."""
+    teacher = FluxTeacher(_stock("tiny", torch.float32))
+    student = FluxStudent.from_transformer(copy.deepcopy(teacher.transformer))
+    assert all(p.requires_grad for p in student.parameters())
+    assert all(m.training for m in student.modules())
+    z, r, t, cond, v, _ = _inputs("tiny", torch.float32)
+    u, u_dot = student.forward_with_tangent(z, r, t, cond, v, None, 1.0)
+    grads = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+    assert [n for n, g in grads.items() if g is None] == []
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher stays frozen
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +366,33 @@ def test_plain_forward_checkpointing():
         torch.testing.assert_close(actual[name], grad, rtol=1e-12, atol=1e-15, msg=name)
 
 
+def test_diffusers_checkpointing_switch_is_the_students(monkeypatch):
+    """student.transformer.enable_gradient_checkpointing() (diffusers' switch) checkpoints both
+    forwards, as student.gradient_checkpointing = True does: the two are one switch."""
+    import pickle
+
+    import meanflow.models.flux_student as flux_student
+
+    calls = []
+    real = flux_student.checkpoint
+    monkeypatch.setattr(flux_student, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    student = _student(_stock("tiny", torch.float32))
+    z, r, t, cond, v, _ = _inputs("tiny", torch.float32)
+    student.transformer.enable_gradient_checkpointing()
+    assert student.gradient_checkpointing
+    student(z, r, t, cond).sum().backward()
+    student.forward_with_tangent(z, r, t, cond, v, None, 1.0)[0].sum().backward()
+    assert len(calls) == 2 * 2  # one per block (1 double + 1 single), in each forward
+    monkeypatch.undo()
+    student.gradient_checkpointing = False
+    assert not student.transformer.gradient_checkpointing
+    student.gradient_checkpointing = True
+    assert student.transformer.gradient_checkpointing
+    pickle.dumps(student)  # the checkpoint function it installs pickles
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        student.gradient_checkpointing = 1
+
+
 # --------------------------------------------------------------------------------------------
 # (d) save / load, dtypes, validation
 # --------------------------------------------------------------------------------------------
@@ -370,10 +412,50 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch):
     z, r, t, cond, z_dot, r_dot = _inputs("guided", torch.float32)
     with torch.no_grad():
         assert torch.equal(loaded(z, r, t, cond), student(z, r, t, cond))
+    # Eval mode throughout, as diffusers' from_pretrained; trainable once .train() is called.
+    assert not any(m.training for m in loaded.modules())
+    assert all(p.requires_grad for p in loaded.parameters())
     # The transformer part is a plain diffusers checkpoint: a teacher loads it as such.
     FluxStudent.from_teacher_pretrained(tmp_path / "student", subfolder="transformer")
     with pytest.raises(ValueError, match="directory"):
         FluxStudent.from_pretrained(tmp_path / "student" / "transformer")
+
+
+def test_save_without_safetensors(tmp_path):
+    student = _student(_stock("tiny", torch.float32), random_delta=True)
+    student.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.bin").is_file()
+    loaded = FluxStudent.from_pretrained(tmp_path)
+    state, loaded_state = student.state_dict(), loaded.state_dict()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+
+
+def test_save_after_fusing_qkv_writes_the_live_weights(tmp_path, monkeypatch):
+    """After fuse_qkv_projections() the trained weights live in to_qkv / to_added_qkv, which
+    diffusers' from_pretrained ignores: save_pretrained writes them split into to_q/to_k/to_v and
+    add_q_proj/add_k_proj/add_v_proj, and leaves the live model fused and unchanged."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    student = _student(_stock("tiny", torch.float32), random_delta=True)
+    student.transformer.fuse_qkv_projections()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a training update of the fused weights only
+        for name, p in student.named_parameters():
+            if "to_qkv" in name or "to_added_qkv" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    student.save_pretrained(tmp_path)
+    after = student.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert student.transformer.transformer_blocks[0].attn.fused_projections
+
+    loaded = FluxStudent.from_pretrained(tmp_path)
+    attn = student.transformer.transformer_blocks[0].attn
+    unfused = loaded.transformer.transformer_blocks[0].attn
+    assert torch.equal(unfused.add_k_proj.weight, attn.to_added_qkv.weight.chunk(3)[1])
+    assert torch.equal(unfused.to_v.bias, attn.to_qkv.bias.chunk(3)[2])
+    z, r, t, cond, _, _ = _inputs("tiny", torch.float32)
+    with torch.no_grad():  # fused and unfused projections: the same products, float rounding
+        _assert_close(loaded(z, r, t, cond), student(z, r, t, cond), torch.float32, "reloaded fused student")
 
 
 def test_from_config():
@@ -434,6 +516,19 @@ def test_rejects_bad_arguments():
         student(z, r, t, FluxCondition(**{**cond.__dict__, "guidance": torch.ones(2)}))
     with pytest.raises(ValueError, match="FluxTransformer2DModel"):
         FluxStudent.from_transformer(torch.nn.Linear(2, 2))
+    with_ = lambda **kw: FluxCondition(**{**cond.__dict__, **kw})  # noqa: E731
+    for field, value in (("txt_ids", torch.zeros(5, 2)), ("img_ids", cond.img_ids[:, :2]),
+                         ("encoder_hidden_states", None), ("pooled_projections", None),
+                         ("attention_mask", [1] * 17),
+                         ("attention_mask", torch.ones(2, 18, dtype=torch.bool)),  # neither (B, T) nor (B, N)
+                         ("attention_mask", torch.ones(2, 3, 17, 17, dtype=torch.bool))):  # 3 heads, not 2
+        for forward in (student, student.forward_with_tangent):
+            with pytest.raises(ValueError, match=f"cond.{field}"):
+                forward(z, r, t, with_(**{field: value}))
+    with pytest.raises(ValueError, match="r must be"):
+        student(z, None, t, cond)
+    with pytest.raises(ValueError, match="z must be floating point"):
+        student(z.long(), r, t, cond)
 
 
 def test_refuses_wrapped_linears_in_pair_mode():
@@ -470,6 +565,66 @@ def test_attention_mask(monkeypatch):
         _assert_close(student(z, r, t, masked), expected, torch.float64, "plain forward")
     unmasked, _ = student.forward_with_tangent(z, r, t, cond, z_dot, r_dot, 1.0)
     assert (unmasked - u).abs().max() > 1e-6
+
+
+def test_attention_mask_forms_are_read_alike_on_every_path(monkeypatch):
+    """bool, 0/1 integer and additive (B, N) masks and a tokenizer's (B, T) text mask (image tokens
+    then attended) give the same result, through student(...), pair mode and the teacher."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    stock = _stock("tiny", torch.float64)
+    student, teacher = _student(stock, random_delta=True), FluxTeacher(copy.deepcopy(stock))
+    z, r, t, cond, z_dot, _ = _inputs("tiny", torch.float64)
+    mask = torch.ones(2, 5 + 12, dtype=torch.bool)
+    mask[0, 3:5] = False
+    additive = torch.zeros(2, 17, dtype=torch.float64).masked_fill(~mask, -torch.inf)
+    forms = {"int": mask.long(), "additive": additive, "text (B, T)": mask[:, :5].int(),
+             "(B, 1, 1, N)": mask[:, None, None]}
+    paths = {"plain": lambda c: student(z, r, t, c),
+             "pair": lambda c: student.forward_with_tangent(z, r, t, c, z_dot, None, 1.0)[0],
+             "teacher": lambda c: teacher.velocity(z, t, c)}
+    with torch.no_grad():
+        for path, fn in paths.items():
+            expected = fn(FluxCondition(**{**cond.__dict__, "attention_mask": mask}))
+            assert (fn(cond) - expected).abs().max() > 1e-6, path  # the mask matters
+            for form, m in forms.items():
+                _assert_close(fn(FluxCondition(**{**cond.__dict__, "attention_mask": m})), expected,
+                              torch.float64, f"{path}, {form} mask")
+
+
+def test_inputs_of_another_dtype_are_cast_to_the_models():
+    """A bf16 model given float32 z and encoder_hidden_states: both forwards (and the teacher)
+    cast them to bf16, as if the caller had. (pooled_projections feeds the float32 time path.)"""
+    stock = _stock("tiny", torch.float32).to(torch.bfloat16)
+    student, teacher = _student(stock, random_delta=True), FluxTeacher(copy.deepcopy(stock))
+    z, r, t, cond, z_dot, _ = _inputs("tiny", torch.float32)
+    cond16 = FluxCondition(**{**cond.__dict__,
+                              "encoder_hidden_states": cond.encoder_hidden_states.bfloat16()})
+    with torch.no_grad():
+        assert torch.equal(student(z, r, t, cond), student(z.bfloat16(), r, t, cond16))
+        a = student.forward_with_tangent(z, r, t, cond, z_dot, None, 1.0)
+        b = student.forward_with_tangent(z.bfloat16(), r, t, cond16, z_dot, None, 1.0)
+        assert a[0].dtype == torch.bfloat16 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(teacher.velocity(z, t, cond), teacher.velocity(z.bfloat16(), t, cond16))
+
+
+def test_condition_to_casts_only_the_embeddings():
+    """cond.to(bf16) rounds the embeddings only: positions above 256 and guidance scales such as
+    4.3 would not survive bf16."""
+    ids = torch.zeros(300, 3)
+    ids[:, 2] = torch.arange(300.0)
+    mask = torch.ones(2, 305, dtype=torch.long)
+    cond = FluxCondition(torch.randn(2, 5, 32), torch.randn(2, 32), torch.zeros(5, 3), ids,
+                         torch.tensor([4.3, 3.7]), mask)
+    half = cond.to(torch.bfloat16)
+    assert half.encoder_hidden_states.dtype == half.pooled_projections.dtype == torch.bfloat16
+    for name in ("txt_ids", "img_ids", "guidance", "attention_mask"):
+        assert torch.equal(getattr(half, name), getattr(cond, name)), name
+        assert getattr(half, name).dtype == getattr(cond, name).dtype, name
+    moved = cond.to("cpu", dtype=torch.float64, non_blocking=True)
+    assert moved.pooled_projections.dtype == torch.float64 and moved.img_ids.dtype == torch.float32
+    assert replace(cond, guidance=3.5).to(torch.float16).guidance == 3.5  # a float scale is kept
+    with pytest.raises(ValueError, match="dtype"):
+        cond.to(torch.int64)
 
 
 def test_float16_model(monkeypatch):

@@ -4,6 +4,7 @@ errors that must leave everything untouched."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -47,6 +48,30 @@ def test_distill_end_to_end(tmp_path):
     assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite
     report = (run / "report.md").read_text()
     assert "| teacher | 1 |" in report and "| student | 2 |" in report
+    # The export records the time grid the run sampled on (sample.shift), for the pipeline.
+    assert json.loads((run / "student" / "meanflow_pipeline.json").read_text())["shift"] == "none"
+
+
+def test_student_init_is_trained(tmp_path):
+    """model.student_init: FluxStudent.from_pretrained gives eval mode (as diffusers does); the
+    trainer puts it in train mode, and one step updates every transformer weight."""
+    import copy
+
+    from meanflow.models.flux_student import FluxStudent
+    from meanflow.train.config import load_config
+    from meanflow.train.loop import Distiller
+    from meanflow.train.world import DigitsWorld
+
+    world = DigitsWorld()
+    FluxStudent.from_transformer(copy.deepcopy(world.teacher.transformer)).save_pretrained(tmp_path / "init")
+    config = load_config("tiny", None, [f"model.student_init={tmp_path / 'init'}",
+                                        f"run.out_dir={tmp_path / 'run'}"])
+    distiller = Distiller(config, world=world)
+    student = distiller.student
+    assert all(m.training for m in student.modules()) and all(p.requires_grad for p in student.parameters())
+    before = {n: p.detach().clone() for n, p in student.transformer.named_parameters()}
+    assert not distiller.step().skipped
+    assert all(not torch.equal(before[n], p) for n, p in student.transformer.named_parameters())
 
 
 def test_resume_is_bit_exact(tmp_path):

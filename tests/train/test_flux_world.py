@@ -333,6 +333,46 @@ def test_meanflow_pipeline_end_to_end(pipe, pipe_dir, tmp_path):
     assert z3.dtype == torch.float32 and torch.isfinite(z3).all()
 
 
+def test_meanflow_pipeline_time_grid_and_dtype(pipe, pipe_dir, tmp_path):
+    """The time grid is the one recorded beside the student (the trainer's export records
+    sample.shift), "flux" where none is, and can be overridden; ``to(dtype)`` casts the models
+    as a diffusers pipeline does."""
+    from meanflow.method.sampler import SamplerConfig, time_grid
+
+    student = FluxStudent.from_transformer(copy.deepcopy(pipe.transformer))
+    student.save_pretrained(tmp_path / "bare")
+    assert MeanFlowFluxPipeline.from_pretrained(tmp_path / "bare", base=pipe_dir).shift == "flux"
+    MeanFlowFluxPipeline(student, pipe, base=str(pipe_dir), shift="none").save_pretrained(tmp_path / "none")
+    mf = MeanFlowFluxPipeline.from_pretrained(tmp_path / "none")
+    assert mf.shift == "none"
+    assert MeanFlowFluxPipeline.from_pretrained(tmp_path / "none", shift="flux").shift == "flux"
+
+    times = []
+    mf.student.register_forward_pre_hook(lambda module, args: times.append(args[2][0].item()))
+    kwargs = dict(num_inference_steps=2, height=RES, width=RES, output_type="latent")
+    mf("a red cat", **kwargs)
+    assert times == [1.0, 0.5]  # uniform
+    times.clear()
+    mf("a red cat", shift="flux", **kwargs)
+    shifted = time_grid(SamplerConfig(steps=2, shift="flux"), image_seq_len=N_IMG)[1].item()
+    assert times == pytest.approx([1.0, shifted]) and abs(shifted - 0.5) > 0.01
+    with pytest.raises(ValueError, match="shift"):
+        mf("a red cat", shift="karras", **kwargs)
+
+    assert mf.to(torch.bfloat16) is mf
+    base = mf.base_pipeline
+    modules = (mf.student, base.vae, base.text_encoder, base.text_encoder_2)
+    assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
+    z = mf("a red cat", **kwargs).images
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    mf.to("cpu", torch.float32)
+    assert mf.dtype == torch.float32 and mf.base_pipeline.vae.dtype == torch.float32
+    mf.to(device="cpu", dtype=torch.float32)
+    for bad, name in ((torch.int64, "dtype"), (3.0, "device"), ("no-such-device", "device")):
+        with pytest.raises(ValueError, match=name):
+            mf.to(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +390,7 @@ def test_distill_through_the_flux_world(pipe_dir, prompt_file, tmp_path, monkeyp
     with Image.open(run / "samples" / "final.png") as grid:   # rows: sample.steps [1, 2]; 8 eval prompts
         assert grid.size == (8 * 16 + 9 * 2, 2 * 16 + 3 * 2)
     mf = MeanFlowFluxPipeline.from_pretrained(run / "student", base=pipe_dir)
+    assert mf.shift == "flux"  # the run's sample.shift, recorded by the export
     out = mf("a red cat", num_inference_steps=2, height=16, width=16, output_type="pt")
     assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
 
