@@ -10,8 +10,8 @@ One elementwise kernel, arithmetic in float32, with constexprs for the activatio
 primal output (WRITE_PRIMAL) and the tangent (HAS_TANGENT). The backward is the same kernel
 with the output gradient in place of ẋ and no primal output: dx = y'·g.
 
-Launchers take contiguous tensors (the op makes them so) and return new contiguous ones; no
-autograd here.
+The kernel reads and writes memory linearly, so the launchers make their inputs contiguous
+(any strides are accepted) and return new contiguous tensors; no autograd here.
 """
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def _launch(x, t, y, y_dot, kind, write_primal):
 def jvp_activation_forward(
     x: torch.Tensor, x_dot: torch.Tensor | None, kind: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, ẏ) of ``kind`` ('gelu_tanh' or 'silu'); x, x_dot contiguous fp16/bf16/fp32, one dtype."""
+    """(y, ẏ) of ``kind`` ('gelu_tanh' or 'silu'); x, x_dot fp16/bf16/fp32 of one shape and dtype,
+    any strides; y and ẏ contiguous."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    x = x.contiguous()
+    x_dot = None if x_dot is None else x_dot.contiguous()
     y = torch.empty_like(x)
     y_dot = None if x_dot is None else torch.empty_like(x)
     _launch(x, x_dot, y, y_dot, kind, True)
@@ -80,10 +83,10 @@ def jvp_activation_forward(
 
 
 def jvp_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """dx = f'(x)·grad_y; the forward kernel with grad_y as the tangent and no primal output."""
+    """dx = f'(x)·grad_y (contiguous); the forward kernel with grad_y as the tangent and no primal output."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
-    grad_y = grad_y.contiguous()
+    x, grad_y = x.contiguous(), grad_y.contiguous()
     dx = torch.empty_like(x)
     _launch(x, grad_y, None, dx, kind, False)
     return dx

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_tensor, check_triton_dtype
+from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_number, check_tensor, check_triton_dtype
 from meanflow.ops.dispatch import implementation, resolve_backend
 
 STEM = "adaptive_weighted_loss"
@@ -65,10 +65,8 @@ def _validate(u, u_tgt, weights, p, c) -> str:
             raise ValueError(f"weights must be (B,) = ({u.shape[0]},), got shape {tuple(weights.shape)}")
         if weights.device != u.device:
             raise ValueError(f"weights must be on u's device {u.device}, got {weights.device}")
-    if not (isinstance(p, (int, float)) and p >= 0):
-        raise ValueError(f"p must be a number >= 0, got {p!r}")
-    if not (isinstance(c, (int, float)) and c > 0):
-        raise ValueError(f"c must be a number > 0, got {c!r}")
+    check_number("p", p, positive=False)
+    check_number("c", c, positive=True)
     backend = "reference" if u.numel() == 0 else resolve_backend(u.device)
     if backend == "triton":
         check_triton_dtype(STEM, "u", u)
@@ -89,7 +87,8 @@ def adaptive_weighted_loss(
             reference backend).
         u_tgt: the target, u's shape, dtype and device; no gradient flows into it.
         weights: optional (B,) per-sample weights or 0/1 mask (any float dtype), no gradient.
-        p, c: the adaptive weight's power (>= 0) and offset (> 0); p = 0 is a plain sum of squares.
+        p, c: the adaptive weight's power (finite, >= 0) and offset (finite, > 0); p = 0 is a plain
+            sum of squares.
 
     Returns:
         (loss, L): the scalar loss and the per-sample L (B,) for logging (no gradient), both

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_tensor, check_triton_dtype
+from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_number, check_tensor, check_triton_dtype
 from meanflow.ops.dispatch import implementation, resolve_backend
 
 STEM = "alignment_loss"
@@ -53,7 +53,8 @@ class AlignmentLoss(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def _validate(x_hat, x0_fake, x0_teacher, eps) -> str:
+def _check_inputs(x_hat, x0_fake, x0_teacher, eps) -> float:
+    """The checks both entry points share; returns eps as a float."""
     check_tensor("x_hat", x_hat, FLOAT_DTYPES)
     check_tensor("x0_fake", x0_fake, FLOAT_DTYPES)
     check_tensor("x0_teacher", x0_teacher, FLOAT_DTYPES)
@@ -64,8 +65,11 @@ def _validate(x_hat, x0_fake, x0_teacher, eps) -> str:
         if t.shape != x_hat.shape:
             raise ValueError(f"{name} must have x_hat's shape {tuple(x_hat.shape)}, got {tuple(t.shape)}")
         check_like(name, t, "x_hat", x_hat)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    return check_number("eps", eps, positive=True)
+
+
+def _validate(x_hat, x0_fake, x0_teacher, eps) -> str:
+    _check_inputs(x_hat, x0_fake, x0_teacher, eps)
     backend = resolve_backend(x_hat.device)
     if backend == "triton":
         check_triton_dtype(STEM, "x_hat", x_hat)
@@ -87,7 +91,7 @@ def alignment_loss(
         x0_fake: the fake velocity net's clean estimate at the re-noised point; x_hat's shape,
             dtype and device.
         x0_teacher: the guided teacher's clean estimate there; likewise.
-        eps: floor of the per-sample denominator (> 0).
+        eps: floor of the per-sample denominator (a finite number > 0).
 
     Returns:
         (loss, per_sample): the scalar loss and ½‖g_b‖² (B,) for logging (no gradient), float32
@@ -103,9 +107,16 @@ def alignment_loss(
 def alignment_direction(
     x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
-    """g itself in plain torch (no gradient), for logging and tests: (x0_fake − x0_teacher) / D_b."""
+    """g itself in plain torch (no gradient), for logging and tests: (x0_fake − x0_teacher) / D_b.
+
+    Args: as ``alignment_loss`` (any backend; float64 always works).
+
+    Returns:
+        x_hat's shape, float32 (float64 for float64 input); D_b is taken per sample b over all
+        of that sample's elements (a 1-D x_hat is B samples of one element each).
+    """
+    eps = _check_inputs(x_hat, x0_fake, x0_teacher, eps)
     dtype = _compute_dtype(x_hat.dtype)
-    x, f, t = (a.detach().to(dtype) for a in (x_hat, x0_fake, x0_teacher))
-    dims = tuple(range(1, x.dim()))
-    denom = (x - t).abs().mean(dim=dims, keepdim=True).clamp_min(eps)
-    return (f - t) / denom
+    x, f, t = (a.detach().to(dtype).reshape(x_hat.shape[0], -1) for a in (x_hat, x0_fake, x0_teacher))
+    denom = (x - t).abs().mean(dim=1, keepdim=True).clamp_min(eps)
+    return ((f - t) / denom).reshape(x_hat.shape)

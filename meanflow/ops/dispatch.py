@@ -33,15 +33,21 @@ def triton_interpreting() -> bool:
 
 
 def resolve_backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on ``device``."""
+    """'triton' or 'reference' for tensors on ``device``; refuses devices Triton cannot run on
+    (anything but CUDA, and the CPU under the interpreter: no meta tensors, for example)."""
     backend = requested_backend()
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"MEANFLOW_BACKEND=triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 "
-            "set before meanflow is imported"
-        )
+    if backend == "triton" and device.type != "cuda":
+        if device.type != "cpu":
+            raise ValueError(f"MEANFLOW_BACKEND=triton runs on CUDA tensors (or CPU tensors under "
+                             f"TRITON_INTERPRET=1), got {device.type} tensors; "
+                             "use MEANFLOW_BACKEND=reference")
+        if not triton_interpreting():
+            raise ValueError(
+                f"MEANFLOW_BACKEND=triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 "
+                "set before meanflow is imported"
+            )
     return backend
 
 

@@ -34,14 +34,10 @@ def _raw(options):
     return options[1] == "triton"
 
 
-# Input (x,), any shape. Options (kind, backend). Nothing saved but x.
-JVP_GELU_TANH = PairOp("jvp_gelu_tanh", _forward, _backward, raw_tensors=_raw)
-JVP_SILU = PairOp("jvp_silu", _forward, _backward, raw_tensors=_raw)
+# Input (x,), any shape and strides. Options (kind, backend). Nothing saved but x.
+JVP_GELU_TANH = PairOp("jvp_gelu_tanh", _forward, _backward, raw_tensors=_raw, input_names=("x",))
+JVP_SILU = PairOp("jvp_silu", _forward, _backward, raw_tensors=_raw, input_names=("x",))
 _OPS = {"gelu_tanh": JVP_GELU_TANH, "silu": JVP_SILU}
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
 
 
 def _validate(name: str, x) -> str:
@@ -54,7 +50,7 @@ def _validate(name: str, x) -> str:
 
 def _apply(kind: str, x: torch.Tensor) -> torch.Tensor:
     backend = _validate(f"jvp_{kind}", x)
-    y, _ = apply_pair(_OPS[kind], (x.contiguous(),), None, (kind, backend), prepare=_contiguous)
+    y, _ = apply_pair(_OPS[kind], (x,), None, (kind, backend))
     return y
 
 
@@ -62,7 +58,7 @@ def _apply_pair(kind: str, x: torch.Tensor, x_dot: torch.Tensor | None) -> tuple
     check_tensor("x", x, FLOAT_DTYPES)
     check_tangent("x_dot", x_dot, x)
     backend = _validate(f"jvp_{kind}", x)
-    y, y_dot = apply_pair(_OPS[kind], (x.contiguous(),), (_contiguous(x_dot),), (kind, backend))
+    y, y_dot = apply_pair(_OPS[kind], (x,), (x_dot,), (kind, backend))
     return y, zeros_if_none(y_dot, y)
 
 
@@ -73,7 +69,7 @@ def jvp_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         x: any shape; float16 / bfloat16 / float32 (float64 on the reference backend).
 
     Returns:
-        x's shape and dtype (contiguous); its forward-AD tangent has no ``grad_fn``.
+        x's shape and dtype; its forward-AD tangent has no ``grad_fn``.
     """
     return _apply("gelu_tanh", x)
 

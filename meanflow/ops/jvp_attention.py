@@ -11,9 +11,10 @@ the output and its tangent together; the Function's ``jvp`` then returns that ta
 The tangent output carries no autograd history (no ``grad_fn``): gradients flow to q, k, v
 through the primal output only. That is what MeanFlow needs (its target is under a
 stop-gradient) and it is the memory win: nothing of the tangent computation is kept for
-backward. Backpropagating through the tangent is not supported yet, nor are nested
-``torch.func.jvp`` (higher-order forward AD; refused with a ValueError) and ``torch.func.grad``
-over the Triton backward (refused likewise; ``.backward()`` and ``torch.autograd.grad`` work).
+backward. Gradients never flow through the tangent, also where the incoming tangents carry
+autograd history. Nested ``torch.func.jvp`` (higher-order forward AD) and ``torch.func.grad`` /
+``vjp`` over the Triton backward are refused with a ValueError (``.backward()`` and
+``torch.autograd.grad`` work).
 """
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from meanflow.ops._checks import TRITON_DTYPES, autocast, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOAT_DTYPES = _TRITON_DTYPES + (torch.float64,)
 _TRITON_MAX_HEAD_DIM = 256
 
 
@@ -51,38 +51,18 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 # bool/float broadcastable to (B, Hq, Nq, Nk). Options (is_causal, scale, backend). Output
 # (B, Hq, Nq, Dv); extra: the row log-sum-exp (B, Hq, Nq) for the backward.
 JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
-                       raw_tensors=lambda options: options[2] == "triton")
+                       raw_tensors=lambda options: options[2] == "triton",
+                       input_names=("query", "key", "value", "attn_mask"))
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
 
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
-def _check_tangent(name: str, tangent: torch.Tensor | None, primal: torch.Tensor) -> None:
-    if tangent is None:
-        return
-    if not isinstance(tangent, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(tangent).__name__}")
-    if tangent.shape != primal.shape:
-        raise ValueError(f"{name} must have the shape of its primal {tuple(primal.shape)}, "
-                         f"got {tuple(tangent.shape)}")
-    if tangent.dtype != primal.dtype:
-        raise ValueError(f"{name} must have the dtype of its primal ({primal.dtype}), got {tangent.dtype}")
-    if tangent.device != primal.device:
-        raise ValueError(f"{name} must be on {primal.device}, got {tangent.device}")
-
-
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Checks SDPA-style arguments; returns (backend, scale, mask broadcastable to 4-D or None)."""
     for name, t in (("query", q), ("key", k), ("value", v)):
-        _check_tensor(name, t)
+        check_tensor(name, t)
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0: jvp_attention has no dropout, got {dropout_p!r}")
     if not isinstance(is_causal, bool):
@@ -123,6 +103,8 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.layout != torch.strided:
+            raise ValueError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
@@ -144,7 +126,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     backend = "reference" if empty else resolve_backend(q.device)
     if backend == "triton":
-        if q.dtype not in _TRITON_DTYPES:
+        if q.dtype not in TRITON_DTYPES:
             raise ValueError(f"query dtype {q.dtype} is not supported by the Triton backend "
                              "(float16, bfloat16, float32); use MEANFLOW_BACKEND=reference")
         if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
@@ -158,16 +140,6 @@ def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.stride(-1) == 1 or t.numel() == 0:
         return t
     return t.contiguous()
-
-
-def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Under autocast, attention runs in the autocast dtype, as SDPA does."""
-    device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else "cpu"
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in tensors)
-    return tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +179,7 @@ def jvp_attention(
     Raises:
         ValueError: naming the argument, for anything unsupported or inconsistent.
     """
-    query, key, value = _autocast(query, key, value)
+    query, key, value = autocast(query, key, value)
     backend, scale, mask = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     squeeze = query.dim() == 3
     if squeeze:
@@ -241,9 +213,9 @@ def jvp_attention_pair(
         out_dot: the same shape, detached (no ``grad_fn``); zeros when every tangent is None.
     """
     for name, tangent, primal in (("q_dot", q_dot, q), ("k_dot", k_dot, k), ("v_dot", v_dot, v)):
-        _check_tensor(name.removesuffix("_dot"), primal)
-        _check_tangent(name, tangent, primal)
-    q, k, v, q_dot, k_dot, v_dot = _autocast(q, k, v, q_dot, k_dot, v_dot)
+        check_tensor(name.removesuffix("_dot"), primal)
+        check_tangent(name, tangent, primal)
+    q, k, v, q_dot, k_dot, v_dot = autocast(q, k, v, q_dot, k_dot, v_dot)
     backend, scale, mask = _validate(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)
     tensors = [q, k, v, q_dot, k_dot, v_dot]
     squeeze = q.dim() == 3

@@ -31,7 +31,8 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 
 # Inputs (h, gate, y): h, y (B, N, D), gate (B, D). Options (backend,). Output (B, N, D).
 JVP_GATED_RESIDUAL = PairOp("jvp_gated_residual", _forward, _backward,
-                            raw_tensors=lambda options: options[0] == "triton")
+                            raw_tensors=lambda options: options[0] == "triton",
+                            input_names=("h", "gate", "y"))
 
 
 def _validate(h, gate, y):

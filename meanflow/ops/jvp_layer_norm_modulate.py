@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from meanflow.ops._checks import check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation
 from meanflow.ops.jvp_rms_norm import (backward_backend, check_backend, check_eps, check_same_device,
-                                       check_tangent, check_tensor, unit_last_stride)
+                                       unit_last_stride)
 from meanflow.ops.pair import PairOp, apply_pair
 
 
@@ -40,12 +41,13 @@ def _forward(inputs, tangents, options):
 
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     eps, backend = options
-    impl = implementation("jvp_layer_norm_modulate", backward_backend(backend, grad_y))
+    impl = implementation("jvp_layer_norm_modulate", backward_backend(backend, grad_y, *inputs))
     return impl.jvp_layer_norm_modulate_backward(grad_y, *inputs, eps, tuple(needs_input_grad))
 
 
 # Inputs (x (B, N, D), scale (B, D), shift (B, D)), unit last strides; options (eps, backend).
-JVP_LAYER_NORM_MODULATE = PairOp("jvp_layer_norm_modulate", _forward, _backward)
+JVP_LAYER_NORM_MODULATE = PairOp("jvp_layer_norm_modulate", _forward, _backward,
+                                 input_names=("x", "scale", "shift"))
 
 
 def _validate(x, scale, shift, eps) -> tuple[str, float]:

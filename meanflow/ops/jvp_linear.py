@@ -8,13 +8,15 @@ runs through the parameters, are added to the tangent rows. The reference backen
 GEMMs. The tangent is detached (no ``grad_fn``); gradients reach x, W, b through y only, by the
 standard linear backward from the saved x (dx = g W, dW = gᵀ x, db = Σ g), not a recompute.
 
-Under autocast, x, W and b are cast to the autocast dtype first, as ``F.linear`` does.
+Under autocast, x, W and b are cast to the autocast dtype first, as ``F.linear`` does (float64
+ones stay float64, as there).
 """
 from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_tangent, check_tensor, zeros_if_none
+from meanflow.ops._checks import (FLOAT_DTYPES, autocast, check_like, check_tangent, check_tensor,
+                                  zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair
 
@@ -35,17 +37,7 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 # Inputs (x, weight, bias): x (..., Din), weight (Dout, Din), bias None or (Dout,). Options
 # (backend,). Output (..., Dout). Nothing saved but the inputs.
-JVP_LINEAR = PairOp("jvp_linear", _forward, _backward)
-
-
-def _autocast(*tensors):
-    if not isinstance(tensors[0], torch.Tensor):
-        return tensors
-    device = tensors[0].device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
-    return tensors
+JVP_LINEAR = PairOp("jvp_linear", _forward, _backward, input_names=("x", "weight", "bias"))
 
 
 def _validate(x, weight, bias) -> str:
@@ -82,7 +74,7 @@ def jvp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     Raises:
         ValueError: naming the argument, for shapes, dtypes or devices that do not fit.
     """
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
     backend = _validate(x, weight, bias)
     y, _ = apply_pair(JVP_LINEAR, (x, weight, bias), None, (backend,))
     return y
@@ -105,7 +97,8 @@ def jvp_linear_pair(
 
     Returns:
         y: (..., Dout), differentiable to x, weight, bias.
-        y_dot: (..., Dout), detached (no ``grad_fn``); zeros when every tangent is None.
+        y_dot: (..., Dout), detached (no ``grad_fn``, also where a tangent requires grad); zeros
+            when every tangent is None.
     """
     check_tensor("x", x, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)
@@ -116,7 +109,7 @@ def jvp_linear_pair(
         check_tangent("bias_dot", bias_dot, bias)
     elif bias_dot is not None:
         raise ValueError("bias_dot was given without a bias")
-    x, x_dot, weight, weight_dot, bias, bias_dot = _autocast(x, x_dot, weight, weight_dot, bias, bias_dot)
+    x, x_dot, weight, weight_dot, bias, bias_dot = autocast(x, x_dot, weight, weight_dot, bias, bias_dot)
     backend = _validate(x, weight, bias)
     y, y_dot = apply_pair(JVP_LINEAR, (x, weight, bias), (x_dot, weight_dot, bias_dot), (backend,))
     return y, zeros_if_none(y_dot, y)

@@ -20,15 +20,12 @@ reference backend and inside ``torch.func`` transforms). y_dot carries no autogr
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from meanflow.ops._checks import TRITON_DTYPES, check_number, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.ops.pair import PairOp, apply_pair, functorch_wrapped
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
 TRITON_MAX_DIM = 8192
 
 
@@ -40,66 +37,35 @@ def _forward(inputs, tangents, options):
     return y, y_dot, ()
 
 
-try:  # functorch internals: inside torch.func.grad / vjp the kernels cannot take the tensors
-    from torch._C._functorch import is_functorch_wrapped_tensor
-except ImportError:  # pragma: no cover - older or stripped builds
-    def is_functorch_wrapped_tensor(t):
-        return False
-
-
-def backward_backend(backend: str, grad: torch.Tensor) -> str:
-    """The backend of a backward: the plain-torch reference inside functorch transforms
-    (``torch.func.grad`` over the op), whose wrapped tensors Triton cannot read."""
-    return "reference" if backend == "triton" and is_functorch_wrapped_tensor(grad) else backend
+def backward_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """The backend of a backward given its tensors (the output gradient and the saved inputs):
+    the plain-torch reference inside ``torch.func.grad`` / ``vjp`` over the op, whose wrapped
+    tensors Triton cannot read (under ``vjp`` the cotangent may be plain and the inputs wrapped)."""
+    return "reference" if backend == "triton" and functorch_wrapped(*tensors) else backend
 
 
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     x, weight = inputs
     eps, backend = options
-    return implementation("jvp_rms_norm", backward_backend(backend, grad_y)).jvp_rms_norm_backward(
+    return implementation("jvp_rms_norm", backward_backend(backend, grad_y, x, weight)).jvp_rms_norm_backward(
         grad_y, x, weight, eps, needs_input_grad[0], needs_input_grad[1])
 
 
 # Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
-JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward)
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"))
 
 
 # --------------------------------------------------------------------------------------------
-# Validation (shared with jvp_layer_norm_modulate)
+# Validation (shared with jvp_layer_norm_modulate; the tensor checks are meanflow.ops._checks)
 # --------------------------------------------------------------------------------------------
-
-def check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
 
 def check_same_device(name: str, t: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
     if t.device != reference.device:
         raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
 
 
-def check_tangent(name: str, tangent, primal: torch.Tensor | None, primal_name: str) -> None:
-    if tangent is None:
-        return
-    if primal is None:
-        raise ValueError(f"{name} is given but {primal_name} is None")
-    if not isinstance(tangent, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(tangent).__name__}")
-    if tangent.shape != primal.shape:
-        raise ValueError(f"{name} must have the shape of {primal_name} {tuple(primal.shape)}, "
-                         f"got {tuple(tangent.shape)}")
-    if tangent.dtype != primal.dtype:
-        raise ValueError(f"{name} must have the dtype of {primal_name} ({primal.dtype}), got {tangent.dtype}")
-    if tangent.device != primal.device:
-        raise ValueError(f"{name} must be on {primal_name}'s device {primal.device}, got {tangent.device}")
-
-
 def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    return float(eps)
+    return check_number("eps", eps, positive=False)
 
 
 def check_backend(device: torch.device, empty: bool, dtypes: dict[str, torch.dtype], dim: int) -> str:

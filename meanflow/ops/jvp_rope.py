@@ -34,7 +34,8 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 
 # Inputs (x, cos, sin): x (B, H, N, D), cos/sin (N, D). Options (backend,). Output (B, H, N, D).
-JVP_ROPE = PairOp("jvp_rope", _forward, _backward, raw_tensors=lambda options: options[0] == "triton")
+JVP_ROPE = PairOp("jvp_rope", _forward, _backward, raw_tensors=lambda options: options[0] == "triton",
+                  input_names=("x", "cos", "sin"))
 
 
 def _validate(x, cos, sin):

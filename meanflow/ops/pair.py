@@ -14,8 +14,10 @@ what was saved. ``apply_pair`` turns it into an autograd op usable three ways:
 When nothing needs a gradient (grad mode off, or no input requires grad) and no tangent must
 reach forward AD, the fused pass runs alone, with no autograd node (``needs_autograd``).
 
-The tangent is never recorded for backward: gradients reach the inputs through y only. Tangents
-that are absent or forward AD's zero tensors are passed as None, so they cost no work.
+The tangent is never recorded for backward: gradients reach the inputs through y only, also
+where the given tangents carry autograd history (as forward-AD tangents do after any layer with
+trainable parameters). Tangents that are absent or forward AD's zero tensors are passed as None,
+so they cost no work.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from typing import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from meanflow.ops._checks import check_tangent, has_forward_tangent
+
 try:  # functorch internals, used only to refuse what would otherwise be silently wrong
     from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -33,6 +37,13 @@ except ImportError:  # pragma: no cover - older or stripped builds
     retrieve_all_functorch_interpreters = None
 
 Tensor = torch.Tensor
+
+
+def functorch_wrapped(*tensors: Tensor | None) -> bool:
+    """Whether any tensor is a torch.func wrapper (inside torch.func.grad / vjp), which Triton
+    kernels cannot read."""
+    return retrieve_all_functorch_interpreters is not None and any(
+        t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class PairOp:
         raw_tensors: ``options -> bool``: whether ``forward``/``backward`` launch kernels that
             need plain tensors (Triton) for these options; functorch's grad transform is then
             refused with a clear error.
+        input_names: the inputs' argument names, for messages ("input 0", ... when empty).
     """
 
     name: str
@@ -58,6 +70,10 @@ class PairOp:
     backward: Callable[..., tuple]
     save_output: bool = False
     raw_tensors: Callable[[tuple], bool] = lambda options: False
+    input_names: tuple[str, ...] = ()
+
+    def input_name(self, i: int) -> str:
+        return self.input_names[i] if i < len(self.input_names) else f"input {i}"
 
 
 class PairFunction(torch.autograd.Function):
@@ -84,11 +100,12 @@ class PairFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, *unused):
         op, n = ctx.op, ctx.n_inputs
-        if op.raw_tensors(ctx.options) and retrieve_all_functorch_interpreters is not None and is_functorch_wrapped_tensor(grad_y):
+        saved = ctx.saved_tensors
+        # Under torch.func.vjp the cotangent may be plain while the saved inputs are wrapped.
+        if op.raw_tensors(ctx.options) and functorch_wrapped(grad_y, *saved):
             raise ValueError(f"torch.func.grad / vjp over {op.name}'s Triton backward is not supported "
                              "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
                              "or MEANFLOW_BACKEND=reference")
-        saved = ctx.saved_tensors
         grads = op.backward(saved[:n], saved[n], saved[n + 1:], ctx.options, grad_y, ctx.needs_input_grad[4:4 + n])
         return (None, None, None, None, *grads, *([None] * n))
 
@@ -154,22 +171,37 @@ def apply_pair(
     Returns:
         (y, y_dot): y differentiable to the inputs; y_dot detached, or None when no tangent
         was given (pair form) or found (forward-AD form).
+
+    Raises:
+        ValueError: a forward-AD tangent whose dtype or device is not its primal's, pair-form
+            tangents that do not match the inputs one to one, or nested torch.func.jvp.
     """
     if tangents is None:
         tangents = tuple(None if t is None else absent_if_zero(fwAD.unpack_dual(t).tangent) for t in inputs)
+        for i, (tangent, primal) in enumerate(zip(tangents, inputs)):
+            check_tangent(f"the forward-AD tangent of {op.name}'s {op.input_name(i)}", tangent, primal)
         if prepare is not None:
             tangents = tuple(prepare(t) for t in tangents)
         keep_for_jvp = any(t is not None for t in tangents)
         if keep_for_jvp and nested_jvp_depth() > 1:
             raise ValueError(f"inputs of {op.name} carry tangents of nested torch.func.jvp transforms: its "
                              "tangent is computed outside autograd, so higher-order forward AD is not supported")
+        dual_inputs = False
     else:
+        if len(tangents) != len(inputs):
+            raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
+                             f"got {len(tangents)} tangents")
         tangents = tuple(absent_if_zero(t) for t in tangents)
         keep_for_jvp = False
+        # Inputs that are themselves dual (forward AD around a pair-form call) need the
+        # Function, whose jvp gives y its tangent; the fused pass alone would drop it.
+        dual_inputs = any(has_forward_tangent(t) for t in inputs)
     if not torch._C._are_functorch_transforms_active():
-        if not keep_for_jvp and not needs_autograd(inputs):
-            # Nothing to differentiate: no autograd node, just the fused pass.
-            y, y_dot, _ = op.forward(tuple(inputs), tangents, options)
+        if not keep_for_jvp and not dual_inputs and not needs_autograd(inputs):
+            # Nothing to differentiate: no autograd node, just the fused pass. no_grad keeps
+            # y_dot detached where a given tangent requires grad, as the Function would.
+            with torch.no_grad():
+                y, y_dot, _ = op.forward(tuple(inputs), tangents, options)
             return y, y_dot
         function = EagerPairFunction
     else:

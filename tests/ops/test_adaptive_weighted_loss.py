@@ -152,10 +152,14 @@ def test_invalid_arguments_raise():
         adaptive_weighted_loss(torch.randn(0, 3), torch.randn(0, 3))
     with pytest.raises(ValueError, match="weights must be"):
         adaptive_weighted_loss(u, t, torch.ones(3))
-    with pytest.raises(ValueError, match="p must be"):
-        adaptive_weighted_loss(u, t, p=-1.0)
-    with pytest.raises(ValueError, match="c must be"):
-        adaptive_weighted_loss(u, t, c=0.0)
+    for p in (-1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="p must be a finite number >= 0"):
+            adaptive_weighted_loss(u, t, p=p)
+    for c in (0.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="c must be a finite number > 0"):
+            adaptive_weighted_loss(u, t, c=c)
+    with pytest.raises(ValueError, match="u must be a dense"):
+        adaptive_weighted_loss(u.to_sparse(), t)
 
 
 def test_triton_rejects_float64(monkeypatch):

@@ -102,6 +102,31 @@ def test_gradient_is_exactly_g_over_batch(backend):
     torch.testing.assert_close(per_sample.to(g.dtype), 0.5 * g.square().flatten(1).sum(1), rtol=tol, atol=tol)
 
 
+def test_direction_of_a_vector_batch_is_per_sample():
+    """A 1-D x̂ is B samples of one element: D_b = |x̂_b − x0_teacher,b|, not a batch mean."""
+    g = alignment_direction(torch.zeros(3), torch.ones(3), torch.tensor([1.0, 2.0, 4.0]))
+    torch.testing.assert_close(g, torch.tensor([0.0, -0.5, -0.75]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 5), (2, 3, 4)])
+def test_direction_matches_the_per_sample_formula(shape):
+    x, f, t = (torch.randn(*shape, dtype=torch.float64) for _ in range(3))
+    expected = torch.stack([(fb - tb) / (xb - tb).abs().mean().clamp_min(EPS) for xb, fb, tb in zip(x, f, t)])
+    torch.testing.assert_close(alignment_direction(x, f, t, eps=EPS), expected, rtol=1e-14, atol=0)
+
+
+def test_direction_validates_like_the_loss():
+    x, f, t = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="x0_fake must have x_hat's shape"):
+        alignment_direction(x, f[:1], t)  # would broadcast
+    with pytest.raises(ValueError, match="x0_teacher must have x_hat's dtype"):
+        alignment_direction(x, f, t.double())
+    with pytest.raises(ValueError, match="x_hat must be one of"):
+        alignment_direction(x.int(), f.int(), t.int())
+    with pytest.raises(ValueError, match="eps must be"):
+        alignment_direction(x, f, t, eps=-1.0)
+
+
 def test_eps_guard(monkeypatch):
     """x̂ equal to the teacher's estimate: the denominator is eps, the gradient
     (x0_fake − x0_teacher)/(B·eps)."""
@@ -141,8 +166,11 @@ def test_invalid_arguments_raise():
         alignment_loss(x.int(), f, t)
     with pytest.raises(ValueError, match="x_hat must be"):
         alignment_loss(torch.randn(0, 3), torch.randn(0, 3), torch.randn(0, 3))
-    with pytest.raises(ValueError, match="eps must be"):
-        alignment_loss(x, f, t, eps=0.0)
+    for eps in (0.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            alignment_loss(x, f, t, eps=eps)
+    with pytest.raises(ValueError, match="x_hat must be a dense"):
+        alignment_loss(x.to_sparse(), f, t)
 
 
 def test_triton_rejects_float64(monkeypatch):

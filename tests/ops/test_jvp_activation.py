@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meanflow.ops import jvp_gelu_tanh, jvp_gelu_tanh_pair, jvp_silu, jvp_silu_pair
+from meanflow.ops import (JVP_GELU_TANH, JVP_SILU, apply_pair, jvp_gelu_tanh, jvp_gelu_tanh_pair, jvp_silu,
+                          jvp_silu_pair)
 from meanflow.testing import assert_close_to_oracle, backend_dtypes
 from meanflow.testing import check_pair_op
 
@@ -20,6 +22,7 @@ KINDS = {
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), jvp_gelu_tanh, jvp_gelu_tanh_pair),
     "silu": (F.silu, jvp_silu, jvp_silu_pair),
 }
+PAIR_OPS = {"gelu_tanh": JVP_GELU_TANH, "silu": JVP_SILU}
 SHAPES = {"ragged_1d": (37,), "over_one_block": (5, 1001), "3d": (2, 3, 7), "single": (1,)}
 
 
@@ -84,6 +87,45 @@ def test_no_tangent_gives_zeros_and_empty_input_works(backend, kind):
     assert y.shape == y_dot.shape == (0, 4)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_pair_op_takes_any_strides(backend, kind, layout):
+    """The exported PairOp through apply_pair, without the functional's preparation: the Triton
+    kernel reads memory linearly, so its launchers must take strided inputs, tangents and
+    output gradients."""
+    formula = KINDS[kind][0]
+
+    def strided():
+        t = torch.randn(6, 10, device=DEVICE)
+        return t.t() if layout == "transposed" else t[:, ::2]
+
+    x, x_dot, grad = strided(), strided(), strided()
+    x.requires_grad_()
+    y, y_dot = apply_pair(PAIR_OPS[kind], (x,), (x_dot,), (kind, backend))
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    y64, y_dot64 = torch.func.jvp(formula, (x64,), (x_dot.double(),))
+    formula(x64).backward(grad.double())
+    for name, ours, oracle in (("y", y, y64), ("y_dot", y_dot, y_dot64), ("dx", x.grad, x64.grad)):
+        torch.testing.assert_close(ours.double(), oracle, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_pair_form_on_dual_input_keeps_its_forward_ad_tangent(backend, kind):
+    """Forward AD around the pair form (no input requires grad, grad mode off or on): y gets
+    its tangent f'(x)·t, the pair tangent stays f'(x)·ẋ."""
+    formula, _, pair = KINDS[kind]
+    x, t, x_dot = (torch.randn(3, 7, device=DEVICE) for _ in range(3))
+    for grad_mode in (True, False):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            y, y_dot = pair(fwAD.make_dual(x, t), x_dot)
+            tangent = fwAD.unpack_dual(y).tangent
+        assert tangent is not None
+        for ours, direction in ((tangent, t), (y_dot, x_dot)):
+            expected = torch.func.jvp(formula, (x.double(),), (direction.double(),))[1]
+            torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_invalid_arguments_raise(monkeypatch):
     with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         jvp_silu([1.0, 2.0])
@@ -95,9 +137,17 @@ def test_invalid_arguments_raise(monkeypatch):
         jvp_gelu_tanh_pair(torch.randn(3), torch.randn(3).half())
     with pytest.raises(ValueError, match="x_dot must be on"):
         jvp_gelu_tanh_pair(torch.randn(3), torch.randn(3, device="meta"))
+    with pytest.raises(ValueError, match="x must be a dense"):
+        jvp_silu(torch.randn(3, 4).to_sparse())
+    with pytest.raises(ValueError, match="x_dot must be a dense"):
+        jvp_silu_pair(torch.randn(3, 4), torch.randn(3, 4).to_sparse())
+    with pytest.raises(ValueError, match="forward-AD tangent of jvp_silu's x must have the dtype"):
+        torch.func.jvp(jvp_silu, (torch.randn(3),), (torch.randn(3, dtype=torch.float64),))
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     with pytest.raises(ValueError, match="Triton backend"):
         jvp_silu(torch.randn(3, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="got meta tensors"):
+        jvp_silu(torch.randn(3, device="meta"))
 
 
 @pytest.mark.gpu

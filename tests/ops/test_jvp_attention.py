@@ -375,6 +375,16 @@ def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
         assert jvp_attention(q, k, v).dtype == torch.bfloat16
 
 
+def test_autocast_leaves_float64_alone_like_sdpa(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.float64) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, expected = jvp_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        out, out_dot = jvp_attention_pair(q, k, v, torch.ones_like(q), None, None)
+    assert ours.dtype == expected.dtype == out.dtype == out_dot.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
@@ -395,7 +405,7 @@ def _qkv(**overrides):
     (lambda: jvp_attention(*_qkv(k=(1, 1, 10, 16), v=(1, 1, 10, 16))), "enable_gqa"),
     (lambda: jvp_attention(*_qkv(q=(1, 3, 8, 16)), enable_gqa=True), "multiple of key heads"),
     (lambda: jvp_attention(_qkv()[0], _qkv()[1].half(), _qkv()[2]), "key must have query's dtype"),
-    (lambda: jvp_attention(_qkv()[0].int(), *_qkv()[1:]), "query must be float16"),
+    (lambda: jvp_attention(_qkv()[0].int(), *_qkv()[1:]), "query must be one of float16"),
     (lambda: jvp_attention(_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), "key must be on query's device"),
     (lambda: jvp_attention(*_qkv(), attn_mask=torch.ones(3, 10, dtype=torch.bool)), "attn_mask of shape"),
     (lambda: jvp_attention(*_qkv(), attn_mask=torch.ones(8, 10, dtype=torch.int64)), "attn_mask must be bool"),
@@ -411,6 +421,30 @@ def _qkv(**overrides):
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("which", ["query", "value"])
+def test_forward_ad_tangent_of_another_dtype_raises(backend, which):
+    """As the pair form's check; the kernel would otherwise fail on mixed-dtype products."""
+    q, k, v = _qkv()
+    tangents = {"query": (q.half(), None, None), "value": (None, None, v.double())}[which]
+    match = f"forward-AD tangent of jvp_attention's {which} must have the dtype"
+    with pytest.raises(ValueError, match=match):
+        torch.func.jvp(jvp_attention, (q, k, v),
+                       tuple(torch.zeros_like(p) if t is None else t for t, p in zip(tangents, (q, k, v))))
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match=match):
+            jvp_attention(*(p if t is None else fwAD.make_dual(p, t) for t, p in zip(tangents, (q, k, v))))
+
+
+def test_sparse_tensors_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="query must be a dense"):
+        jvp_attention(q.to_sparse(), k, v)
+    with pytest.raises(ValueError, match="attn_mask must be a dense"):
+        jvp_attention(q, k, v, attn_mask=torch.randn(8, 10).to_sparse())
+    with pytest.raises(ValueError, match="v_dot must be a dense"):
+        jvp_attention_pair(q, k, v, None, None, v.to_sparse())
 
 
 def test_mask_tangent_raises():

@@ -270,14 +270,15 @@ def _with(i, value):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: jvp_layer_norm_modulate("x", *_args()[1:]), "x must be a torch.Tensor"),
-    (lambda: jvp_layer_norm_modulate(*_args(dtype=torch.int64)), "x must be float16"),
+    (lambda: jvp_layer_norm_modulate(*_args(dtype=torch.int64)), "x must be one of float16"),
+    (lambda: jvp_layer_norm_modulate(*_with(1, torch.randn(2, 16).to_sparse())), "scale must be a dense"),
     (lambda: jvp_layer_norm_modulate(*_args(x=(3, 16))), r"x must be \(B, N, D\)"),
     (lambda: jvp_layer_norm_modulate(*_args(x=(2, 3, 0), scale=(2, 0), shift=(2, 0))), r"x must be \(B, N, D\)"),
     (lambda: jvp_layer_norm_modulate(*_args(scale=(2, 15))), r"scale must be \(B, D\)"),
     (lambda: jvp_layer_norm_modulate(*_args(scale=(1, 16))), r"scale must be \(B, D\)"),
     (lambda: jvp_layer_norm_modulate(*_args(scale=(2, 3, 16))), r"scale must be \(B, D\)"),
     (lambda: jvp_layer_norm_modulate(*_args(shift=(16,))), r"shift must be \(B, D\)"),
-    (lambda: jvp_layer_norm_modulate(*_with(1, torch.randn(2, 16).int())), "scale must be float16"),
+    (lambda: jvp_layer_norm_modulate(*_with(1, torch.randn(2, 16).int())), "scale must be one of float16"),
     (lambda: jvp_layer_norm_modulate(*_with(2, 0.0)), "shift must be a torch.Tensor"),
     (lambda: jvp_layer_norm_modulate(*_with(1, torch.randn(2, 16, device="meta"))), "scale must be on x's device"),
     (lambda: jvp_layer_norm_modulate(*_with(2, torch.randn(2, 16, device="meta"))), "shift must be on x's device"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -131,6 +132,35 @@ def test_under_autocast_casts_like_f_linear():
     torch.testing.assert_close(ours, expected)
 
 
+def test_under_autocast_float64_stays_float64_like_f_linear(monkeypatch):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    x, w, b = (t.double() for t in (torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, expected = jvp_linear(x, w, b), F.linear(x, w, b)
+        y, y_dot = jvp_linear_pair(x, torch.ones_like(x), w, b)
+    assert ours.dtype == expected.dtype == y.dtype == y_dot.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_tangent_that_requires_grad_gives_a_detached_tangent(backend):
+    """Only x_dot requires grad (no autograd node is needed for y): y_dot is still detached."""
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    x_dot = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    y, y_dot = jvp_linear_pair(x, x_dot, w)
+    assert y_dot.grad_fn is None and not y_dot.requires_grad
+    torch.testing.assert_close(y_dot, F.linear(x_dot.detach(), w))
+
+
+def test_forward_ad_tangent_of_another_dtype_raises():
+    """As the pair form's check (F.linear itself fails inside its matmul)."""
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="forward-AD tangent of jvp_linear's x must have the dtype"):
+        torch.func.jvp(lambda x: jvp_linear(x, w), (x,), (x.double(),))
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match="forward-AD tangent of jvp_linear's weight must have the dtype"):
+            jvp_linear(x, fwAD.make_dual(w, w.half()))
+
+
 @pytest.mark.parametrize("args, match", [
     (lambda: ([1.0], torch.randn(2, 3)), "x must be a torch.Tensor"),
     (lambda: (torch.randn(4, 3), torch.randn(2, 4)), "weight's Din"),
@@ -140,6 +170,9 @@ def test_under_autocast_casts_like_f_linear():
     (lambda: (torch.randn(4, 3), torch.randn(2, 3), torch.randn(2).half()), "bias must have x's dtype"),
     (lambda: (torch.randint(0, 3, (4, 3)), torch.randn(2, 3)), "x must be one of"),
     (lambda: (torch.randn(4, 3), torch.randn(2, 3, device="meta")), "weight must be on"),
+    (lambda: (torch.randn(4, 3).to_sparse(), torch.randn(2, 3)), "x must be a dense"),
+    (lambda: (torch.randn(4, 3), torch.randn(2, 3).to_sparse()), "weight must be a dense"),
+    (lambda: (torch.randn(4, 3), torch.randn(2, 3), torch.randn(2).to_sparse()), "bias must be a dense"),
 ])
 def test_invalid_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):

@@ -283,6 +283,19 @@ def test_func_grad(backend):
     assert_close_to_oracle("dx", dx, x64.grad)
 
 
+def test_func_vjp(backend):
+    """Under torch.func.vjp the cotangent is a plain tensor but the saved x and weight are
+    wrapped: the backward routes them to the plain-torch reference, not into a kernel."""
+    x, w, _, _ = make_inputs((3, 40), torch.float32)
+    grad = torch.randn_like(x)
+    _, vjp = torch.func.vjp(lambda x, w: jvp_rms_norm(x, w), x, w)
+    dx, dw = vjp(grad)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    torch_rms_norm(x64, w64, 1e-6).backward(grad.double())
+    assert_close_to_oracle("dx", dx, x64.grad)
+    assert_close_to_oracle("dw", dw, w64.grad)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
@@ -293,12 +306,14 @@ def _x(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: jvp_rms_norm("x"), "x must be a torch.Tensor"),
-    (lambda: jvp_rms_norm(_x().int()), "x must be float16"),
+    (lambda: jvp_rms_norm(_x().int()), "x must be one of float16"),
+    (lambda: jvp_rms_norm(_x().to_sparse()), "x must be a dense"),
+    (lambda: jvp_rms_norm_pair(_x(), _x().to_sparse(), None), "x_dot must be a dense"),
     (lambda: jvp_rms_norm(torch.tensor(1.0)), "x must have a last dimension"),
     (lambda: jvp_rms_norm(_x(2, 0)), "x must have a last dimension"),
     (lambda: jvp_rms_norm(_x(), torch.ones(8)), r"weight must have shape \(16,\)"),
     (lambda: jvp_rms_norm(_x(), torch.ones(1, 16)), r"weight must have shape \(16,\)"),
-    (lambda: jvp_rms_norm(_x(), torch.ones(16, dtype=torch.int32)), "weight must be float16"),
+    (lambda: jvp_rms_norm(_x(), torch.ones(16, dtype=torch.int32)), "weight must be one of float16"),
     (lambda: jvp_rms_norm(_x(), [1.0] * 16), "weight must be a torch.Tensor"),
     (lambda: jvp_rms_norm(_x(), torch.ones(16, device="meta")), "weight must be on x's device"),
     (lambda: jvp_rms_norm(_x(), None, -1.0), "eps must be"),

@@ -2,7 +2,9 @@
 
 Every route through ``apply_pair`` (pair form with and without autograd, forward AD, torch.func
 transforms) must give the same values, tangents and gradients; which Function form each route
-takes is checked too, since the cheap forms are only valid where they are used.
+takes is checked too, since the cheap forms are only valid where they are used. A kernel-like toy
+op (its pass reads plain memory) checks what a Triton kernel needs; the last tests run
+torch.func.vjp over every real op on the Triton backend, the mechanism's backward being shared.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from meanflow import ops
 from meanflow.ops.pair import EagerPairFunction, PairFunction, PairOp, apply_pair
 
 FORWARD_CALLS: list[tuple] = []
@@ -120,3 +123,109 @@ def test_routes_agree_on_gradients(data):
     gx, gw = vjp(grad)
     torch.testing.assert_close(x1.grad, gx)
     torch.testing.assert_close(w1.grad, gw)
+
+
+# --------------------------------------------------------------------------------------------
+# A kernel-like op: its fused pass reads plain memory (the primals of dual inputs, never their
+# tangents) and, with raw_tensors, cannot take torch.func's wrapped tensors.
+# --------------------------------------------------------------------------------------------
+
+def _kernel_forward(inputs, tangents, options):
+    plain = tuple(None if t is None else fwAD.unpack_dual(t).primal for t in (*inputs, *tangents))
+    return _forward(plain[:2], plain[2:], options)
+
+
+KERNEL = PairOp("kernel", _kernel_forward, _backward, raw_tensors=lambda options: True,
+                input_names=("x", "w"))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_pair_form_on_dual_inputs_gives_y_its_forward_ad_tangent(data, grad_mode):
+    """Forward AD around a pair-form call on inputs that need no gradient: the shortcut that
+    skips the autograd node would drop y's tangent, so dual inputs take the Function."""
+    x, x_dot, w, w_dot = data
+    t = torch.randn_like(x)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        y, y_dot = apply_pair(KERNEL, (fwAD.make_dual(x, t), w), (x_dot, None))
+        tangent = fwAD.unpack_dual(y).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, t * w)
+    torch.testing.assert_close(y_dot, x_dot * w)
+
+
+@pytest.mark.parametrize("route", ["no_autograd", "autograd", "forward_ad", "func_jvp"])
+def test_tangents_that_require_grad_give_a_detached_tangent(data, route):
+    """Gradients never flow through the tangent, also where the given tangent has autograd
+    history (forward-AD tangents after a trainable layer do): every route detaches it alike."""
+    x, x_dot, w, _ = data
+    x_dot = x_dot * torch.tensor(2.0, dtype=x.dtype, requires_grad=True)
+    if route in ("no_autograd", "autograd"):
+        _, y_dot = apply_pair(SCALE, (x.requires_grad_(route == "autograd"), w), (x_dot, None))
+    elif route == "forward_ad":
+        with fwAD.dual_level():
+            y_dot = fwAD.unpack_dual(apply_pair(SCALE, (fwAD.make_dual(x, x_dot), w), None)[0]).tangent
+    else:
+        _, y_dot = torch.func.jvp(lambda x: apply_pair(SCALE, (x, w), None)[0], (x,), (x_dot,))
+    torch.testing.assert_close(y_dot, x_dot.detach() * w)
+    assert y_dot.grad_fn is None and not y_dot.requires_grad
+
+
+def test_forward_ad_tangent_of_another_dtype_is_refused(data):
+    x, x_dot, w, _ = data
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match="forward-AD tangent of kernel's w must have the dtype"):
+            apply_pair(KERNEL, (x, fwAD.make_dual(w, w.float())), None)
+    with pytest.raises(ValueError, match="forward-AD tangent of kernel's x must have the dtype"):
+        torch.func.jvp(lambda x: apply_pair(KERNEL, (x, w), None)[0], (x,), (x_dot.float(),))
+
+
+def test_pair_form_needs_one_tangent_per_input(data):
+    x, x_dot, w, _ = data
+    with pytest.raises(ValueError, match="one tangent \\(or None\\) per input: 2 inputs, got 1"):
+        apply_pair(SCALE, (x, w), (x_dot,))
+
+
+def test_func_vjp_over_a_raw_tensor_backward_is_refused(data):
+    """torch.func.vjp hands the backward a plain cotangent and wrapped saved inputs: the saved
+    tensors are checked too, so the kernel never receives a wrapper."""
+    x, _, w, _ = data
+    _, vjp = torch.func.vjp(lambda x: apply_pair(KERNEL, (x, w), None)[0], x)
+    with pytest.raises(ValueError, match="torch.func.grad / vjp over kernel's Triton backward"):
+        vjp(torch.ones_like(x))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func.vjp over every op on the Triton backend: plain-torch backwards (and the norms,
+# which route wrapped tensors to the reference) work, kernel backwards refuse clearly.
+# --------------------------------------------------------------------------------------------
+
+def _op_cases():
+    x, sc = torch.randn(2, 3, 8), torch.randn(2, 8)
+    q, table = torch.randn(1, 2, 3, 8), torch.randn(3, 8)
+    weight, norm_weight = torch.randn(4, 8), torch.randn(8)
+    return {  # name: (function of one tensor, its input, whether the backward is a kernel)
+        "linear": (lambda a: ops.jvp_linear(a, weight), x, False),
+        "rms_norm": (lambda a: ops.jvp_rms_norm(a, norm_weight), x, False),
+        "layer_norm_modulate": (lambda a: ops.jvp_layer_norm_modulate(a, sc, sc), x, False),
+        "silu": (ops.jvp_silu, x, True),
+        "gelu_tanh": (ops.jvp_gelu_tanh, x, True),
+        "rope": (lambda a: ops.jvp_rope(a, table, table), q, True),
+        "gated_residual": (lambda a: ops.jvp_gated_residual(a, sc, a), x, True),
+        "attention": (lambda a: ops.jvp_attention(a, a * 0.5, a), q, True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_func_vjp_of_every_op_on_the_triton_backend(monkeypatch, name):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    fn, inp, kernel_backward = _op_cases()[name]
+    out, vjp = torch.func.vjp(fn, inp)
+    cotangent = torch.randn_like(out)
+    if kernel_backward:
+        with pytest.raises(ValueError, match="torch.func.grad / vjp over"):
+            vjp(cotangent)
+        return
+    (grad,) = vjp(cotangent)
+    leaf = inp.clone().requires_grad_()
+    fn(leaf).backward(cotangent)
+    torch.testing.assert_close(grad, leaf.grad)
