@@ -296,8 +296,12 @@ def _time_dtype(transformer) -> torch.dtype:
 
 
 def _as_times(x, batch: int, like: Tensor, name: str) -> Tensor:
+    """``x`` (a Python number, a 0-d or a (batch,) floating tensor) as a (batch,) tensor; a number
+    becomes a tensor on ``like``'s device in at least float32 (float64 beside a float64 ``like``,
+    so a float64 model reads the number unrounded)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
-        x = torch.full((batch,), float(x), device=like.device, dtype=torch.float32)
+        x = torch.full((batch,), float(x), device=like.device,
+                       dtype=torch.promote_types(like.dtype, torch.float32))
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor of shape ({batch},), a 0-d tensor or a float, "
                          f"got {type(x).__name__}")

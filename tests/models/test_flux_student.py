@@ -235,6 +235,17 @@ def test_scalar_times_and_tangents():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_float_times_are_not_rounded_for_a_float64_model():
+    """A Python float time reaches a float64 model unrounded: the same u as float64 tensors
+    (0.1 and 0.3 are not float32 numbers)."""
+    student = _student(_stock("tiny", torch.float64), random_delta=True)
+    z, _, _, cond, _, _ = _inputs("tiny", torch.float64)
+    as_floats = student(z, 0.1, 0.3, cond)
+    as_tensors = student(z, torch.full((2,), 0.1, dtype=torch.float64), torch.full((2,), 0.3, dtype=torch.float64),
+                         cond)
+    assert torch.equal(as_floats, as_tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # (c) gradients of the MeanFlow loss, with and without checkpointing
 # --------------------------------------------------------------------------------------------
