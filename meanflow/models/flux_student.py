@@ -54,6 +54,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meanflow import ops
 from meanflow.models.flux import _key_padding_to_4d, enable_jvp_attention
+from meanflow.ops.pair import forward_ad_active
 
 __all__ = ["FluxCondition", "FluxStudent", "FluxTeacher"]
 
@@ -676,6 +678,13 @@ def _plain_forward(transformer, delta_embedder, z, r, t, cond: FluxCondition, gr
     rope = _rotary_tables(transformer, cond)
     jak = None if mask is None else {"attention_mask": mask}
     use_ckpt = gradient_checkpointing and torch.is_grad_enabled()
+    if use_ckpt and forward_ad_active():
+        # The backward's recomputation runs without the forward's tangents, so it would save
+        # fewer tensors than the forward did: torch's CheckpointError, after a whole forward.
+        warnings.warn("gradient checkpointing is skipped under forward-mode AD (torch.func.jvp, dual "
+                      "tensors); forward_with_tangent gives u and its tangent with checkpointing",
+                      stacklevel=3)
+        use_ckpt = False
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         if use_ckpt:
             c, h = checkpoint(block, h, c, temb, rope, jak, use_reentrant=False)
@@ -937,9 +946,10 @@ class FluxStudent(nn.Module):
 
         ``torch.func.jvp`` and forward-AD dual tensors work through it (attention runs through
         ``meanflow.ops.jvp_attention`` when tangents are present), but the tangent then
-        carries autograd history through the parameters, and with ``gradient_checkpointing``
-        PyTorch's checkpoint raises ``CheckpointError`` under forward AD: prefer
-        :meth:`forward_with_tangent`, which checkpoints fine.
+        carries autograd history through the parameters, and ``gradient_checkpointing`` is
+        skipped with a warning under forward AD (PyTorch's checkpoint would recompute the
+        blocks without their tangents and raise ``CheckpointError`` in backward): prefer
+        :meth:`forward_with_tangent`, which checkpoints.
         """
         return _plain_forward(self.transformer, self.delta_embedder, z, r, t, cond,
                               self.gradient_checkpointing)

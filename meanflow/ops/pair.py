@@ -149,6 +149,12 @@ def nested_jvp_depth() -> int:
     return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on around this call: a torch.func.jvp transform, or a
+    ``torch.autograd.forward_ad`` dual level."""
+    return fwAD._current_level >= 0 or nested_jvp_depth() > 0
+
+
 def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     """Forward AD's efficient zero tangents cost nothing: treat them as absent."""
     if tangent is not None and tangent._is_zerotensor():

@@ -365,6 +365,26 @@ def test_checkpointing_keeps_only_block_inputs():
     assert pair_ckpt < 0.5 * pair, (pair_ckpt, pair)
 
 
+def test_func_jvp_through_the_student_skips_checkpointing_with_a_warning():
+    """torch.func.jvp of student(...) with checkpointing on: checkpointing is skipped (its
+    recomputation would lack the tangents: torch's CheckpointError in backward), with a warning,
+    and the gradients are those without checkpointing."""
+    student = _student(_stock("deep", torch.float64), random_delta=True)
+    z, r, t, cond, z_dot, _ = _inputs("deep", torch.float64)
+
+    def loss():
+        u, u_dot = torch.func.jvp(lambda z, t: student(z, r, t, cond), (z, t), (z_dot, torch.ones_like(t)))
+        return (u - u_dot.detach()).square().mean()
+
+    expected = _grads(student, loss())
+    student.gradient_checkpointing = True
+    with pytest.warns(UserWarning, match="checkpointing is skipped under forward-mode AD"):
+        value = loss()
+    actual = _grads(student, value)
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
 def test_plain_forward_checkpointing():
     """student(...) checkpoints diffusers' blocks too (flow-matching steps, the teacher-free
     discrete targets): the same gradients."""
