@@ -84,6 +84,17 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clean usage error otherwise, never a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _config_args(parser: argparse.ArgumentParser, default_preset: str | None = "digits") -> None:
     parser.add_argument("--preset", default=default_preset,
                         help=f"named preset (default {default_preset}; `meanflow presets` lists them)")
@@ -244,14 +255,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("plan", help="estimated per-GPU memory of a run sharded over N GPUs (FSDP2)")
     _config_args(p)
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=_positive_int, default=1)
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
     p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
 
-    for name, helptext in (("sample", "PNG samples of a student with K = 1, 2 or 4 steps"),
+    for name, helptext in (("sample", "PNG samples of a student with K steps (e.g. 1, 2, 4)"),
                            ("eval", "few-step metrics of a student and its teacher (JSON and markdown)")):
         p = commands.add_parser(name, help=helptext)
         _config_args(p)
@@ -260,22 +271,23 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sample":
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--prompts", metavar="FILE", help="a prompt file, one per line")
-            p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], choices=(1, 2, 4))
-            p.add_argument("--num", type=int, default=8, help="images per prompt")
+            p.add_argument("--steps", type=_positive_int, nargs="+", default=[1, 2, 4],
+                           help="the student's step counts, one grid each (default 1 2 4)")
+            p.add_argument("--num", type=_positive_int, default=8, help="images per prompt")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--output", default="samples", metavar="DIR")
             p.set_defaults(func=cmd_sample)
         else:
-            p.add_argument("--teacher-steps", type=int, nargs="*")
-            p.add_argument("--student-steps", type=int, nargs="*")
+            p.add_argument("--teacher-steps", type=_positive_int, nargs="*")
+            p.add_argument("--student-steps", type=_positive_int, nargs="*")
             p.add_argument("--output", metavar="DIR", help="write eval.json and eval.md there")
             p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("generate-data", help="teacher latents from prompts, cached for data.source=teacher")
     _config_args(p)
     p.add_argument("--prompts", metavar="FILE", help="prompt file (default: the world's training prompts)")
-    p.add_argument("--num", type=int, default=2048)
-    p.add_argument("--steps", type=int, help="teacher Euler steps (default: the largest eval.teacher_steps)")
+    p.add_argument("--num", type=_positive_int, default=2048)
+    p.add_argument("--steps", type=_positive_int, help="teacher Euler steps (default: the largest eval.teacher_steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, metavar="FILE")
     p.set_defaults(func=cmd_generate_data)

@@ -50,12 +50,16 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     Returns:
         ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ as a Python float ≥ 0, computed in
         float64 with unbiased covariances; the matrix square roots by eigendecomposition of
-        symmetric matrices, tiny negative eigenvalues clamped to zero.
+        symmetric matrices, tiny negative eigenvalues clamped to zero. NaN when a feature is
+        not finite (e.g. a diverged model's samples): no distance, rather than the
+        eigensolver's error ending the whole evaluation.
     """
     a = _matrix(feats_a, "feats_a", 2)
     b = _matrix(feats_b, "feats_b", 2)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feats_b: expected {a.shape[1]} features like feats_a, got {b.shape[1]}")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return float("nan")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
     root_a = _sqrt_psd(cov_a)
@@ -77,11 +81,13 @@ def prompt_accuracy(logits: Tensor, labels: Tensor) -> float:
         labels: (N,) integer tensor of class indices.
 
     Returns:
-        a Python float in [0, 1].
+        a Python float in [0, 1]. A sample whose logits are not all finite counts as wrong
+        (argmax would pick its NaN as the top class).
     """
     x = _matrix(logits, "logits", 1)
     y = _labels(labels, x.shape[0])
-    return float((x.argmax(dim=1) == y).double().mean())
+    correct = (x.argmax(dim=1) == y) & torch.isfinite(x).all(dim=1)
+    return float(correct.double().mean())
 
 
 def diversity(feats: Tensor, labels: Tensor) -> float:
@@ -94,7 +100,7 @@ def diversity(feats: Tensor, labels: Tensor) -> float:
 
     Returns:
         a Python float ≥ 0 (0 when every label's features are identical, or no label has two
-        samples), computed in float64.
+        samples), computed in float64; NaN when a feature used is not finite.
     """
     x = _matrix(feats, "feats", 1)
     y = _labels(labels, x.shape[0])

@@ -12,9 +12,9 @@ Run folder (``run.out_dir``)::
     eval.json, report.md, loss.png, eval grids    at the end (``run.eval_at_end``)
 
 A run folder that already holds checkpoints is never overwritten: pass ``resume=True`` to
-continue it, or choose another ``run.out_dir``. Ctrl-C saves a checkpoint at the current step and
-returns 130; too many non-finite steps in a row save nothing new and return 1 (the last good
-checkpoint stays).
+continue it, or choose another ``run.out_dir``. Ctrl-C lets the current step finish, saves a
+checkpoint there and returns 130 (a second Ctrl-C stops at once, saving nothing new); too many
+non-finite steps in a row save nothing new and return 1 (the last good checkpoint stays).
 
 Under ``torchrun`` (:mod:`meanflow.train.distributed`) every rank runs this; rank 0 alone logs
 and writes the run folder's files, checkpoints are sharded (``torch.distributed.checkpoint``,
@@ -26,7 +26,10 @@ stops the others and prints the error.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +80,48 @@ def _check_same_run(config: TrainConfig, out_dir: Path) -> None:
     if changed:
         raise ConfigError(f"{changed[0]}: --resume with a different setting than the run recorded in {path} "
                           f"({old.get(changed[0])!r} there, {new[changed[0]]!r} now; all differing: {changed})")
+
+
+class _StepInterrupt:
+    """Holds a Ctrl-C (SIGINT) that arrives during a training step until the step is done, so
+    the checkpoint Ctrl-C saves never holds half a step (weights moved by the optimizer, but the
+    EMA, the step count or the fake network not yet): ``requested`` is then set, and the loop
+    stops once the step is logged (:meth:`stop_if_requested`). A second Ctrl-C interrupts at
+    once; the step is then torn (``torn``) and must not be saved. Main thread only (elsewhere,
+    or with SIGINT ignored, a no-op)."""
+
+    def __init__(self):
+        self.torn = False
+        self.requested = False
+
+    def stop_if_requested(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def around_step(self):
+        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() \
+            else signal.SIG_IGN
+        if previous is signal.SIG_IGN:  # not the main thread, or SIGINT ignored (a background job)
+            yield
+            return
+        if previous is None:  # a handler not set from Python: restore Python's default
+            previous = signal.default_int_handler
+        pending = []
+
+        def hold(signum, frame):
+            pending.append(signum)
+            signal.signal(signal.SIGINT, previous)  # the next Ctrl-C acts at once
+
+        signal.signal(signal.SIGINT, hold)
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.torn = bool(pending)  # a second Ctrl-C broke into the step
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.requested = bool(pending)
 
 
 class Run:
@@ -213,15 +258,18 @@ class Run:
             logger = RunLogger(self.out_dir, resume_step=d.step_index - 1 if self.resume else None,
                                columns=LOG_COLUMNS)
             progress = Progress(cfg.run.max_steps, initial=d.step_index)
+        interrupt = _StepInterrupt()
         try:
             while d.step_index < cfg.run.max_steps:
-                result = d.step()
+                with interrupt.around_step():
+                    result = d.step()
                 done = result.step + 1
                 if result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped:
                     logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow, mse=result.mse,
                                align=result.align, fake=result.fake, grad_norm=result.grad_norm, lr=result.lr,
                                skipped=int(result.skipped), nonfinite_total=d.nonfinite_total)
                 progress.update(done, loss=result.loss, phase=result.phase)
+                interrupt.stop_if_requested()
                 d.check_finite()
                 if done % cfg.run.sample_every == 0:
                     self.write_samples(f"step-{done:06d}")
@@ -230,7 +278,7 @@ class Run:
         except KeyboardInterrupt:
             progress.close()
             logger.close()
-            if self.ranks.sharded:
+            if self.ranks.sharded or interrupt.torn:
                 self.log(f"\ninterrupted at step {d.step_index}; continue from the last checkpoint with --resume")
                 return 130
             path = self.save()

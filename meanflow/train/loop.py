@@ -39,7 +39,7 @@ from meanflow.method.alignment import fake_flow_matching_loss, trajectory_alignm
 from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.train.config import TrainConfig
+from meanflow.train.config import ConfigError, TrainConfig
 from meanflow.train.distributed import (Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux,
                                         silent)
 from meanflow.train.ema import EMA
@@ -86,6 +86,11 @@ class Distiller:
         check_batch_split(config.data.batch_size, ranks.size)
         torch.manual_seed(config.run.seed)
         self.world = world if world is not None else _make_world(config, ranks, device)
+        if config.method.guidance.mode == "embedded" and not getattr(
+                self.world.teacher.transformer.config, "guidance_embeds", False):
+            # Caught here, before the run folder is written, not as a model error at step 0.
+            raise ConfigError("method.guidance.mode", "'embedded' needs a guidance-distilled teacher "
+                                                      "(guidance_embeds); this one has none: use 'cfg' or 'none'")
         if config.data.source == "teacher":
             from meanflow.train.data import prepare_teacher_data
 
@@ -144,11 +149,19 @@ class Distiller:
         return self.autocast() if self.ranks.sharded else contextlib.nullcontext()
 
     def _guidance(self, cond, batch: int, rows):
-        """(cond with embedded g if any, uncond or None, per-sample scales or None)."""
+        """(cond with embedded g if any, uncond or None, per-sample scales or None).
+
+        uncond is made for true CFG and for the ω/κ mixing (its u_θ(z, t, t | ∅) term), in every
+        mode; with embedded guidance it carries the same g as cond."""
         cond, scales = self.guided.prepare(cond, batch, generator=rows)
         if scales is not None:
             scales = scales.to(self.device)
-        uncond = self._uncond(batch) if self.guided.config.mode == "cfg" else None
+        mode = self.guided.config.mode
+        uncond = None
+        if mode == "cfg" or self.guided.config.mixing:
+            uncond = self._uncond(batch)
+            if mode == "embedded":
+                uncond = self.guided.set_guidance(uncond, scales)
         return cond, uncond, scales
 
     def _uncond(self, batch: int):
@@ -183,13 +196,13 @@ class Distiller:
         def teacher_v(z_, t_, c_=cond):
             return self.guided(z_, t_, c_, uncond=uncond, scale=scales)
 
-        def student_no_grad(z_, r_, t_):
+        def student_no_grad(z_, r_, t_, c_=cond):
             with torch.no_grad():
-                return self.student(z_, r_, t_, cond)
+                return self.student(z_, r_, t_, c_)
 
         v = teacher_v(z, t)
-        if self.guided.config.mixing:
-            v = self.guided.mixed(v, lambda *a: student_no_grad(*a[:3]), z, t, cond, uncond)
+        if self.guided.config.mixing:  # the student's own r = t predictions, given c and given ∅
+            v = self.guided.mixed(v, student_no_grad, z, t, cond, uncond)
 
         with self.autocast():
             target = u = None

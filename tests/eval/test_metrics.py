@@ -84,3 +84,21 @@ def test_diversity():
     assert diversity(torch.randn(3, 3), torch.tensor([0, 1, 2])) == 0.0
     with pytest.raises(ValueError, match="labels"):
         diversity(feats, labels[:3])
+
+
+def test_non_finite_features_give_nan_or_count_as_wrong():
+    """A diverged model's NaN samples: FD is NaN (the eigensolver used to raise and end the
+    whole evaluation), a NaN logit row is a wrong answer (argmax used to pick the NaN as the top
+    class: [nan, 0] read as class 0), diversity is NaN."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    bad = a.clone()
+    bad[4, 1] = float("nan")
+    assert frechet_distance(bad, b) != frechet_distance(bad, b)  # NaN
+    inf = a.clone()
+    inf[0, 0] = float("inf")
+    assert frechet_distance(b, inf) != frechet_distance(b, inf)
+    logits = torch.tensor([[float("nan"), 0.0], [2.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    assert prompt_accuracy(logits, torch.tensor([0, 0, 1, 1])) == pytest.approx(2 / 4)
+    assert diversity(bad, torch.zeros(20, dtype=torch.long)) != diversity(bad, torch.zeros(20, dtype=torch.long))

@@ -75,6 +75,18 @@ def test_wrong_types():
     assert _error(None, None, ["model.teacher=7"]).startswith("model.teacher: expected a string")
 
 
+@pytest.mark.parametrize("item", ["method.time.mean=.nan", "method.time.std=.inf", "method.guidance.omega=.nan",
+                                  "method.guidance.scales=[.nan]", "method.alignment.weight=.inf",
+                                  "method.loss.c=.inf", "optim.lr=.inf", "method.schedule.loss_threshold=-.inf",
+                                  "optim.lr=nan"])
+def test_non_finite_numbers_are_refused(item):
+    """YAML's .nan / .inf used to pass every range check written as a comparison (or none) and
+    surface only as a NaN loss; every float key must be finite."""
+    key = item.partition("=")[0]
+    assert _error(None, None, [item]).startswith(f"{key}")
+    assert "finite" in _error(None, None, [item])
+
+
 def test_overrides_parse_and_merge():
     data = parse_overrides(["optim.lr=1e-4", "method.schedule.phase_a_steps=50", "sample.steps=[1,2]",
                             "model.revision=null", "optim.lr=2e-4"])

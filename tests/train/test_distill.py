@@ -119,6 +119,35 @@ def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
 
 
+def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch):
+    """A real SIGINT after the optimizer step of step 2 but before its EMA update: the step
+    completes, the checkpoint is at step 3, and the resumed run equals an uninterrupted one
+    (the interrupt used to save the moved weights with step 2 still to run: done twice)."""
+    import signal
+
+    from meanflow.train import ema as ema_module
+
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert _distill(whole, "run.eval_at_end=false") == 0
+    real_update = ema_module.EMA.update
+
+    def update(self, module):
+        if self.num_updates == 2:  # inside step 2, after optimizer.step()
+            os.kill(os.getpid(), signal.SIGINT)
+        real_update(self, module)
+
+    monkeypatch.setattr(ema_module.EMA, "update", update)
+    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
+    monkeypatch.setattr(ema_module.EMA, "update", real_update)
+    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    a, b = _rows(whole), _rows(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert all(ra[k] == rb[k] for ra, rb in zip(a, b) for k in ("loss", "grad_norm", "fake"))
+    wa, wb = _student_weights(whole), _student_weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     real = loop_module.GuidedTeacher.__call__
@@ -180,6 +209,21 @@ def test_bad_config_is_a_clear_error_and_touches_nothing(tmp_path, capsys, args,
     assert main(["distill", "--preset", "tiny", "--out", str(run), *args]) == 2
     assert message in capsys.readouterr().err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--run", "x", "--num", "-2"],           # was a RuntimeError traceback
+    ["sample", "--run", "x", "--num", "0"],
+    ["eval", "--run", "x", "--teacher-steps", "0"],
+    ["generate-data", "--steps", "0", "--output", "x.safetensors"],  # was silently the default
+    ["generate-data", "--num", "many", "--output", "x.safetensors"],
+    ["plan", "--gpus", "0"],
+])
+def test_cli_counts_must_be_positive(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
 
 
 def test_bad_prompt_file(tmp_path, capsys):

@@ -1,0 +1,71 @@
+"""The training step's pieces on the tiny preset (one Distiller, one or two steps): what the
+guided target velocity is made of, and the guidance checks made before anything is written."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from meanflow.method import guidance as guidance_module  # noqa: E402
+from meanflow.train.config import ConfigError, load_config  # noqa: E402
+from meanflow.train.loop import Distiller  # noqa: E402
+from meanflow.train.world import DigitsWorld  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("reference_one_thread")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return DigitsWorld()
+
+
+def _distiller(world, tmp_path, *overrides):
+    return Distiller(load_config("tiny", None, [f"run.out_dir={tmp_path / 'run'}", *overrides]), world=world)
+
+
+@pytest.mark.parametrize("mode", ["cfg", "none"])
+def test_omega_kappa_mixing_uses_the_unconditional_student(world, tmp_path, monkeypatch, mode):
+    """ṽ = ω·v + κ·u_θ(z, t, t | c) + (1 − ω − κ)·u_θ(z, t, t | ∅): the last term must see the
+    empty prompt (it saw the prompt itself, making ṽ = ω·v + (1 − ω)·u_c), in every mode."""
+    d = _distiller(world, tmp_path, f"method.guidance.mode={mode}", "method.guidance.omega=0.5",
+                   "method.guidance.kappa=0.2")
+    seen = {}
+    real = guidance_module.mix_with_student
+
+    def spy(v, u_cond, u_uncond, t, config):
+        seen.update(v=v, u_cond=u_cond, u_uncond=u_uncond, t=t)
+        return real(v, u_cond, u_uncond, t, config)
+
+    monkeypatch.setattr(guidance_module, "mix_with_student", spy)
+    state = {k: p.detach().clone() for k, p in d.student.state_dict().items()}
+    captured = {}
+    real_forward = type(d.student).forward_with_tangent
+
+    def capture(self, z, r, t, cond, z_dot, *args, **kwargs):
+        captured.update(z=z, cond=cond, z_dot=z_dot)
+        return real_forward(self, z, r, t, cond, z_dot, *args, **kwargs)
+
+    monkeypatch.setattr(type(d.student), "forward_with_tangent", capture)
+    d.schedule.config.phase_a_steps = d.schedule._b_start = 0  # a differential step at once
+    d.schedule.config.phase_b_steps = 0
+    assert not d.step().skipped
+    # Recompute both student terms by hand, with the weights the step saw.
+    d.student.load_state_dict(state)
+    z, t, batch = captured["z"], seen["t"], seen["t"].shape[0]
+    uncond = world.condition([""] * batch)
+    with torch.no_grad():
+        u_c = d.student(z, t, t, captured["cond"])
+        u_u = d.student(z, t, t, uncond)
+    assert not torch.allclose(u_c, u_u)  # the prompt matters, so the test can tell them apart
+    torch.testing.assert_close(seen["u_uncond"], u_u)
+    torch.testing.assert_close(seen["u_cond"], u_c)
+    expected = 0.5 * seen["v"] + 0.2 * u_c + 0.3 * u_u
+    torch.testing.assert_close(captured["z_dot"], expected)  # ṽ is the JVP tangent (and the target's v)
+
+
+def test_embedded_guidance_needs_a_guidance_embedded_teacher(world, tmp_path):
+    with pytest.raises(ConfigError, match="method.guidance.mode"):
+        _distiller(world, tmp_path, "method.guidance.mode=embedded")
+    assert not (tmp_path / "run").exists()
