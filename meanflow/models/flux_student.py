@@ -67,7 +67,7 @@ from meanflow import ops
 from meanflow.models.flux import _key_padding_to_4d, enable_jvp_attention
 from meanflow.ops.pair import forward_ad_active
 
-__all__ = ["FluxCondition", "FluxStudent", "FluxTeacher"]
+__all__ = ["FluxCondition", "FluxStudent", "FluxTeacher", "device_and_dtype"]
 
 Tensor = torch.Tensor
 
@@ -82,6 +82,35 @@ _FP16_MAX = 65504.0
 # --------------------------------------------------------------------------------------------
 # Conditioning
 # --------------------------------------------------------------------------------------------
+
+def device_and_dtype(*args, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype), each None when not given, of ``to``'s arguments as diffusers' pipelines take
+    them: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(device=..., dtype=...)``.
+
+    Raises:
+        ValueError: naming ``device`` or ``dtype`` (not a device, not a floating dtype, given twice).
+    """
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            if dtype is not None:
+                raise ValueError(f"dtype: given twice ({dtype} and {arg})")
+            dtype = arg
+        elif isinstance(arg, (str, torch.device)):
+            if device is not None:
+                raise ValueError(f"device: given twice ({device} and {arg})")
+            device = arg
+        else:
+            raise ValueError(f"device, dtype: expected a device (str or torch.device) and/or a "
+                             f"torch.dtype, got {arg!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: expected a device, got {device!r} ({err})") from err
+    return device, dtype
+
 
 @dataclass
 class FluxCondition:
@@ -109,9 +138,10 @@ class FluxCondition:
     guidance: Tensor | None = None
     attention_mask: Tensor | None = None
 
-    def to(self, *args, **kwargs) -> "FluxCondition":
-        """A copy moved and cast with ``Tensor.to``'s arguments (``to(device)``, ``to(dtype)``,
-        ``to(device, dtype)``, ``to(device=..., dtype=..., non_blocking=...)``).
+    def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "FluxCondition":
+        """A copy moved and cast: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``,
+        ``to(device=..., dtype=..., non_blocking=...)`` (see :func:`device_and_dtype`).
 
         A device move applies to every field. A dtype applies to the embeddings only
         (``encoder_hidden_states``, ``pooled_projections``): the position ids, the guidance scales
@@ -119,11 +149,9 @@ class FluxCondition:
         guidance scales (4.3 → 4.3125); the model reads them in float32 itself.
 
         Raises:
-            ValueError: naming ``dtype``, if it is not a floating dtype.
+            ValueError: naming ``device`` or ``dtype`` (not a device, not a floating dtype).
         """
-        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype: the embeddings take a floating dtype, got {dtype}")
+        device, dtype = device_and_dtype(*args, device=device, dtype=dtype)
 
         def move(name: str, t):
             if not isinstance(t, torch.Tensor):  # None, or a float guidance scale

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from meanflow.models.flux_student import FluxCondition, FluxStudent
+from meanflow.models.flux_student import FluxCondition, FluxStudent, device_and_dtype
 
 __all__ = ["MeanFlowFluxPipeline", "MeanFlowFluxPipelineOutput", "encode_flux_prompts", "pack_latents",
            "unpack_latents", "latent_image_ids", "decode_packed", "check_resolution",
@@ -357,24 +357,7 @@ class MeanFlowFluxPipeline:
         Raises:
             ValueError: naming ``device`` or ``dtype`` (not a device, not a floating dtype, given twice).
         """
-        for arg in args:
-            if isinstance(arg, torch.dtype):
-                if dtype is not None:
-                    raise ValueError(f"dtype: given twice ({dtype} and {arg})")
-                dtype = arg
-            elif isinstance(arg, (str, torch.device)):
-                if device is not None:
-                    raise ValueError(f"device: given twice ({device} and {arg})")
-                device = arg
-            else:
-                raise ValueError(f"device, dtype: expected a device (str or torch.device) and/or a "
-                                 f"torch.dtype, got {arg!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-        try:
-            device = None if device is None else torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device: expected a device, got {device!r} ({err})") from err
+        device, dtype = device_and_dtype(*args, device=device, dtype=dtype)
         for module in (self.student, self.base_pipeline.vae, self.base_pipeline.text_encoder,
                        self.base_pipeline.text_encoder_2):
             module.to(device=device, dtype=dtype)
