@@ -22,12 +22,16 @@ def check_tensor(name: str, t, dtypes: tuple = FLOAT_DTYPES) -> None:
         raise ValueError(f"{name} must be one of {names}, got {t.dtype}")
 
 
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
 def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """Same dtype and device as ``ref``."""
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    check_same_device(name, t, ref_name, ref)
 
 
 def check_tangent(name: str, tangent, primal: torch.Tensor | None, primal_name: str = "its primal") -> None:
@@ -45,8 +49,7 @@ def check_tangent(name: str, tangent, primal: torch.Tensor | None, primal_name: 
                          f"got {tuple(tangent.shape)}")
     if tangent.dtype != primal.dtype:
         raise ValueError(f"{name} must have the dtype of {primal_name} ({primal.dtype}), got {tangent.dtype}")
-    if tangent.device != primal.device:
-        raise ValueError(f"{name} must be on {primal_name}'s device {primal.device}, got {tangent.device}")
+    check_same_device(name, tangent, primal_name, primal)
 
 
 def check_number(name: str, value, *, positive: bool) -> float:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_number, check_tensor, check_triton_dtype
+from meanflow.ops._checks import (FLOAT_DTYPES, check_like, check_number, check_same_device, check_tensor,
+                                  check_triton_dtype)
 from meanflow.ops.dispatch import implementation, resolve_backend
 
 STEM = "adaptive_weighted_loss"
@@ -63,8 +64,7 @@ def _validate(u, u_tgt, weights, p, c) -> str:
         check_tensor("weights", weights, FLOAT_DTYPES)
         if weights.shape != (u.shape[0],):
             raise ValueError(f"weights must be (B,) = ({u.shape[0]},), got shape {tuple(weights.shape)}")
-        if weights.device != u.device:
-            raise ValueError(f"weights must be on u's device {u.device}, got {weights.device}")
+        check_same_device("weights", weights, "u", u)
     check_number("p", p, positive=False)
     check_number("c", c, positive=True)
     backend = "reference" if u.numel() == 0 else resolve_backend(u.device)

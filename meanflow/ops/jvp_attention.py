@@ -23,7 +23,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from meanflow.ops._checks import TRITON_DTYPES, autocast, check_tangent, check_tensor
+from meanflow.ops._checks import TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair
 
@@ -76,8 +76,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise ValueError(f"{name} must have query's {q.dim()} dimensions, got shape {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have query's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on query's device {q.device}, got {t.device}")
+        check_same_device(name, t, "query", q)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"key's head dim {k.shape[-1]} must equal query's {q.shape[-1]}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
@@ -107,8 +106,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise ValueError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask must be on query's device {q.device}, got {attn_mask.device}")
+        check_same_device("attn_mask", attn_mask, "query", q)
         if attn_mask.requires_grad:
             raise ValueError("attn_mask requires grad: gradients to the mask are not supported")
         if fwAD.unpack_dual(attn_mask).tangent is not None:

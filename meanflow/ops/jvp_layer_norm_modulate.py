@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import check_tangent, check_tensor
+from meanflow.ops._checks import check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation
-from meanflow.ops.jvp_rms_norm import (backward_backend, check_backend, check_eps, check_same_device,
-                                       unit_last_stride)
+from meanflow.ops.jvp_rms_norm import backward_backend, check_backend, check_eps, unit_last_stride
 from meanflow.ops.pair import PairOp, apply_pair
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import TRITON_DTYPES, check_number, check_tangent, check_tensor
+from meanflow.ops._checks import TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair, functorch_wrapped
 
@@ -58,11 +58,6 @@ JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "we
 # --------------------------------------------------------------------------------------------
 # Validation (shared with jvp_layer_norm_modulate; the tensor checks are meanflow.ops._checks)
 # --------------------------------------------------------------------------------------------
-
-def check_same_device(name: str, t: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
-    if t.device != reference.device:
-        raise ValueError(f"{name} must be on {reference_name}'s device {reference.device}, got {t.device}")
-
 
 def check_eps(eps) -> float:
     return check_number("eps", eps, positive=False)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import (FLOAT_DTYPES, check_tangent, check_tensor, check_triton_dtype,
-                                  has_forward_tangent, zeros_if_none)
+from meanflow.ops._checks import (FLOAT_DTYPES, check_same_device, check_tangent, check_tensor,
+                                  check_triton_dtype, has_forward_tangent, zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair
 
@@ -51,8 +51,7 @@ def _validate(x, cos, sin):
         if f.shape != (n, d):
             raise ValueError(f"{name} must be (N, D) = ({n}, {d}) for x of shape {tuple(x.shape)}, "
                              f"got {tuple(f.shape)}")
-        if f.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {f.device}")
+        check_same_device(name, f, "x", x)
         if f.requires_grad:
             raise ValueError(f"{name} requires grad: gradients to the rotary tables are not supported")
         if has_forward_tangent(f):
