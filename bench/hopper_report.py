@@ -102,13 +102,11 @@ def _kernel_module(name: str = "jvp_attention"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has one config of its own, no compiler")
     import importlib
 
-    module = importlib.import_module(f"meanflow.kernels.{name}")
     from triton.runtime.jit import JITFunction
 
+    module = importlib.import_module(f"meanflow.kernels.{name}")
     kernel = importlib.import_module("meanflow.kernels.jvp_attention")._jvp_attention_fwd_kernel
-    while hasattr(kernel, "fn") and not isinstance(kernel, JITFunction):
-        kernel = kernel.fn
-    if not isinstance(kernel, JITFunction):
+    if not isinstance(_layers(kernel)[-1], JITFunction):
         raise RuntimeError("meanflow.kernels was imported in interpreter mode")
     return module
 
@@ -357,27 +355,29 @@ def _kernel(case: dict):
     return getattr(_kernel_module(module), kernels[case["variant"]])
 
 
-def _jit(kernel):
-    """The JITFunction under an Autotuner and its Heuristics, or the JITFunction itself."""
+def _layers(kernel) -> list:
+    """The kernel object and what it wraps (an Autotuner's and a Heuristics' ``fn``), outermost
+    first, down to the JITFunction (in interpreter mode, down to the plain function)."""
     from triton.runtime.jit import JITFunction
 
-    while not isinstance(kernel, JITFunction):
-        kernel = kernel.fn
-    return kernel
+    layers = [kernel]
+    while not isinstance(layers[-1], JITFunction) and hasattr(layers[-1], "fn"):
+        layers.append(layers[-1].fn)
+    return layers
+
+
+def _jit(kernel):
+    """The JITFunction under an Autotuner and its Heuristics, or the JITFunction itself."""
+    return _layers(kernel)[-1]
 
 
 def _heuristics(kernel) -> dict:
     """Name -> function of the arguments, for each meta-parameter that a ``triton.heuristics``
     between the kernel's Autotuner and its JITFunction derives at launch, outermost first."""
     from triton.runtime.autotuner import Heuristics
-    from triton.runtime.jit import JITFunction
 
-    values = {}
-    while not isinstance(kernel, JITFunction):
-        if isinstance(kernel, Heuristics):
-            values.update(kernel.values)
-        kernel = kernel.fn
-    return values
+    return {name: derive for layer in _layers(kernel) if isinstance(layer, Heuristics)
+            for name, derive in layer.values.items()}
 
 
 def with_heuristics(kernel, args: dict) -> dict:
