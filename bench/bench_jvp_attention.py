@@ -30,6 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from meanflow.ops import jvp_attention
 from meanflow.ops.dispatch import resolve_backend
 
+import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
+
 CUDA = torch.cuda.is_available()
 
 try:
@@ -125,11 +127,6 @@ def _inputs(cfg, n_ctx: int, requires_grad: bool, seed: int = 0):
     return (q, k, v), tangents, grad_out
 
 
-def _clear_grads(*tensors):
-    for t in tensors:
-        t.grad = None
-
-
 # --------------------------------------------------------------------------------------------
 # Benchmarks
 # --------------------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ def test_fwd_jvp_bwd(measure, bench_cfg, provider, n_ctx):
     primals, tangents, _ = _inputs(bench_cfg, n_ctx, requires_grad=True)
 
     def setup():
-        _clear_grads(*primals)
+        timing.clear_grads(*primals)
         return ()
 
     def target():
@@ -193,7 +190,7 @@ def test_bwd(measure, bench_cfg, provider, n_ctx):
     primals, _, grad_out = _inputs(bench_cfg, n_ctx, requires_grad=True)
 
     def setup():  # untimed: the forward that the timed backward consumes
-        _clear_grads(*primals)
+        timing.clear_grads(*primals)
         return (attention(*primals),)
 
     def target(out):
