@@ -11,8 +11,10 @@ Run folder (``run.out_dir``)::
                          ``meanflow_pipeline.json`` recording its time grid (``sample.shift``)
     eval.json, report.md, loss.png, eval grids    at the end (``run.eval_at_end``)
 
-A run folder that already holds checkpoints is never overwritten: pass ``resume=True`` to
-continue it, or choose another ``run.out_dir``. Ctrl-C lets the current step finish, saves a
+A run folder that already holds checkpoints, or any of the files above (a run that stopped
+before its first checkpoint), is never overwritten: pass ``resume=True`` to continue a run, or
+choose another ``run.out_dir``. A resume may change ``run.*``, ``sample.*`` and ``eval.*`` (the
+rest must match config.yaml); config.yaml is then rewritten to what runs. Ctrl-C lets the current step finish, saves a
 checkpoint there and returns 130 (a second Ctrl-C stops at once, saving nothing new); too many
 non-finite steps in a row save nothing new and return 1 (the last good checkpoint stays).
 
@@ -47,6 +49,11 @@ GRID_SEED = 4321
 LOG_COLUMNS = ("phase", "loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr", "skipped", "nonfinite_total")
 
 
+# What a run writes into its folder besides checkpoints/: a folder holding any of them is another
+# run's (or a failed one's) and is not overwritten without --resume.
+RUN_FILES = ("config.yaml", "metrics.csv", "samples", "student", "eval.json", "report.md", "loss.png", "tb")
+
+
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
     has_run = find_checkpoint(out_dir / CHECKPOINTS) is not None
     if resume and not has_run:
@@ -54,32 +61,41 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
     if not resume and has_run:
         raise ConfigError(f"run.out_dir: {str(out_dir)!r} already holds a run; pass --resume to continue it "
                           "or choose another run.out_dir")
+    if not resume:
+        # A run that stopped before its first checkpoint leaves config.yaml and metrics.csv; a new
+        # run would overwrite them (and anything else of that name the folder holds).
+        found = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if found:
+            raise ConfigError(f"run.out_dir: {str(out_dir)!r} already holds {', '.join(found)} but no checkpoint "
+                              "(a run that stopped before saving one?); remove them or choose another run.out_dir")
 
 
 # What a resumed run may change (how long, how often, what is reported); the rest must match.
 RESUMABLE_CHANGES = ("run", "sample", "eval")
 
 
-def _check_same_run(config: TrainConfig, out_dir: Path) -> None:
-    """On resume: the recorded config.yaml and ``config`` must agree outside RESUMABLE_CHANGES."""
+def _flat(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_same_run(config: TrainConfig, out_dir: Path) -> list[str]:
+    """On resume: the recorded config.yaml and ``config`` must agree outside RESUMABLE_CHANGES.
+    Returns the keys that differ inside them, as ``"key: old -> new"``."""
     path = out_dir / "config.yaml"
     if not path.is_file():
-        return
-    recorded = to_dict(load_config(None, path, []))
-    current = to_dict(config)
-
-    def flat(d, prefix=""):
-        for key, value in d.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    old, new = dict(flat(recorded)), dict(flat(current))
-    changed = [k for k in new if k.split(".")[0] not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+        return []
+    old = dict(_flat(to_dict(load_config(None, path, []))))
+    new = dict(_flat(to_dict(config)))
+    differing = [k for k in new if old.get(k) != new[k]]
+    changed = [k for k in differing if k.split(".")[0] not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(f"{changed[0]}: --resume with a different setting than the run recorded in {path} "
                           f"({old.get(changed[0])!r} there, {new[changed[0]]!r} now; all differing: {changed})")
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differing]
 
 
 class _StepInterrupt:
@@ -134,8 +150,7 @@ class Run:
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         _check_out_dir(self.out_dir, resume)
-        if resume:
-            _check_same_run(config, self.out_dir)
+        changed = _check_same_run(config, self.out_dir) if resume else []
         if ranks is None:
             ranks, device = init_ranks(resolve_device(config.run.device))
         self.ranks = ranks
@@ -146,7 +161,10 @@ class Run:
         self.distiller = Distiller(config, ranks=ranks, device=device)
         if resume:
             self.restore(load_checkpoint(self.out_dir / CHECKPOINTS))
-        elif ranks.main:
+            if changed:
+                self.log(f"resumed with changed settings: {'; '.join(changed)}")
+        if ranks.main and (not resume or changed or not (self.out_dir / "config.yaml").is_file()):
+            # config.yaml always holds what runs now (a resume may change run.*, sample.*, eval.*).
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(config, self.out_dir / "config.yaml")
         prompts = self.distiller.world.eval_prompts()

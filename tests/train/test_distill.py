@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
@@ -86,6 +87,9 @@ def test_resume_is_bit_exact(tmp_path):
             assert ra[key] == rb[key], (ra["step"], key)
     wa, wb = _student_weights(whole), _student_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The resume changed run.max_steps: config.yaml records what ran last, not the first leg's 2.
+    recorded = [yaml.safe_load((run / "config.yaml").read_text())["run"] for run in (whole, split)]
+    assert recorded[1]["max_steps"] == recorded[0]["max_steps"] != 2
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
@@ -100,6 +104,20 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
     assert _distill(run, "run.eval_at_end=false", "optim.lr=1e-3", resume=True) == 2  # not the same run
     assert "optim.lr: --resume with a different setting" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_refuses_a_folder_left_by_a_run_without_checkpoint(tmp_path, capsys):
+    """A run that failed before its first checkpoint leaves config.yaml and metrics.csv; a new
+    run there must not overwrite them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {max_steps: 7}\n")
+    (run / "metrics.csv").write_text("step,loss\n0,1.5\n")
+    before = {p: p.read_bytes() for p in run.rglob("*")}
+    assert _distill(run, "run.eval_at_end=false") == 2
+    err = capsys.readouterr().err
+    assert "run.out_dir" in err and "config.yaml, metrics.csv but no checkpoint" in err
+    assert {p: p.read_bytes() for p in run.rglob("*")} == before
 
 
 def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
