@@ -9,7 +9,10 @@ Cases (one pytest-benchmark group per case and shape, so the ratios sit side by 
 - ``fwd``: the primal forward only; 4·Nq·Nk·d.
 - ``bwd``: the primal backward only (the forward runs untimed in the set-up); 10·Nq·Nk·d.
 
-Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``ours_eager_rescale``
+Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``ours_pair``
+(fwd_jvp and fwd_jvp_bwd: the same kernels called in pair form, ``jvp_attention_pair``, as the
+trainer's pair-mode forward calls them; beside ``ours`` it shows what ``torch.func.jvp``'s own
+host work costs, which the per-call synchronisation puts in series with the kernel), ``ours_eager_rescale``
 (CUDA only: ours with ``RESCALE_THRESHOLD`` < 0, the forward's rescale on every key block, for
 fwd_jvp and fwd), ``math_sdpa``
 (``SDPBackend.MATH``, the only SDPA backend that works under forward AD), ``flash_sdpa``
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meanflow.ops import jvp_attention
+from meanflow.ops import jvp_attention, jvp_attention_pair
 from meanflow.ops.dispatch import resolve_backend
 
 import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
@@ -44,6 +47,7 @@ except Exception as exc:  # noqa: BLE001 - absent or broken: the rows are skippe
 
 PEER = "jvp_flash_attention"
 EAGER = "ours_eager_rescale"
+PAIR = "ours_pair"
 PEER_HEAD_DIMS = (16, 32, 64, 128, 256)
 PEER_MIN_BLOCK = 32  # its backward tiles N by 32
 
@@ -108,7 +112,7 @@ def _check_provider(provider: str, n_ctx: int, head_dim: int, needs_backward: bo
 
 
 def _backend_label(provider: str, cfg) -> str:
-    if provider in ("ours", EAGER):
+    if provider in ("ours", EAGER, PAIR):
         return provider.replace("ours", f"ours/{resolve_backend(torch.device(cfg.device))}", 1)
     return provider
 
@@ -131,14 +135,23 @@ def _inputs(cfg, n_ctx: int, requires_grad: bool, seed: int = 0):
 # Benchmarks
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("provider", ["ours", EAGER, PEER, "math_sdpa"])
+def _output_and_tangent(provider: str):
+    """``(q, k, v), (q̇, k̇, v̇) -> (out, out_dot)`` for a provider: torch.func.jvp of its attention,
+    or the pair form for ``ours_pair``."""
+    if provider == PAIR:
+        return lambda primals, tangents: jvp_attention_pair(*primals, *tangents)
+    attention = ATTENTION[provider]
+    return lambda primals, tangents: torch.func.jvp(attention, primals, tangents)
+
+
+@pytest.mark.parametrize("provider", ["ours", PAIR, EAGER, PEER, "math_sdpa"])
 def test_fwd_jvp(measure, bench_cfg, provider, n_ctx):
     _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=False)
-    attention = ATTENTION[provider]
+    output_and_tangent = _output_and_tangent(provider)
     primals, tangents, _ = _inputs(bench_cfg, n_ctx, requires_grad=False)
 
     def target():
-        return torch.func.jvp(attention, primals, tangents)
+        return output_and_tangent(primals, tangents)
 
     measure(case="fwd_jvp", provider=provider, n_ctx=n_ctx, target=target,
             flop_factor=FLOP_FACTOR["fwd_jvp"],
@@ -146,10 +159,10 @@ def test_fwd_jvp(measure, bench_cfg, provider, n_ctx):
             tolerate_errors=provider == PEER, backend=_backend_label(provider, bench_cfg))
 
 
-@pytest.mark.parametrize("provider", ["ours", PEER, "math_sdpa"])
+@pytest.mark.parametrize("provider", ["ours", PAIR, PEER, "math_sdpa"])
 def test_fwd_jvp_bwd(measure, bench_cfg, provider, n_ctx):
     _check_provider(provider, n_ctx, bench_cfg.head_dim, needs_backward=True)
-    attention = ATTENTION[provider]
+    output_and_tangent = _output_and_tangent(provider)
     primals, tangents, _ = _inputs(bench_cfg, n_ctx, requires_grad=True)
 
     def setup():
@@ -157,7 +170,7 @@ def test_fwd_jvp_bwd(measure, bench_cfg, provider, n_ctx):
         return ()
 
     def target():
-        out, tan = torch.func.jvp(attention, primals, tangents)
+        out, tan = output_and_tangent(primals, tangents)
         tan = tan.detach()  # the stop-gradient target: drops the tangent's graph, if any
         out.backward(tan)   # = d/d(q, k, v) of (out * tan.detach()).sum()
         return None
