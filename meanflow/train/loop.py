@@ -11,7 +11,8 @@ A training step, for a batch of clean latents x (B, N_img, C) with prompts c:
    discrete rows: u_tgt from the configured discrete target, u = student(z_t, r, t, c);
 5. loss = adaptive-weighted ‖u − sg(u_tgt)‖² (+ λ_align · L_align in phase C);
 6. AdamW with gradient clipping, EMA of the student; the fake velocity network takes its own
-   flow-matching steps on the student's samples.
+   flow-matching steps on the student's samples (all its weights, or low-rank adapters over a
+   frozen copy with ``model.fake_lora_rank``).
 
 Every random draw of the loop comes from one CPU ``torch.Generator`` that the checkpoint saves,
 so a resumed run repeats an uninterrupted one bit for bit on a CPU. A non-finite loss or
@@ -38,8 +39,9 @@ from meanflow.method import (GuidedTeacher, WarmupSchedule, differential_target,
 from meanflow.method.alignment import fake_flow_matching_loss, trajectory_alignment
 from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
+from meanflow.models.lora import add_lora_to_flux_blocks
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.train.config import ConfigError, TrainConfig
+from meanflow.train.config import ConfigError, ModelConfig, TrainConfig
 from meanflow.train.distributed import (Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux,
                                         silent)
 from meanflow.train.ema import EMA
@@ -115,8 +117,7 @@ class Distiller:
             shard_flux(self.student, mesh, ("forward_with_tangent",), policy)
         self.fake = self.fake_optimizer = None
         if config.method.schedule.alignment:
-            self.fake = FluxVelocity(float32_copy(teacher.transformer, home))
-            self.fake.requires_grad_(True).train()
+            self.fake = make_fake(teacher.transformer, home, config.model)
             self.fake.gradient_checkpointing = config.model.gradient_checkpointing
             if ranks.sharded:
                 shard_flux(self.fake, mesh, (), policy)
@@ -127,7 +128,8 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
         if self.fake is not None:
-            self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=tuple(o.betas))
+            self.fake_optimizer = torch.optim.AdamW([p for p in self.fake.parameters() if p.requires_grad],
+                                                    lr=o.fake_lr, betas=tuple(o.betas))
         self.schedule = WarmupSchedule(config.method.schedule)
         self.guided = GuidedTeacher(teacher.velocity, config.method.guidance)
         self._uncond_cache: dict = {}
@@ -324,6 +326,29 @@ def float32_copy(transformer, device: torch.device):
              for name, value in transformer.state_dict().items()}
     clone.load_state_dict(state, strict=True, assign=True)
     return clone
+
+
+def add_fake_lora(transformer, model: ModelConfig) -> None:
+    """Adds the fake network's adapters of ``model`` (``fake_lora_rank`` >= 1, ``fake_lora_alpha``)
+    to ``transformer``'s blocks (:func:`meanflow.models.lora.add_lora_to_flux_blocks`); a rank the
+    layers cannot take is a ConfigError naming ``model.fake_lora_rank``."""
+    rank, alpha = model.fake_lora_rank, model.fake_lora_alpha
+    try:
+        add_lora_to_flux_blocks(transformer, rank, rank if alpha is None else alpha)
+    except ValueError as err:
+        raise ConfigError("model.fake_lora_rank", str(err).removeprefix("rank: ")) from None
+
+
+def make_fake(transformer: torch.nn.Module, home: torch.device, model: ModelConfig) -> FluxVelocity:
+    """The fake velocity network v_φ, in train mode: a float32 copy of the teacher's
+    ``transformer`` on ``home``, trained in full (``model.fake_lora_rank`` 0) or frozen under
+    rank-r adapters on every Linear of its blocks (:mod:`meanflow.models.lora`)."""
+    fake = FluxVelocity(float32_copy(transformer, home))
+    if model.fake_lora_rank:
+        add_fake_lora(fake.transformer, model)
+    else:
+        fake.requires_grad_(True)
+    return fake.train()
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -29,10 +29,12 @@ parameter counts, sharded as above):
 - student AdamW: 2·4·P_s (exp_avg, exp_avg_sq; the 0-d ``step`` tensors are ignored);
 - teacher: P_t · (2 for bf16 runs, else 4), frozen, no optimizer;
 - fake network params, grads, AdamW (only with ``method.schedule.alignment``): 4·P_f, 4·P_f,
-  8·P_f (float32 master, like the student);
+  8·P_f (float32 master, like the student); with ``model.fake_lora_rank`` r, 4·(P_f + P_r),
+  4·P_r, 8·P_r, P_r the adapters' factors (r·(in + out) per Linear of the blocks);
 - text encoders + VAE: replicated, in the model dtype (flux; digits: its float32 text encoder);
 - weight working copies: G = 1 with bf16 autocast: autocast's cached bf16 cast of every trained
-  weight, 2·(P_s + P_f), alive for the whole forward/backward; G > 1: FSDP2's unsharded
+  weight, 2·(P_s + P_f) (P_r for P_f with adapters: frozen weights are cast anew at each use),
+  alive for the whole forward/backward; G > 1: FSDP2's unsharded
   parameters of the block being computed and the prefetched next one in the compute dtype
   (2·a·P_block, P_block the largest block's parameters), and the block's unsharded float32
   gradient before its reduce-scatter (4·P_block);
@@ -142,6 +144,18 @@ def _flux_transformer_on_meta(config: dict):
 
     with torch.device("meta"):
         return FluxTransformer2DModel(**config)
+
+
+def _lora_counts(transformer, model) -> ModelCounts | None:
+    """The fake network's adapter factors (``model.fake_lora_rank``), added to ``transformer``
+    (on meta) as the trainer adds them; None without adapters."""
+    if not model.fake_lora_rank:
+        return None
+    from meanflow.models.lora import lora_parameters
+    from meanflow.train.loop import add_fake_lora
+
+    add_fake_lora(transformer, model)
+    return ModelCounts([tuple(p.shape) for p in lora_parameters(transformer)])
 
 
 def _delta_embedder_on_meta(hidden: int):
@@ -364,6 +378,7 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
     teacher = count_model(transformer)
     delta = count_model(_delta_embedder_on_meta(hidden))
     student = ModelCounts(teacher.shapes + delta.shapes, teacher.block_params)
+    lora = _lora_counts(transformer, config.model) if config.method.schedule.alignment else None
     del transformer
 
     bf16 = config.run.dtype == "bfloat16"
@@ -387,8 +402,17 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
         PlanRow("teacher", a * t_el, f"{a} B × {teacher.params:,} ({'bf16' if bf16 else 'fp32'}, frozen){shard}",
                 g > 1),
     ]
-    fake_params = 0
-    if align:
+    fake_params = 0  # the fake's trained parameters
+    if align and lora is not None:
+        fake_params = lora.params
+        l_el = lora.sharded_elements(g)
+        rows += [
+            PlanRow("fake params", 4 * (t_el + l_el),
+                    f"4 B × ({teacher.params:,} frozen + {lora.params:,} LoRA) (fp32){shard}", g > 1),
+            PlanRow("fake grads", 4 * l_el, f"4 B × {lora.params:,} (LoRA, fp32){shard}", g > 1),
+            PlanRow("fake AdamW", 8 * l_el, f"2 × 4 B × {lora.params:,} (LoRA){shard}", g > 1),
+        ]
+    elif align:
         fake_params = teacher.params
         rows += [
             PlanRow("fake params", 4 * t_el, f"4 B × {teacher.params:,} (fp32){shard}", g > 1),

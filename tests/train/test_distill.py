@@ -75,11 +75,13 @@ def test_student_init_is_trained(tmp_path):
     assert all(not torch.equal(before[n], p) for n, p in student.transformer.named_parameters())
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("fake", ["full", "lora"])
+def test_resume_is_bit_exact(tmp_path, fake):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert _distill(whole, "run.eval_at_end=false") == 0
-    assert _distill(split, "run.eval_at_end=false", "run.max_steps=2") == 0
-    assert _distill(split, "run.eval_at_end=false", resume=True) == 0
+    common = ("run.eval_at_end=false", *(["model.fake_lora_rank=2"] if fake == "lora" else []))
+    assert _distill(whole, *common) == 0
+    assert _distill(split, *common, "run.max_steps=2") == 0
+    assert _distill(split, *common, resume=True) == 0
     a, b = _rows(whole), _rows(split)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):

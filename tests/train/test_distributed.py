@@ -125,11 +125,15 @@ def test_sharded_save_failing_on_one_rank_saves_nothing_and_raises_on_every_rank
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path):
+@pytest.mark.parametrize("fake", ["full", "lora"])
+def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path, fake):
+    """Also with the fake network's adapters: FSDP2 shards the frozen copy and the trained
+    factors of each block together, and the phase-C step trains the factors alone."""
     import json
 
     out = tmp_path / "bytes.json"
-    result = torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}")
+    lora = ["model.fake_lora_rank=2"] if fake == "lora" else []
+    result = torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}", *lora)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ranks"] == 2

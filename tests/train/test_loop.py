@@ -69,3 +69,31 @@ def test_embedded_guidance_needs_a_guidance_embedded_teacher(world, tmp_path):
     with pytest.raises(ConfigError, match="method.guidance.mode"):
         _distiller(world, tmp_path, "method.guidance.mode=embedded")
     assert not (tmp_path / "run").exists()
+
+
+def test_fake_lora_trains_the_adapters_alone(world, tmp_path):
+    """model.fake_lora_rank: the fake network is the teacher's copy, frozen, plus adapters; its
+    optimizer holds the factors alone, and phase C's updates move them and nothing else."""
+    from meanflow.models.lora import lora_parameters
+
+    d = _distiller(world, tmp_path, "model.fake_lora_rank=2", "model.fake_lora_alpha=4")
+    factors = lora_parameters(d.fake)
+    assert factors and [p for group in d.fake_optimizer.param_groups for p in group["params"]] == factors
+    assert {n for n, p in d.fake.named_parameters() if p.requires_grad} == {
+        n for n, p in d.fake.named_parameters() if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in d.fake.named_parameters()}
+    while d.step().phase != "C":
+        pass
+    moved = {n for n, p in d.fake.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and all("lora_" in n for n in moved)
+    teacher = dict(world.teacher.transformer.named_parameters())
+    frozen = {n.replace(".base.", "."): p for n, p in d.fake.transformer.named_parameters()
+              if "lora_" not in n}
+    assert frozen.keys() == teacher.keys() and all(torch.equal(frozen[n], teacher[n]) for n in teacher)
+
+
+def test_fake_lora_rank_the_layers_cannot_take_is_refused_by_key(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.fake_lora_rank: .*exceeds"):
+        _distiller(world, tmp_path, "model.fake_lora_rank=100000")
+    with pytest.raises(ConfigError, match=r"model\.fake_lora_rank"):
+        _distiller(world, tmp_path, "model.fake_lora_rank=-1")

@@ -42,10 +42,12 @@ def test_parameter_counts_equal_real_models():
     assert plan.bytes_of("text encoders + VAE") == 4 * _numel(text_encoder)
 
 
-def test_state_bytes_equal_a_real_distiller(tmp_path):
+@pytest.mark.parametrize("fake", ["full", "lora"])
+def test_state_bytes_equal_a_real_distiller(tmp_path, fake):
     from meanflow.train.loop import Distiller
 
-    config = load_config("tiny", None, [f"run.out_dir={tmp_path}"])
+    lora = ["model.fake_lora_rank=2"] if fake == "lora" else []
+    config = load_config("tiny", None, [f"run.out_dir={tmp_path}", *lora])
     distiller = Distiller(config)
     phases = set()
     while "C" not in phases:  # phase C runs the fake network's optimizer too (step 3 of tiny)
