@@ -168,6 +168,9 @@ def renoise_times(batch: int, config: AlignmentConfig, grid=None, stage: int | N
         if grid is None or stage is None:
             raise ValueError("stage: the stage window needs the grid and the stage")
         grid = _check_grid(grid)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < grid.numel() - 1:
+            # A negative index would pick a reversed window silently.
+            raise ValueError(f"stage: expected an int in [0, {grid.numel() - 1}), got {stage!r}")
         hi, lo = float(grid[stage]), float(grid[stage + 1])
     else:
         hi, lo = float(config.t_max), float(config.t_min)

@@ -60,7 +60,12 @@ class GuidanceConfig:
 
     def __post_init__(self):
         choice(self.mode, "mode", MODES)
-        self.scales = tuple(float(s) for s in self.scales)
+        try:  # a bare number or a string is not a set of scales
+            if isinstance(self.scales, str):
+                raise TypeError
+            self.scales = tuple(float(s) for s in self.scales)
+        except (TypeError, ValueError):
+            raise ValueError(f"scales: expected a sequence of numbers, got {self.scales!r}") from None
         if not self.scales:
             raise ValueError("scales: expected at least one guidance scale")
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:

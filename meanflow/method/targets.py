@@ -14,8 +14,10 @@ Callables (bind the prompt conditioning and guidance with a lambda or functools.
     pair(z, r, t, z_dot, r_dot, t_dot) -> (u, u_dot)   a ``forward_with_tangent``-style call.
 
 Every target is returned detached (``requires_grad=False``): it sits under sg[·]. Rows with
-t = r never divide by zero: the discrete targets fall back to v there (the limit t − r → 0 of
-every one of them), and the differential target's JVP term is multiplied by t − r = 0.
+t = r never divide by zero: the discrete targets fall back to v there (plain velocity
+distillation, DESIGN §2; the limit t − r → 0 of ``teacher_solver``, while ``alphaflow`` and
+``split`` would tend to the student's own velocity), and the differential target's JVP term is
+multiplied by t − r = 0.
 """
 from __future__ import annotations
 
@@ -123,6 +125,36 @@ def _safe_ratio(num: Tensor, h: Tensor, fallback: Tensor) -> Tensor:
     return torch.where(zero, fallback, num / torch.where(zero, torch.ones_like(hb), hb))
 
 
+def _teacher_steps(velocity: Callable, z: Tensor, r: Tensor, t: Tensor, steps: int, solver: str,
+                   v: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(Φ_T(z; t → r), the mean of the K step slopes), both (B, ...) in z's dtype.
+
+    The mean slope equals (z − Φ_T)/(t − r) exactly in real arithmetic, but is accumulated from
+    the velocities themselves: the quotient cancels the digits of z that a short interval does
+    not move (float32: ~1e-2 error at t − r ≈ 1e-5; bfloat16: O(1) at t − r ≈ 1e-2).
+    """
+    positive_int(steps, "steps")
+    choice(solver, "solver", ("euler", "heun"))
+    check_rt(r, t)
+    dtype = z.dtype
+    dt = (t - r) / steps
+    dtb = per_sample(dt, z)
+    tau = t.clone()
+    total = torch.zeros_like(z)
+    for k in range(steps):
+        f0 = v if (k == 0 and v is not None) else velocity(z, tau)
+        nxt = t - (k + 1) * dt if k < steps - 1 else r
+        if solver == "euler":
+            slope = f0
+        else:
+            f1 = velocity(z - dtb * f0, nxt)
+            slope = 0.5 * (f0 + f1)
+        z = z - dtb * slope
+        total = total + slope
+        tau = nxt
+    return z, (total / steps).to(dtype)
+
+
 @torch.no_grad()
 def teacher_flow(velocity: Callable, z: Tensor, r: Tensor, t: Tensor, steps: int,
                  solver: str = "euler", v: Tensor | None = None) -> Tensor:
@@ -138,23 +170,7 @@ def teacher_flow(velocity: Callable, z: Tensor, r: Tensor, t: Tensor, steps: int
     Returns:
         (B, ...) in z's dtype; equal to z on rows with r = t.
     """
-    positive_int(steps, "steps")
-    choice(solver, "solver", ("euler", "heun"))
-    check_rt(r, t)
-    dt = (t - r) / steps
-    dtb = per_sample(dt, z)
-    tau = t.clone()
-    for k in range(steps):
-        f0 = v if (k == 0 and v is not None) else velocity(z, tau)
-        nxt = t - (k + 1) * dt if k < steps - 1 else r
-        if solver == "euler":
-            z = z - dtb * f0
-        else:
-            z_pred = z - dtb * f0
-            f1 = velocity(z_pred, nxt)
-            z = z - 0.5 * dtb * (f0 + f1)
-        tau = nxt
-    return z
+    return _teacher_steps(velocity, z, r, t, steps, solver, v)[0]
 
 
 @torch.no_grad()
@@ -162,12 +178,14 @@ def teacher_solver_target(velocity: Callable, z: Tensor, r: Tensor, t: Tensor, s
                           solver: str = "heun", v: Tensor | None = None) -> Tensor:
     """u_tgt = (z_t − Φ_T(z_t; t → r))/(t − r), v on rows with r = t: (B, ...) detached.
 
-    Args as :func:`teacher_flow`; ``v`` (= velocity(z, t)) is computed when not given.
+    Computed as the mean of the solver's step slopes (the same value without the cancellation
+    of z_t − Φ_T on short intervals). Args as :func:`teacher_flow`; ``v`` (= velocity(z, t)) is
+    computed when not given.
     """
     if v is None:
         v = velocity(z, t)
-    phi = teacher_flow(velocity, z, r, t, steps, solver, v=v)
-    return _safe_ratio(z - phi, t - r, v).detach()
+    _, mean_slope = _teacher_steps(velocity, z, r, t, steps, solver, v)
+    return torch.where(per_sample(t - r, z) == 0, v.to(z.dtype), mean_slope).detach()
 
 
 @torch.no_grad()
@@ -252,5 +270,7 @@ def discrete_target(config: DiscreteTargetConfig, *, z: Tensor, r: Tensor, t: Te
     lam = config.split_lambda
     if lam is None:
         lam = draws.rand(t.shape, generator, dtype=torch.float64, device=t.device)
-        lam = lam.clamp(1e-6, 1 - 1e-6).to(t.dtype)
+        # Clamp again in t's dtype: 1 − 1e-6 rounds to 1.0 in bfloat16 / float16 (1 − eps/2 is
+        # the largest value below 1 there; a no-op for float32 / float64).
+        lam = lam.clamp(1e-6, 1 - 1e-6).to(t.dtype).clamp(max=1 - torch.finfo(t.dtype).eps / 2)
     return split_target(student, z, r, t, v, lam)

@@ -1,8 +1,9 @@
 """Time sampling for MeanFlow (DESIGN §2, "Time sampling").
 
 (r, t) are two independent logit-normal draws, sigmoid(N(mean, std²)), sorted so r ≤ t; a
-fraction of the batch (default 25 %, MeanFlow's best ablation) is then set to r = t, i.e. plain
-(instantaneous) velocity distillation on those rows.
+fraction of the batch (default 25 %, T2I-Distill's FLUX port; MeanFlow's ImageNet default is the
+reverse, 75 % r = t) is then set to r = t, i.e. plain (instantaneous) velocity distillation on
+those rows.
 """
 from __future__ import annotations
 

@@ -228,3 +228,10 @@ def test_triton_backend_matches_reference(monkeypatch, poison_empty):
         results[backend] = (out.loss.detach(), out.per_sample, student.a.grad, student.b.grad)
     for ref, tri in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [-1, 2])
+def test_renoise_times_rejects_a_stage_outside_the_grid(stage):
+    # -1 used to index from the end (a reversed window: t′ in [0, 1)), 2 an IndexError.
+    with pytest.raises(ValueError, match="stage"):
+        renoise_times(4, AlignmentConfig(steps=2), time_grid(SamplerConfig(steps=2)), stage)

@@ -78,6 +78,9 @@ def test_scales_and_errors():
         GuidanceConfig(mode="flux")
     with pytest.raises(ValueError, match="scales"):
         GuidanceConfig(scales=())
+    for bad in (4.0, "4.0", ("a",)):  # a bare number used to be a TypeError
+        with pytest.raises(ValueError, match="scales"):
+            GuidanceConfig(scales=bad)
     with pytest.raises(ValueError, match="t_min"):
         GuidanceConfig(t_min=0.8, t_max=0.2)
     with pytest.raises(ValueError, match="cond"):

@@ -93,6 +93,24 @@ def test_alphaflow_converges_to_differential_target():
     assert all(abs(s - 2) < 0.2 for s in slopes), (errs, slopes)
 
 
+def test_alphaflow_direction_converges_for_a_perturbed_student():
+    # With the exact u every target is u, so the test above cannot tell the differential target
+    # from any other consistent one. With a student wrong over long intervals (exact at r = t),
+    # (target − u)/α → (differential target − u) with an O(α) error, as for split.
+    orc, z, r, t = _setup(equal_rows=False)
+
+    def student(z, r, t):
+        return orc.average_velocity(z, r, t) + 0.3 * (t - r)[:, None, None] * z
+
+    v = orc.velocity(z, t)
+    u, du = tangent_along_v(student, z, r, t, v)
+    direction = differential_target(v, r, t, du) - u
+    alphas = (0.1, 0.05, 0.025, 0.0125)
+    errs = [_err((alphaflow_target(student, z, r, t, v, a) - u) / a, direction) for a in alphas]
+    slopes = _order(errs)
+    assert all(abs(s - 1) < 0.2 for s in slopes), (errs, slopes)
+
+
 def test_alphaflow_alpha_one_is_flow_matching_and_equal_rows_are_v():
     orc, z, r, t = _setup()
     v = orc.velocity(z, t)
@@ -157,3 +175,30 @@ def test_r_greater_than_t_rejected():
     orc, z, r, t = _setup()
     with pytest.raises(ValueError, match="r"):
         differential_target(orc.velocity(z, t), t, r, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("dtype,h,tol", [(torch.float32, 2.0 ** -16, 1e-5), (torch.bfloat16, 2.0 ** -7, 0.05)])
+def test_teacher_solver_short_interval_in_low_precision(dtype, h, tol):
+    # (z − Φ)/(t − r) loses every digit of z that the short step does not move: the target must be
+    # as accurate as the velocities it averages (times are dyadic, so exact in float32).
+    orc, z, _, _ = _setup(equal_rows=False)
+    t = torch.full((z.shape[0],), 0.75, dtype=D)
+    r = t - h
+    exact = orc.average_velocity(z, r, t)
+    out = teacher_solver_target(lambda z_, t_: orc.velocity(z_.double(), t_.double()).to(dtype), z.to(dtype),
+                                r.float(), t.float(), 4, "heun")
+    assert out.dtype == dtype
+    assert _err(out.double(), exact) < tol * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_draws_lambda_for_low_precision_times(dtype):
+    # λ drawn just below 1 used to round to 1.0 in the times' dtype and fail split_target's check.
+    orc = GaussianOracle(0.5, 0.7)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4096, 2, generator=g).to(dtype)
+    t = torch.full((4096,), 0.75, dtype=dtype)
+    r = torch.full((4096,), 0.25, dtype=dtype)
+    out = discrete_target(DiscreteTargetConfig(kind="split"), z=z, r=r, t=t, v=orc.velocity(z, t),
+                          student=orc, generator=g)
+    assert out.shape == z.shape and torch.isfinite(out).all()
