@@ -19,7 +19,8 @@ The total student loss is L_MeanFlow + ``weight``·L_align. Callables follow
 :mod:`meanflow.method.sampler`: student u(z, r, t[, cond]), teacher / fake v(x, t[, cond]) with
 r, t (B,) tensors in float32 (float64 for float64 latents); ``cond`` is passed through when it is
 not None. Wrap a :class:`~meanflow.method.guidance.GuidedTeacher` (with its uncond / scale) in a
-closure. LoRA for the fake network is not implemented: it is a full copy.
+closure. :func:`make_fake_velocity` makes a full trainable copy; the trainer can instead train
+low-rank adapters over a frozen copy (``model.fake_lora_rank``, :mod:`meanflow.models.lora`).
 """
 from __future__ import annotations
 
@@ -272,8 +273,8 @@ def fake_flow_matching_loss(
 
 def make_fake_velocity(teacher: torch.nn.Module) -> torch.nn.Module:
     """v_φ's initial state: a deep copy of the teacher module with every parameter trainable
-    and in train mode (the teacher itself is left untouched). A full copy: LoRA is not
-    implemented."""
+    and in train mode (the teacher itself is left untouched). A full copy; for adapters over a
+    frozen copy see :func:`meanflow.models.lora.add_lora_to_flux_blocks`."""
     if not isinstance(teacher, torch.nn.Module):
         raise ValueError(f"teacher: expected a torch.nn.Module, got {type(teacher).__name__}")
     fake = copy.deepcopy(teacher)
