@@ -252,17 +252,21 @@ def split_target(student: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
 
 def discrete_target(config: DiscreteTargetConfig, *, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     velocity: Callable | None = None, student: Callable | None = None,
-                    generator: draws.Generator = None) -> Tensor:
+                    generator: draws.Generator = None, teacher_v: Tensor | None = None) -> Tensor:
     """The configured discrete target, (B, ...) detached.
 
     ``teacher_solver`` needs ``velocity``; ``alphaflow`` and ``split`` need ``student``. ``v``
-    is velocity(z, t) (the guided teacher velocity). ``generator`` draws split's λ when
-    ``config.split_lambda`` is None.
+    is the target velocity at (z, t): the guided teacher velocity, or its ω/κ mix with the
+    student's own predictions (DESIGN §2), which ``alphaflow`` and ``split`` use.
+    ``teacher_solver`` solves the teacher's ODE alone ("no student term"): it reads
+    ``teacher_v`` = velocity(z, t), default ``v`` (the same tensor when nothing is mixed).
+    ``generator`` draws split's λ when ``config.split_lambda`` is None.
     """
     if config.kind == "teacher_solver":
         if velocity is None:
             raise ValueError("velocity: the teacher_solver target needs the teacher velocity callable")
-        return teacher_solver_target(velocity, z, r, t, config.solver_steps, config.solver, v=v)
+        return teacher_solver_target(velocity, z, r, t, config.solver_steps, config.solver,
+                                     v=v if teacher_v is None else teacher_v)
     if student is None:
         raise ValueError(f"student: the {config.kind} target needs the student callable")
     if config.kind == "alphaflow":

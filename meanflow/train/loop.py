@@ -202,9 +202,9 @@ class Distiller:
             with torch.no_grad():
                 return self.student(z_, r_, t_, c_)
 
-        v = teacher_v(z, t)
+        v = v_teacher = teacher_v(z, t)
         if self.guided.config.mixing:  # the student's own r = t predictions, given c and given ∅
-            v = self.guided.mixed(v, student_no_grad, z, t, cond, uncond)
+            v = self.guided.mixed(v_teacher, student_no_grad, z, t, cond, uncond)
 
         with self.autocast():
             target = u = None
@@ -214,7 +214,7 @@ class Distiller:
             if objective.needs_discrete:
                 discrete = discrete_target(replace(m.target, kind=objective.discrete_kind), z=z, r=r, t=t, v=v,
                                            velocity=lambda z_, t_: teacher_v(z_, t_), student=student_no_grad,
-                                           generator=rows)
+                                           generator=rows, teacher_v=v_teacher)
                 if target is None:
                     target = discrete
                     u = self.student(z, r, t, cond)

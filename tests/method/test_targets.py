@@ -162,6 +162,20 @@ def test_discrete_target_dispatch_and_errors():
         discrete_target(DiscreteTargetConfig(kind="split"), z=z, r=r, t=t, v=v, velocity=orc.velocity)
 
 
+def test_teacher_solver_reads_the_teachers_velocity_not_the_mixed_one():
+    """With ω/κ mixing the target velocity v is partly the student's; the teacher solver solves
+    the teacher's ODE alone, on every step and on r = t rows (it read v for its first step)."""
+    orc, z, r, t = _setup()
+    v_teacher = orc.velocity(z, t)
+    v_mixed = v_teacher + 0.5
+    cfg = DiscreteTargetConfig(kind="teacher_solver", solver_steps=3, solver="heun")
+    out = discrete_target(cfg, z=z, r=r, t=t, v=v_mixed, velocity=orc.velocity, teacher_v=v_teacher)
+    torch.testing.assert_close(out, teacher_solver_target(orc.velocity, z, r, t, 3, "heun"), rtol=0, atol=0)
+    alpha = DiscreteTargetConfig(kind="alphaflow", alpha=0.5)  # the mixed v is alphaflow's target velocity
+    torch.testing.assert_close(discrete_target(alpha, z=z, r=r, t=t, v=v_mixed, student=orc, teacher_v=v_teacher),
+                               alphaflow_target(orc, z, r, t, v_mixed, 0.5), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     ({"kind": "euler"}, "kind"), ({"solver_steps": 0}, "solver_steps"), ({"solver": "rk4"}, "solver"),
     ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"split_lambda": 1.0}, "split_lambda"),

@@ -97,3 +97,27 @@ def test_fake_lora_rank_the_layers_cannot_take_is_refused_by_key(world, tmp_path
         _distiller(world, tmp_path, "model.fake_lora_rank=100000")
     with pytest.raises(ConfigError, match=r"model\.fake_lora_rank"):
         _distiller(world, tmp_path, "model.fake_lora_rank=-1")
+
+
+def test_discrete_step_hands_the_teacher_solver_the_unmixed_teacher_velocity(world, tmp_path, monkeypatch):
+    """With ω/κ mixing, the discrete target gets ṽ as its target velocity and the teacher's own
+    velocity for the teacher solver (which used to start from ṽ, a student term)."""
+    from meanflow.train import loop as loop_module
+
+    d = _distiller(world, tmp_path, "method.guidance.omega=0.5", "method.guidance.kappa=0.2")
+    seen, captured = {}, {}
+    real_mix, real_target = guidance_module.mix_with_student, loop_module.discrete_target
+
+    def spy_mix(v, u_cond, u_uncond, t, config):
+        seen["v"] = v
+        return real_mix(v, u_cond, u_uncond, t, config)
+
+    def spy_target(config, **kwargs):
+        captured.update(kwargs)
+        return real_target(config, **kwargs)
+
+    monkeypatch.setattr(guidance_module, "mix_with_student", spy_mix)
+    monkeypatch.setattr(loop_module, "discrete_target", spy_target)
+    assert d.step().phase == "A" and d.schedule.config.discrete_kind == "teacher_solver"
+    assert captured["teacher_v"] is seen["v"]
+    assert not torch.allclose(captured["v"], captured["teacher_v"])  # ṽ is mixed
