@@ -11,10 +11,14 @@
 - Phase C, from b_start + phase_b_steps on: differential only, plus alignment (if enabled).
 
 b_start is ``phase_a_steps`` when ``switch="steps"`` (default). With ``switch="loss"`` phase A
-ends earlier, at the first step at which the running mean of the last ``loss_window`` observed
-losses has stayed below ``loss_threshold`` for ``loss_patience`` consecutive observations;
-``phase_a_steps`` is then an upper bound. Losses are observed with :meth:`WarmupSchedule.observe`
-(only phase A's count). ``state_dict``/``load_state_dict`` make it resumable.
+ends earlier, once the discrete loss has dropped by a given factor: the running mean of the last
+``loss_window`` observed losses has stayed below ``loss_threshold`` × the reference (the mean of
+the first ``loss_window`` observations) for ``loss_patience`` consecutive observations;
+``phase_a_steps`` is then an upper bound. The criterion is relative because the loss's scale
+depends on the latents (the trainer observes the unweighted mean squared error per element: the
+adaptive-weighted loss sits near 1 whatever the error). Losses are observed with
+:meth:`WarmupSchedule.observe` (only phase A's count). ``state_dict``/``load_state_dict`` make it
+resumable.
 """
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ class ScheduleConfig:
             1000). ≥ 0 (0 skips B).
         mixing: ``"per_step"`` (default) or ``"per_sample"``.
         switch: ``"steps"`` (default) or ``"loss"``.
-        loss_threshold: the running-mean loss below which phase A may end (default 1.0; the
-            adaptive-weighted loss L/(L + c) is < 1).
+        loss_threshold: phase A may end once the running-mean loss is below this fraction of
+            the first window's mean (default 0.5: halved); > 0.
         loss_window: how many recent losses the running mean covers (default 50).
         loss_patience: consecutive observations below the threshold needed (default 100).
         alignment: whether phase C turns the alignment loss on (default True).
@@ -54,7 +58,7 @@ class ScheduleConfig:
     phase_b_steps: int = 1000
     mixing: str = "per_step"
     switch: str = "steps"
-    loss_threshold: float = 1.0
+    loss_threshold: float = 0.5
     loss_window: int = 50
     loss_patience: int = 100
     alignment: bool = True
@@ -69,6 +73,9 @@ class ScheduleConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(self.loss_threshold, bool) or not isinstance(self.loss_threshold, (int, float)) \
+                or not 0 < self.loss_threshold < float("inf"):
+            raise ValueError(f"loss_threshold: expected a finite number > 0, got {self.loss_threshold!r}")
         choice(self.mixing, "mixing", ("per_step", "per_sample"))
         choice(self.switch, "switch", ("steps", "loss"))
         choice(self.discrete_kind, "discrete_kind", ("teacher_solver", "alphaflow", "split"))
@@ -118,6 +125,7 @@ class WarmupSchedule:
         self._b_start: int | None = None if self.config.switch == "loss" else self.config.phase_a_steps
         self._losses: deque = deque(maxlen=self.config.loss_window)
         self._below = 0
+        self._reference: float | None = None  # the first full window's mean
 
     @property
     def b_start(self) -> int:
@@ -160,14 +168,20 @@ class WarmupSchedule:
             return
         loss = float(loss)
         self._losses.append(loss)
+        if len(self._losses) < self.config.loss_window:
+            return
         mean = sum(self._losses) / len(self._losses)
-        self._below = self._below + 1 if mean < self.config.loss_threshold else 0
+        if self._reference is None:
+            self._reference = mean
+            return
+        self._below = self._below + 1 if mean < self.config.loss_threshold * self._reference else 0
         if self._below >= self.config.loss_patience:
             self._b_start = min(step + 1, self.config.phase_a_steps)
 
     def state_dict(self) -> dict:
         """Plain-Python state (picklable, JSON-able) for checkpoints."""
-        return {"b_start": self._b_start, "losses": list(self._losses), "below": self._below}
+        return {"b_start": self._b_start, "losses": list(self._losses), "below": self._below,
+                "reference": self._reference}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -180,3 +194,5 @@ class WarmupSchedule:
         self._b_start = b_start
         self._losses = deque((float(x) for x in losses), maxlen=self.config.loss_window)
         self._below = int(below)
+        reference = state.get("reference")  # (absent from checkpoints of the absolute criterion)
+        self._reference = None if reference is None else float(reference)

@@ -266,8 +266,8 @@ class Distiller:
         meanflow_value, loss_value, mse, align, fake_loss = self.ranks.mean(
             float(meanflow.detach()), float(total.detach()), float(per_sample.mean()) / u[0].numel(),
             float("nan") if alignment is None else float(alignment.loss.detach()), fake_loss)
-        if finite:
-            self.schedule.observe(step, meanflow_value)
+        if finite:  # the plain error: its drop says how far the discrete phase got (schedule.switch=loss)
+            self.schedule.observe(step, mse)
         self.step_index += 1
         return StepResult(step=step, phase=objective.phase, loss=loss_value, meanflow=meanflow_value, mse=mse,
                           align=align, fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)

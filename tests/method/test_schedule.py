@@ -33,28 +33,39 @@ def test_per_sample_mixing_and_mask():
 
 
 def test_loss_criterion_and_resume():
+    """Phase A ends once the running mean (window 4) stayed below half the first window's mean
+    for 3 observations in a row: a relative drop, whatever the loss's scale."""
     cfg = ScheduleConfig(phase_a_steps=1000, phase_b_steps=10, switch="loss", loss_threshold=0.5,
                          loss_window=4, loss_patience=3)
-    s = WarmupSchedule(cfg)
-    losses = [2.0, 1.0, 0.9, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]
-    for n, loss in enumerate(losses[:5]):
-        assert s.objective(n).phase == "A"
-        s.observe(n, torch.tensor(loss))
-    saved = pickle.loads(pickle.dumps(s.state_dict()))
-    resumed = WarmupSchedule(cfg)
-    resumed.load_state_dict(saved)
-    for sched in (s, resumed):
-        for n, loss in enumerate(losses[5:], start=5):
-            sched.observe(n, loss)
-    # Running means of the last 4: ..., n=5: 0.325, n=6: 0.125 (first below 0.5 is n=5).
-    means = [sum(losses[max(0, n - 3):n + 1]) / len(losses[max(0, n - 3):n + 1]) for n in range(len(losses))]
-    first_below = next(n for n, m in enumerate(means) if m < 0.5)
-    expected = first_below + 3  # 3 consecutive observations, then B starts at the next step
-    assert s.b_start == resumed.b_start == expected
-    assert s.objective(expected - 1).phase == "A" and s.objective(expected).phase == "B"
-    assert s.objective(expected + 10).phase == "C"
-    s.observe(100, 50.0)  # no effect once switched
-    assert s.b_start == expected
+    for scale in (1.0, 1e-3):  # the same switch at any scale of the loss
+        s = WarmupSchedule(cfg)
+        losses = [scale * x for x in (2.0, 1.0, 0.9, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1)]
+        for n, loss in enumerate(losses[:5]):
+            assert s.objective(n).phase == "A"
+            s.observe(n, torch.tensor(loss))
+        saved = pickle.loads(pickle.dumps(s.state_dict()))
+        resumed = WarmupSchedule(cfg)
+        resumed.load_state_dict(saved)
+        for sched in (s, resumed):
+            for n, loss in enumerate(losses[5:], start=5):
+                sched.observe(n, loss)
+        # Reference (n = 3): 1.025. Running means: n=4 0.55 (not < 0.5125), n=5 0.325, n=6 0.125,
+        # n=7 0.1: the third in a row below is n = 7, so B starts at 8.
+        assert s.b_start == resumed.b_start == 8
+        assert s.objective(7).phase == "A" and s.objective(8).phase == "B"
+        assert s.objective(18).phase == "C"
+        s.observe(100, 50.0)  # no effect once switched
+        assert s.b_start == 8
+
+
+def test_loss_criterion_needs_a_drop_not_a_small_loss():
+    """A loss that is small from the start but does not fall never ends phase A early (the
+    absolute criterion ended it after loss_patience steps for the adaptive-weighted loss < 1)."""
+    s = WarmupSchedule(ScheduleConfig(phase_a_steps=50, phase_b_steps=2, switch="loss", loss_window=3,
+                                      loss_patience=2))
+    for n in range(50):
+        s.observe(n, 0.01)
+    assert s.b_start == 50
 
 
 def test_loss_switch_caps_at_phase_a_steps():
@@ -75,6 +86,7 @@ def test_steps_resume_is_stateless():
     ({"phase_a_steps": -1}, "phase_a_steps"), ({"phase_b_steps": 1.5}, "phase_b_steps"),
     ({"mixing": "random"}, "mixing"), ({"switch": "plateau"}, "switch"), ({"loss_window": 0}, "loss_window"),
     ({"loss_patience": 0}, "loss_patience"), ({"discrete_kind": "euler"}, "discrete_kind"),
+    ({"loss_threshold": 0.0}, "loss_threshold"), ({"loss_threshold": float("nan")}, "loss_threshold"),
 ])
 def test_config_errors(kwargs, name):
     with pytest.raises(ValueError, match=name):

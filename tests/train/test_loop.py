@@ -121,3 +121,13 @@ def test_discrete_step_hands_the_teacher_solver_the_unmixed_teacher_velocity(wor
     assert d.step().phase == "A" and d.schedule.config.discrete_kind == "teacher_solver"
     assert captured["teacher_v"] is seen["v"]
     assert not torch.allclose(captured["v"], captured["teacher_v"])  # ṽ is mixed
+
+
+def test_the_loss_switch_observes_the_plain_error(world, tmp_path, monkeypatch):
+    """schedule.switch=loss watches the unweighted mean squared error (the adaptive-weighted
+    loss stays near 1 whatever the error, so its drop says nothing)."""
+    d = _distiller(world, tmp_path, "method.schedule.switch=loss", "method.schedule.phase_a_steps=10")
+    observed = []
+    monkeypatch.setattr(d.schedule, "observe", lambda step, loss: observed.append((step, loss)))
+    result = d.step()
+    assert observed == [(0, result.mse)] and result.mse != result.meanflow
