@@ -14,7 +14,7 @@ import torch
 
 from meanflow.ops._checks import FLOAT_DTYPES, check_tangent, check_tensor, check_triton_dtype, zeros_if_none
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -27,7 +27,8 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     kind, backend = options
     if not needs_input_grad[0]:
         return (None,)
-    return (implementation("jvp_activation", backend).jvp_activation_backward(grad_y, inputs[0], kind),)
+    impl = implementation("jvp_activation", backward_backend(backend, grad_y, inputs[0]))
+    return (impl.jvp_activation_backward(grad_y, inputs[0], kind),)
 
 
 def _raw(options):

@@ -25,8 +25,8 @@ import torch
 
 from meanflow.ops._checks import check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation
-from meanflow.ops.jvp_rms_norm import backward_backend, check_backend, check_eps, unit_last_stride
-from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.ops.jvp_rms_norm import check_backend, check_eps, unit_last_stride
+from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):

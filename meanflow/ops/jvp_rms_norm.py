@@ -24,7 +24,7 @@ import torch
 
 from meanflow.ops._checks import TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, functorch_wrapped
+from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
 TRITON_MAX_DIM = 8192
 
@@ -35,13 +35,6 @@ def _forward(inputs, tangents, options):
     eps, backend = options
     y, y_dot = implementation("jvp_rms_norm", backend).jvp_rms_norm_forward(x, weight, eps, x_dot, weight_dot)
     return y, y_dot, ()
-
-
-def backward_backend(backend: str, *tensors: torch.Tensor | None) -> str:
-    """The backend of a backward given its tensors (the output gradient and the saved inputs):
-    the plain-torch reference inside ``torch.func.grad`` / ``vjp`` over the op, whose wrapped
-    tensors Triton cannot read (under ``vjp`` the cotangent may be plain and the inputs wrapped)."""
-    return "reference" if backend == "triton" and functorch_wrapped(*tensors) else backend
 
 
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):

@@ -16,7 +16,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, check_same_device, check_tangent, check_tensor,
                                   check_triton_dtype, has_forward_tangent, zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -29,7 +29,10 @@ def _forward(inputs, tangents, options):
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     x, cos, sin = inputs
     (backend,) = options
-    dx = implementation("jvp_rope", backend).jvp_rope_backward(grad_y, cos, sin) if needs_input_grad[0] else None
+    if not needs_input_grad[0]:
+        return None, None, None
+    impl = implementation("jvp_rope", backward_backend(backend, grad_y, *inputs))
+    dx = impl.jvp_rope_backward(grad_y, cos, sin)
     return dx, None, None
 
 

@@ -142,6 +142,21 @@ class EagerPairFunction(torch.autograd.Function):
     jvp = staticmethod(PairFunction.jvp)
 
 
+def backward_backend(backend: str, *tensors: Tensor | None) -> str:
+    """The backend of an op's backward given its tensors (the output gradient and the saved inputs).
+
+    The plain-torch reference, whose backward is itself differentiable, wherever the Triton
+    kernels' would be wrong: under ``create_graph=True`` (grad mode is on inside a backward only
+    then), where the kernels' gradients would carry no graph and a double backward (a gradient
+    penalty, say) would silently miss their part; and inside ``torch.func.grad`` / ``vjp``, whose
+    wrapped tensors Triton cannot read (under ``vjp`` the cotangent may be plain and the inputs
+    wrapped). An ordinary ``.backward()`` runs with grad mode off and keeps the kernels.
+    """
+    if backend == "triton" and (torch.is_grad_enabled() or functorch_wrapped(*tensors)):
+        return "reference"
+    return backend
+
+
 def nested_jvp_depth() -> int:
     """How many torch.func.jvp transforms are active around this call."""
     if retrieve_all_functorch_interpreters is None:

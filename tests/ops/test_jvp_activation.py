@@ -126,6 +126,21 @@ def test_pair_form_on_dual_input_keeps_its_forward_ad_tangent(backend, kind):
             torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_double_backward(backend, kind):
+    """A gradient penalty: backward with create_graph=True must give a gradient that carries its
+    graph (the Triton kernels' gradients carry none, so that backward runs in plain torch)."""
+    x = torch.randn(2, 3, 5, device=DEVICE)
+    c = torch.randn_like(x)
+    penalties = []
+    for fn in (KINDS[kind][1], KINDS[kind][0]):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf) * c).sum(), leaf, create_graph=True)
+        assert g.requires_grad
+        penalties.append(torch.autograd.grad(g.square().sum(), leaf)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-4, atol=1e-5)
+
+
 def test_invalid_arguments_raise(monkeypatch):
     with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         jvp_silu([1.0, 2.0])

@@ -538,6 +538,17 @@ def test_nested_jvp_raises(backend):
         torch.func.jvp(inner_tangent, (q,), (q_dot,))
 
 
+def test_double_backward_is_refused(backend):
+    """Neither backward records a graph: backward with create_graph=True (a gradient penalty) must
+    raise rather than return a gradient without attention's part of the second derivative."""
+    q, k, v = (torch.randn(1, 2, 5, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    loss = jvp_attention(q, k, v).square().sum()
+    with pytest.raises(ValueError, match="double backward"):
+        torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    loss.backward()  # an ordinary backward of the same graph still works
+    assert q.grad is not None
+
+
 def test_func_grad(backend):
     """torch.func.grad works on the reference backend and is refused clearly on the Triton one."""
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))

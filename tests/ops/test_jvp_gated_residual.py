@@ -83,6 +83,21 @@ def test_only_some_inputs_need_grad(backend):
     torch.testing.assert_close(dg, y.sum(1), rtol=1e-5, atol=1e-5)
 
 
+def test_double_backward(backend):
+    """A gradient penalty (x as h, gate and y, so the second derivative is not zero): backward with
+    create_graph=True must give a gradient that carries its graph (the Triton kernel's gradients
+    carry none, so that backward runs in plain torch)."""
+    x = torch.randn(2, 3, 5, device=DEVICE)
+    c = torch.randn_like(x)
+    penalties = []
+    for fn in (lambda x: jvp_gated_residual(x, x[:, 0], x), lambda x: formula(x, x[:, 0], x)):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf) * c).sum(), leaf, create_graph=True)
+        assert g.requires_grad
+        penalties.append(torch.autograd.grad(g.square().sum(), leaf)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-4, atol=1e-5)
+
+
 def test_invalid_arguments_raise():
     h, g, y = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="h must be"):

@@ -254,6 +254,21 @@ def test_func_grad(backend):
     assert_close_to_oracle("dscale", grads[1], s64.grad)
 
 
+def test_double_backward(backend):
+    """A gradient penalty: backward with create_graph=True must give a gradient that carries its
+    graph (the Triton kernels' gradients carry none, so that backward runs in plain torch)."""
+    (x, s, h), _ = make_inputs(2, 3, 40, torch.float32)
+    x, s, h = x.detach(), s.detach(), h.detach()
+    c = torch.randn_like(x)
+    penalties = []
+    for fn in (lambda x: jvp_layer_norm_modulate(x, s, h), lambda x: torch_modulate(x, s, h)):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf) * c).sum(), leaf, create_graph=True)
+        assert g.requires_grad
+        penalties.append(torch.autograd.grad(g.square().sum(), leaf)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------

@@ -283,6 +283,20 @@ def test_func_grad(backend):
     assert_close_to_oracle("dx", dx, x64.grad)
 
 
+def test_double_backward(backend):
+    """A gradient penalty: backward with create_graph=True must give a gradient that carries its
+    graph (the Triton kernels' gradients carry none, so that backward runs in plain torch)."""
+    x, w, _, _ = make_inputs((3, 40), torch.float32)
+    c = torch.randn_like(x)
+    penalties = []
+    for fn in (lambda x: jvp_rms_norm(x, w), lambda x: torch_rms_norm(x, w, 1e-6)):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf) * c).sum(), leaf, create_graph=True)
+        assert g.requires_grad
+        penalties.append(torch.autograd.grad(g.square().sum(), leaf)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-4, atol=1e-5)
+
+
 def test_func_vjp(backend):
     """Under torch.func.vjp the cotangent is a plain tensor but the saved x and weight are
     wrapped: the backward routes them to the plain-torch reference, not into a kernel."""

@@ -111,6 +111,22 @@ def test_gradcheck_float64(monkeypatch):
     assert torch.autograd.gradcheck(lambda x: jvp_rope_pair(x, torch.ones_like(x), cos, sin)[0], (x,))
 
 
+def test_double_backward(backend):
+    """A gradient penalty (through x², so the second derivative is not zero): backward with
+    create_graph=True must give a gradient that carries its graph (the Triton kernel's gradient
+    carries none, so that backward runs in plain torch)."""
+    cos, sin = flux_tables(5, 8)
+    x = torch.randn(1, 2, 5, 8, device=DEVICE)
+    c = torch.randn_like(x)
+    penalties = []
+    for fn in (lambda x: jvp_rope(x * x, cos, sin), lambda x: rope_formula(x * x, cos, sin)):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf) * c).sum(), leaf, create_graph=True)
+        assert g.requires_grad
+        penalties.append(torch.autograd.grad(g.square().sum(), leaf)[0])
+    torch.testing.assert_close(*penalties, rtol=1e-4, atol=1e-5)
+
+
 def test_invalid_arguments_raise():
     cos, sin = torch.randn(5, 8), torch.randn(5, 8)
     x = torch.randn(1, 2, 5, 8)
