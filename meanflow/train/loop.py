@@ -229,7 +229,7 @@ class Distiller:
                     lambda z_, r_, t_, c_: self.student(z_, r_, t_, c_), teacher_v,
                     lambda x_, t_, c_: self.fake(x_, t_, c_),
                     draws.randn((batch, *self.world.latent_shape), rows, device=self.device),
-                    m.alignment, cond=cond, generator=rows)
+                    m.alignment, cond=cond, generator=rows, grid=self.alignment_grid())
                 total = total + m.alignment.weight * alignment.loss.float()
 
         lr = self._lr(step)
@@ -271,6 +271,12 @@ class Distiller:
         self.step_index += 1
         return StepResult(step=step, phase=objective.phase, loss=loss_value, meanflow=meanflow_value, mse=mse,
                           align=align, fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)
+
+    def alignment_grid(self) -> Tensor:
+        """The (K + 1,) time grid alignment rolls the student out on: the grid the run samples on
+        (``sample.shift``), with ``method.alignment.steps`` steps."""
+        config = SamplerConfig(steps=self.config.method.alignment.steps, shift=self.config.sample.shift)
+        return time_grid(config, image_seq_len=self.world.latent_shape[0])
 
     def check_finite(self) -> None:
         """Raises :class:`NonFiniteLossError` once ``run.max_nonfinite_in_a_row`` steps in a row

@@ -131,3 +131,26 @@ def test_the_loss_switch_observes_the_plain_error(world, tmp_path, monkeypatch):
     monkeypatch.setattr(d.schedule, "observe", lambda step, loss: observed.append((step, loss)))
     result = d.step()
     assert observed == [(0, result.mse)] and result.mse != result.meanflow
+
+
+def test_alignment_rolls_out_on_the_runs_sampling_grid(world, tmp_path, monkeypatch):
+    """Alignment shapes the trajectory the student is sampled on: with sample.shift=flux, the
+    shifted grid (it always used the uniform one)."""
+    from meanflow.method.sampler import SamplerConfig, time_grid
+    from meanflow.train import loop as loop_module
+
+    d = _distiller(world, tmp_path, "method.alignment.steps=2")
+    d.config.sample.shift = "flux"  # (the config allows it for flux models only; the grid is the same code)
+    grids = []
+    real = loop_module.trajectory_alignment
+
+    def spy(*args, grid=None, **kwargs):
+        grids.append(grid)
+        return real(*args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(loop_module, "trajectory_alignment", spy)
+    while d.step().phase != "C":
+        pass
+    expected = time_grid(SamplerConfig(steps=2, shift="flux"), image_seq_len=world.latent_shape[0])
+    assert len(grids) == 1 and torch.equal(grids[0], expected)
+    assert not torch.equal(expected, time_grid(SamplerConfig(steps=2)))  # the shift moves the midpoint
