@@ -16,6 +16,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, check_like, check_number, check_same_device, check_tensor,
                                   check_triton_dtype)
 from meanflow.ops.dispatch import implementation, resolve_backend
+from meanflow.ops.pair import refuse_double_backward
 
 STEM = "adaptive_weighted_loss"
 
@@ -45,6 +46,8 @@ class AdaptiveWeightedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_sums):
         residual, row_scale = ctx.saved_tensors
+        # The residual was saved without its graph: du would carry none.
+        refuse_double_backward(STEM, grad_loss, residual, row_scale)
         grad_u = None
         if ctx.needs_input_grad[0] and residual is not None:
             grad_u = implementation(STEM, ctx.backend).adaptive_weighted_loss_backward(

@@ -17,6 +17,7 @@ import torch
 
 from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_number, check_tensor, check_triton_dtype
 from meanflow.ops.dispatch import implementation, resolve_backend
+from meanflow.ops.pair import refuse_double_backward
 
 STEM = "alignment_loss"
 DEFAULT_EPS = 1e-4
@@ -46,6 +47,8 @@ class AlignmentLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_per_sample):
         residual, row_scale = ctx.saved_tensors
+        # The residual was saved without its graph: dx would carry none.
+        refuse_double_backward(STEM, grad_loss, residual, row_scale)
         grad_x = None
         if ctx.needs_input_grad[0] and residual is not None:
             grad_x = implementation(STEM, ctx.backend).alignment_loss_backward(

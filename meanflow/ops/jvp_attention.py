@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as fwAD
 
 from meanflow.ops._checks import TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, functorch_wrapped
+from meanflow.ops.pair import PairOp, apply_pair, refuse_double_backward
 
 _TRITON_MAX_HEAD_DIM = 256
 
@@ -42,13 +42,7 @@ def _forward(inputs, tangents, options):
 def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
     q, k, v, mask = inputs
     is_causal, scale, backend = options
-    # Grad mode is on inside a backward only under create_graph=True (or a torch.func transform,
-    # whose first-order gradients these are). Neither backward records a graph, so a double
-    # backward (a gradient penalty, say) would silently miss attention's part: refuse it.
-    if (torch.is_grad_enabled() and not functorch_wrapped(grad_out, q, k, v)
-            and any(t.requires_grad for t in (grad_out, q, k, v))):
-        raise ValueError("jvp_attention does not support double backward: its gradients carry no graph "
-                         "(backward with create_graph=True reached it)")
+    refuse_double_backward("jvp_attention", grad_out, q, k, v)  # neither backend's records a graph
     dq, dk, dv = implementation("jvp_attention", backend).jvp_attention_backward(
         grad_out, q, k, v, out, extras[0], mask, is_causal, scale)
     return tuple(g if need else None for g, need in zip((dq, dk, dv), needs_input_grad)) + (None,)

@@ -157,6 +157,17 @@ def backward_backend(backend: str, *tensors: Tensor | None) -> str:
     return backend
 
 
+def refuse_double_backward(op_name: str, *tensors: Tensor | None) -> None:
+    """For a backward whose gradients carry no graph (fused kernels, or residuals saved without
+    one): raises ValueError under ``create_graph=True``, where a double backward (a gradient
+    penalty, say) would silently miss the op's part of the second derivative. Grad mode is on
+    inside a backward only then, or inside a torch.func transform, whose first-order gradients
+    these are (wrapped ``tensors``: the backward's inputs and saved tensors)."""
+    if torch.is_grad_enabled() and not functorch_wrapped(*tensors):
+        raise ValueError(f"{op_name} does not support double backward: its gradients carry no graph "
+                         "(backward with create_graph=True reached it)")
+
+
 def nested_jvp_depth() -> int:
     """How many torch.func.jvp transforms are active around this call."""
     if retrieve_all_functorch_interpreters is None:

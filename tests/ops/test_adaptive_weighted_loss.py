@@ -174,3 +174,14 @@ def test_flux_latent_bf16(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     errors = check_loss((8, 4096, 64), torch.bfloat16)
     print("adaptive_weighted_loss bf16 rel errors:", errors)
+
+
+def test_double_backward_is_refused(backend):
+    """The gradient comes from a residual saved without its graph: backward with create_graph=True
+    (a gradient penalty) must raise rather than drop the loss's part of the second derivative."""
+    u, t = torch.randn(3, 21, device=DEVICE, requires_grad=True), torch.randn(3, 21, device=DEVICE)
+    loss, _ = adaptive_weighted_loss(u, t)
+    with pytest.raises(ValueError, match="adaptive_weighted_loss does not support double backward"):
+        torch.autograd.grad(loss, u, create_graph=True)
+    loss.backward()  # an ordinary backward of the same graph still works
+    assert u.grad is not None

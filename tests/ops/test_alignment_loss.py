@@ -185,3 +185,15 @@ def test_flux_latent_bf16(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
     errors = check_alignment((8, 4096, 64), torch.bfloat16)
     print("alignment_loss bf16 rel errors:", errors)
+
+
+def test_double_backward_is_refused(backend):
+    """The gradient comes from a residual saved without its graph: backward with create_graph=True
+    must raise rather than drop the loss's part of the second derivative."""
+    x_hat = torch.randn(3, 21, device=DEVICE, requires_grad=True)
+    x0_fake, x0_teacher = torch.randn(3, 21, device=DEVICE), torch.randn(3, 21, device=DEVICE)
+    loss = alignment_loss(x_hat, x0_fake, x0_teacher)[0]
+    with pytest.raises(ValueError, match="alignment_loss does not support double backward"):
+        torch.autograd.grad(loss, x_hat, create_graph=True)
+    loss.backward()
+    assert x_hat.grad is not None
