@@ -25,6 +25,8 @@ from typing import Callable
 import pytest
 import torch
 
+from meanflow.benchmark import device_busy_us, device_ms_per_call, first_line  # noqa: F401 (used by the benches)
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -60,27 +62,10 @@ def clear_grads(*tensors) -> None:
             t.grad = None
 
 
-def device_busy_us(events) -> float:
-    """Microseconds of GPU work among profiler events: the sum over the device-side ones
-    (kernels, copies, fills), each ``time_range`` long; host-side events are left out."""
-    from torch.autograd import DeviceType
-
-    return float(sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA))
-
-
 def device_ms(target: Callable[..., object], args: tuple = (), calls: int = CALLS) -> float | None:
     """GPU milliseconds per call of ``target(*args)``, over ``calls`` calls under the profiler;
     None without CUDA."""
-    if not CUDA:
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            target(*args)
-        sync()
-    return device_busy_us(prof.events()) / 1e3 / calls
+    return device_ms_per_call(lambda: target(*args), calls)
 
 
 def device_time(target: Callable[..., object], args: tuple = (), calls: int = CALLS) -> dict:
@@ -91,12 +76,6 @@ def device_time(target: Callable[..., object], args: tuple = (), calls: int = CA
     except Exception as exc:  # noqa: BLE001
         return {"device_ms_error": first_line(exc)}
     return {} if gpu_ms is None else {"device_ms": round(gpu_ms, 4)}
-
-
-def first_line(exc: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message`` of an exception, for a table cell."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {(text[0] if text else '')[:limit]}"
 
 
 def run(benchmark, *, op: str, case: str, provider: str, shape: str, target: Callable[..., object],

@@ -11,6 +11,7 @@
     meanflow generate-data --num 2048 --output data/teacher_latents.safetensors
     meanflow plan --preset flux-dev --gpus 8   # estimated per-GPU memory (exit 1 if it does not fit)
     meanflow presets
+    meanflow bench                            # jvp_attention beside SDPA on this machine: TFLOP/s, memory
 
 ``demo`` runs the MeanFlow pattern (output and tangent in one pass, then a backward through
 the output) at a small size on the backend ``MEANFLOW_BACKEND`` selects, checks it against
@@ -84,6 +85,46 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from meanflow import benchmark
+
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--device: expected cuda or cpu (cuda:N), got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r}, but torch.cuda.is_available() is False")
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    tokens = args.tokens or ([1024, 4608] if cuda else [256])
+    calls, rounds = args.calls or (10 if cuda else 1), args.rounds or (10 if cuda else 3)
+    if args.memory_budget_gib is not None:
+        budget = args.memory_budget_gib * 2**30
+    else:  # what is free now, less a margin for the inputs and the allocator
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0] if cuda else 4 * 2**30
+    print(benchmark.machine_line(device))
+    print(f"{calls} calls per synchronisation, median of {rounds} rounds; baselines: math SDPA for the "
+          "cases with a tangent, SDPA's own backend choice otherwise\n")
+    rows = []
+    for n in tokens:
+        shape = benchmark.Shape(args.batch, args.heads, n, args.head_dim, dtype, device)
+        for case in args.cases:
+            rows += benchmark.run_case(case, shape, calls=calls, rounds=rounds, memory_budget=budget)
+    print(benchmark.format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"machine": benchmark.machine_line(device), "calls": calls, "rounds": rounds,
+                       "rows": benchmark.rows_as_dicts(rows)}, f, indent=1)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a clean usage error otherwise, never a traceback)."""
     try:
@@ -92,6 +133,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -248,6 +300,26 @@ def main(argv: list[str] | None = None) -> int:
         demo_parser.add_argument(f"--{name}", type=int, default=default)
     demo_parser.set_defaults(func=demo)
 
+    p = commands.add_parser("bench", help="time jvp_attention beside SDPA on this machine (TFLOP/s, memory)")
+    p.add_argument("--tokens", type=_positive_int, nargs="+",
+                   help="sequence lengths N (default: 1024 4608 on a GPU, 256 on a CPU)")
+    p.add_argument("--heads", type=_positive_int, default=24)
+    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="default bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--cases", nargs="+", choices=("fwd_jvp", "fwd_jvp_bwd", "fwd", "bwd"),
+                   default=["fwd_jvp", "fwd_jvp_bwd", "fwd", "bwd"])
+    p.add_argument("--calls", type=_positive_int,
+                   help="calls per synchronisation (default 10 on a GPU, 1 on a CPU)")
+    p.add_argument("--rounds", type=_positive_int, help="timed rounds (default 10 on a GPU, 3 on a CPU)")
+    p.add_argument("--memory-budget-gib", type=_positive_float, metavar="GIB",
+                   help="skip math SDPA where its N×N buffers exceed this "
+                   "(default: 80%% of free GPU memory; 4 on a CPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+
     p = commands.add_parser("distill", help="distill a teacher into a few-step student (default preset: digits)")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
@@ -256,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("plan", help="estimated per-GPU memory of a run sharded over N GPUs (FSDP2)")
     _config_args(p)
     p.add_argument("--gpus", type=_positive_int, default=1)
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
+    p.add_argument("--gpu-memory", type=_positive_float, default=80.0, metavar="GIB",
+                   help="memory per GPU (default 80)")
     p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("presets", help="list the named presets")
