@@ -65,6 +65,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meanflow import ops
 from meanflow.models.flux import _key_padding_to_4d, enable_jvp_attention
+from meanflow.models.lora import LoRALinear, lora_scalings, merge_lora_state_dict
 from meanflow.ops.pair import forward_ad_active
 
 __all__ = ["FluxCondition", "FluxStudent", "FluxTeacher", "device_and_dtype"]
@@ -185,20 +186,34 @@ def _chunk(t: Tensor | None, n: int) -> tuple:
 
 
 def _check_linear(layer: nn.Module, what: str) -> None:
-    """Pair mode reads ``weight`` and ``bias``: a Linear whose forward does anything else (LoRA
-    wrappers, quantised layers) would be silently wrong, so it is refused."""
+    """Pair mode reads ``weight`` and ``bias`` (and a :class:`LoRALinear`'s factors): a Linear
+    whose forward does anything else (other adapter wrappers, quantised layers) would be silently
+    wrong, so it is refused."""
+    if isinstance(layer, LoRALinear):
+        return
     if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward:
         raise NotImplementedError(
-            f"pair mode reads {what} as a plain torch.nn.Linear, got {type(layer).__name__}: merge adapters "
-            "(LoRA) into the weights, or use student(...) with torch.func.jvp")
+            f"pair mode reads {what} as a plain torch.nn.Linear or a meanflow LoRALinear, got "
+            f"{type(layer).__name__}: merge other adapters into the weights, or use student(...) with "
+            "torch.func.jvp")
 
 
 def _linear(x: Tensor, x_dot: Tensor | None, layer: nn.Module, dtype: torch.dtype, what: str = "a Linear"):
     _check_linear(layer, what)
+    if isinstance(layer, LoRALinear):
+        # y = x·Wᵀ + b + (α/r)·(x·Aᵀ)·Bᵀ, and the same for the tangent without b.
+        y, y_dot = _linear(x, x_dot, layer.base, dtype, what)
+        h, h_dot = _linear_weight(x, x_dot, layer.lora_down.to(dtype), None)
+        u, u_dot = _linear_weight(h, h_dot, layer.lora_up.to(dtype), None)
+        return y + layer.scaling * u, None if y_dot is None else y_dot + layer.scaling * u_dot
     bias = None if layer.bias is None else layer.bias.to(dtype)
+    return _linear_weight(x, x_dot, layer.weight.to(dtype), bias)
+
+
+def _linear_weight(x: Tensor, x_dot: Tensor | None, weight: Tensor, bias: Tensor | None):
     if x_dot is None:
-        return ops.jvp_linear(x, layer.weight.to(dtype), bias), None
-    return ops.jvp_linear_pair(x, x_dot, layer.weight.to(dtype), bias)
+        return ops.jvp_linear(x, weight, bias), None
+    return ops.jvp_linear_pair(x, x_dot, weight, bias)
 
 
 # The pair forms return zeros for absent tangents; the primal-only pass (r = t without
@@ -771,18 +786,19 @@ _FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"),
                       "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
-def _unfused_view(transformer):
-    """``transformer`` itself if no attention layer is fused; else a model of the same config
-    whose state is the live weights in diffusers' unfused layout: each fused ``to_qkv`` /
-    ``to_added_qkv`` weight and bias split (copied) into its q, k, v layers, in place of their
-    stale pre-fusion values. Every other tensor is shared, not copied (the split pieces take the
-    fused layers' memory once more, on their device, while the view lives); ``transformer`` is
-    not touched."""
+def _plain_view(transformer):
+    """``transformer`` itself if no attention layer is fused and no Linear carries adapters; else
+    a model of the same config holding the live weights in diffusers' plain layout: each fused
+    ``to_qkv`` / ``to_added_qkv`` weight and bias split (copied) into its q, k, v layers, in place
+    of their stale pre-fusion values, and each :class:`LoRALinear` merged into a plain weight
+    (W + (α/r)·B·A). Every other tensor is shared, not copied (the split and merged pieces take
+    their layers' memory once more while the view lives); ``transformer`` is not touched."""
     fused = {name: module for name, module in transformer.named_modules()
              if getattr(module, "fused_projections", False)}
-    if not fused:
+    scalings = lora_scalings(transformer)
+    if not fused and not scalings:
         return transformer
-    state = transformer.state_dict()
+    state = merge_lora_state_dict(transformer.state_dict(), scalings)
     for name, attn in fused.items():
         for fused_name, parts in _FUSED_PROJECTIONS.items():
             if getattr(attn, fused_name, None) is None:
@@ -795,9 +811,9 @@ def _unfused_view(transformer):
                 for part, piece in zip(parts, value.detach().split(sizes)):
                     state[f"{name}.{part}.{param}"] = piece.clone()  # own storage: safetensors refuses views
     with torch.device("meta"):
-        unfused = type(transformer).from_config(transformer.config)
-    unfused.load_state_dict(state, strict=True, assign=True)
-    return unfused
+        plain = type(transformer).from_config(transformer.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
 
 
 def _make_delta_embedder(transformer) -> nn.Module:
@@ -908,13 +924,14 @@ class FluxStudent(nn.Module):
         ``max_shard_size``, ``variant``, ...). Attention layers fused with
         ``transformer.fuse_qkv_projections()`` are written in diffusers' unfused layout (the
         fused weights split into ``to_q``/``to_k``/``to_v`` and ``add_q_proj``/``add_k_proj``/
-        ``add_v_proj``), the only one ``from_pretrained`` reads; the live model is left as it is.
+        ``add_v_proj``), the only one ``from_pretrained`` reads, and adapters (:class:`LoRALinear`)
+        merged into their weights; the live model is left as it is.
         """
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         transformer_dir = os.path.join(directory, TRANSFORMER_SUBFOLDER)
-        _unfused_view(self.transformer).save_pretrained(transformer_dir, **kwargs)
+        _plain_view(self.transformer).save_pretrained(transformer_dir, **kwargs)
         state = {k: v.detach().contiguous().cpu() for k, v in self.delta_embedder.state_dict().items()}
         save_file(state, os.path.join(directory, DELTA_WEIGHTS_NAME), metadata={"format": "pt"})
         ref = self.delta_embedder.linear_1

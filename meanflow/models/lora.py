@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA) for the fake velocity network of trajectory alignment.
+"""Low-rank adapters (LoRA) for the student and the fake velocity network.
 
 The fake network v_φ starts as a copy of the teacher (DESIGN §2, TDA step 6). Trained in full,
 it costs float32 weights, gradients and two AdamW moments for every teacher parameter: 16 bytes
@@ -13,8 +13,10 @@ per Linear instead of in·out.
 
 Only ``torch.nn.Linear`` layers inside the transformer blocks are adapted (attention
 projections, the MLPs and the blocks' modulation layers); the embedders and the final layer stay
-frozen at the teacher's values. The adapted network runs through the blocks' own modules (the
-plain forward), never through pair mode, which refuses any Linear that is not a plain one.
+frozen at the teacher's values. The student's pair-mode forward carries the adapters' tangent
+too (ẏ = ẋ·Wᵀ + (α/r)·(ẋ·Aᵀ)·Bᵀ: W, A and B do not depend on t). :func:`merge_lora_state_dict`
+folds the adapters into plain weights, for an exported student that diffusers and
+``FluxStudent.from_pretrained`` load as it is.
 """
 from __future__ import annotations
 
@@ -31,13 +33,14 @@ class LoRALinear(nn.Module):
         base: the Linear to adapt (in_features → out_features); owned, and frozen here.
         rank: r ≥ 1, the update's rank (at most min(in_features, out_features)).
         alpha: the update's scale numerator: the update is multiplied by α / r (> 0).
+        generator: draws A's initial values (default: torch's global generator).
 
     Attributes:
         base: the frozen Linear. ``lora_down`` (r, in) and ``lora_up`` (out, r): the trainable
         factors A and B, float32 (or the base's dtype when that is float64).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         if type(base) is not nn.Linear:
             raise ValueError(f"base: expected a torch.nn.Linear, got {type(base).__name__}")
@@ -50,10 +53,11 @@ class LoRALinear(nn.Module):
         # float32 factors over a 16-bit base: their updates are too small for bf16 to hold.
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
         device = base.weight.device
-        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        down = torch.empty(rank, base.in_features, dtype=dtype)
+        if device.type != "meta":  # drawn on the CPU: the same values on every device
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.lora_down = nn.Parameter(down.to(device))
         self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
 
     @property
     def scaling(self) -> float:
@@ -93,10 +97,12 @@ def check_rank_alpha(rank, alpha) -> None:
         raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
 
 
-def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float) -> list[str]:
+def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float,
+                            generator: torch.Generator | None = None) -> list[str]:
     """Freezes ``transformer`` and replaces every ``nn.Linear`` inside its double and single
-    blocks by a :class:`LoRALinear` of the given rank and α (in place). Layers narrower than
-    ``rank`` are refused with a ValueError naming ``rank``.
+    blocks by a :class:`LoRALinear` of the given rank and α (in place), A drawn from
+    ``generator`` (CPU; default torch's global one). Layers narrower than ``rank`` are refused
+    with a ValueError naming ``rank``.
 
     Returns:
         the qualified names of the adapted layers (relative to ``transformer``).
@@ -112,7 +118,7 @@ def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float) -> 
             for name, module in targets:
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, LoRALinear(module, rank, alpha))
+                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
                 adapted.append(f"{prefix}.{index}.{name}")
     if not adapted:
         raise ValueError("transformer: no torch.nn.Linear inside its blocks to adapt")
@@ -122,3 +128,26 @@ def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float) -> 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The adapters' factors inside ``module`` (A and B of every :class:`LoRALinear`)."""
     return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.lora_down, m.lora_up)]
+
+
+def lora_scalings(module: nn.Module) -> dict[str, float]:
+    """``{qualified name: α/r}`` of every :class:`LoRALinear` inside ``module``."""
+    return {name: m.scaling for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora_state_dict(state: dict[str, Tensor], scalings: dict[str, float]) -> dict[str, Tensor]:
+    """A state dict of a module with adapters, as the same module without them: for each adapted
+    layer ``name`` (a key of ``scalings``, as :func:`lora_scalings` gives), ``name.weight`` =
+    W + (α/r)·B·A (computed in float32 or float64, stored in W's dtype) and ``name.bias`` the
+    base's, in place of ``name.base.*``, ``name.lora_down`` and ``name.lora_up``. Other keys
+    pass unchanged."""
+    merged = dict(state)
+    for name, scaling in scalings.items():
+        weight = merged.pop(f"{name}.base.weight")
+        down, up = merged.pop(f"{name}.lora_down"), merged.pop(f"{name}.lora_up")
+        dtype = torch.promote_types(down.dtype, torch.float32)
+        delta = (up.to(dtype) @ down.to(dtype)) * scaling
+        merged[f"{name}.weight"] = (weight.to(dtype) + delta).to(weight.dtype)
+        if f"{name}.base.bias" in merged:
+            merged[f"{name}.bias"] = merged.pop(f"{name}.base.bias")
+    return merged

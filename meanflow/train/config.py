@@ -145,11 +145,14 @@ class ModelConfig:
             ``student/``) to start from instead of the teacher copy (default None). Must exist.
         resolution: flux only: the image size in pixels, square (default 1024); a multiple of
             16.
-        fake_lora_rank: the fake velocity network of alignment: 0 (default) trains a full
-            float32 copy of the teacher; r >= 1 keeps that copy frozen and trains rank-r adapters
-            on every Linear of its blocks (:mod:`meanflow.models.lora`): the fake's gradients
-            and AdamW moments shrink from 12 bytes per teacher parameter to the adapters' size.
-        fake_lora_alpha: the adapters' scale numerator α (update × α/r); default None = r.
+        student_lora_rank: 0 (default) trains the whole student; r >= 1 keeps its copy of the
+            teacher frozen and trains rank-r adapters on every Linear of its blocks
+            (:mod:`meanflow.models.lora`) with the (t − r) embedder: gradients, AdamW moments and
+            EMA shrink from 16 bytes per parameter to the adapters' size. The exported student
+            has the adapters merged into its weights.
+        student_lora_alpha: their scale numerator α (update × α/r); default None = r.
+        fake_lora_rank, fake_lora_alpha: the same for the fake velocity network of alignment
+            (default 0: a full float32 copy of the teacher, trained).
     """
 
     kind: str = "digits"
@@ -158,15 +161,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     student_init: str | None = None
     resolution: int = 1024
+    student_lora_rank: int = 0
+    student_lora_alpha: float | None = None
     fake_lora_rank: int = 0
     fake_lora_alpha: float | None = None
 
     def __post_init__(self):
         _one_of(self, "kind", ("digits", "flux"))
         _int_at_least(self, "resolution", 16)
-        _int_at_least(self, "fake_lora_rank", 0)
-        if self.fake_lora_alpha is not None:
-            _positive_number(self, "fake_lora_alpha")
+        for who in ("student", "fake"):
+            _int_at_least(self, f"{who}_lora_rank", 0)
+            if getattr(self, f"{who}_lora_alpha") is not None:
+                _positive_number(self, f"{who}_lora_alpha")
         if self.resolution % 16:
             raise ConfigError("resolution", f"expected a multiple of 16, got {self.resolution}")
         if not isinstance(self.teacher, str) or not self.teacher:

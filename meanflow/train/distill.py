@@ -345,9 +345,13 @@ class Run:
         from meanflow.models.flux_student import FluxStudent
         from meanflow.models.pipeline import save_pipeline_config
 
+        from meanflow.models.lora import lora_scalings, merge_lora_state_dict
+
         d = self.distiller
         state = full_state_dict(d.student, d.ranks)
         if d.ranks.main:
+            # Adapters (model.student_lora_rank) merged into plain weights: a plain FLUX student.
+            state = merge_lora_state_dict(state, lora_scalings(d.student))
             with torch.device("meta"):  # the shapes only: the weights are assigned from `state`
                 whole = FluxStudent.from_config(dict(d.student.transformer.config))
             whole.load_state_dict(state, assign=True)

@@ -1,7 +1,8 @@
 """Exponential moving average of a module's parameters (the student's EMA).
 
-``EMA(module, decay)`` keeps a float32 shadow of every parameter (whatever the module's dtype,
-e.g. bf16 parameters get an fp32 average) and a copy of every buffer (in the buffer's dtype).
+``EMA(module, decay)`` keeps a float32 shadow of every trainable parameter (whatever the
+module's dtype, e.g. bf16 parameters get an fp32 average; frozen ones, such as the weights under
+adapters, never move and are their own average) and a copy of every buffer (in its dtype).
 ``update(module)`` does shadow ← d·shadow + (1 − d)·param for each parameter, with
 d = decay, or d = min(decay, (1 + n)/(10 + n)) with ``warmup=True`` (n = updates so far), and
 copies the buffers. ``copy_to(module)`` writes the average into a module (cast to its dtypes).
@@ -38,7 +39,7 @@ class EMA:
         with torch.no_grad():
             self.params: dict[str, Tensor] = {
                 name: p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
-                for name, p in module.named_parameters()}
+                for name, p in module.named_parameters() if p.requires_grad}
             self.buffers: dict[str, Tensor] = {
                 name: b.detach().to(device=device or b.device, copy=True)
                 for name, b in module.named_buffers()}
@@ -54,9 +55,9 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         """One EMA step towards ``module``'s current parameters (which must match by name)."""
         d = self.current_decay()
-        params = dict(module.named_parameters())
+        params = {name: p for name, p in module.named_parameters() if p.requires_grad}
         if params.keys() != self.params.keys():
-            raise ValueError(f"module: parameter names differ from the EMA's "
+            raise ValueError(f"module: trainable parameter names differ from the EMA's "
                              f"({sorted(params.keys() ^ self.params.keys())[:5]} ...)")
         for name, shadow in self.params.items():
             p = params[name].detach().to(device=shadow.device, dtype=torch.float32)

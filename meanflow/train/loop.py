@@ -48,6 +48,10 @@ from meanflow.train.ema import EMA
 from meanflow.train.world import World, make_world, resolve_device
 
 
+# Seeds of the adapters' initial A, apart from the run's other draws.
+STUDENT_LORA_SEED_OFFSET, FAKE_LORA_SEED_OFFSET = 1_000_003, 2_000_003
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when ``run.max_nonfinite_in_a_row`` consecutive steps had a non-finite loss."""
 
@@ -113,11 +117,14 @@ class Distiller:
         self.student.to(home, torch.float32)
         self.student.train()  # trainable by construction; from_pretrained gives eval mode, as diffusers does
         self.student.gradient_checkpointing = config.model.gradient_checkpointing
+        if config.model.student_lora_rank:  # the (t − r) embedder and the adapters train, the copy stays
+            add_config_lora(self.student.transformer, config.model.student_lora_rank, config.model.student_lora_alpha,
+                            "model.student_lora_rank", config.run.seed + STUDENT_LORA_SEED_OFFSET)
         if ranks.sharded:
             shard_flux(self.student, mesh, ("forward_with_tangent",), policy)
         self.fake = self.fake_optimizer = None
         if config.method.schedule.alignment:
-            self.fake = make_fake(teacher.transformer, home, config.model)
+            self.fake = make_fake(teacher.transformer, home, config)
             self.fake.gradient_checkpointing = config.model.gradient_checkpointing
             if ranks.sharded:
                 shard_flux(self.fake, mesh, (), policy)
@@ -125,8 +132,8 @@ class Distiller:
             shard_flux(teacher, mesh, ("velocity",), frozen=True)
         self.ema = EMA(self.student, config.optim.ema_decay, warmup=True)  # short runs: no pull to the init
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=o.lr,
+                                           betas=tuple(o.betas), weight_decay=o.weight_decay)
         if self.fake is not None:
             self.fake_optimizer = torch.optim.AdamW([p for p in self.fake.parameters() if p.requires_grad],
                                                     lr=o.fake_lr, betas=tuple(o.betas))
@@ -295,7 +302,9 @@ class Distiller:
         back on exit. Works on sharded students (each rank swaps its shards; every rank must
         then make the same calls). Costs one copy of the parameters."""
         reshard(self.student)
-        tensors = {**dict(self.student.named_parameters()), **dict(self.student.named_buffers())}
+        # What the EMA writes: the trained parameters and the buffers (frozen ones never move).
+        tensors = {**{n: p for n, p in self.student.named_parameters() if n in self.ema.params},
+                   **dict(self.student.named_buffers())}
         with torch.no_grad():
             saved = {name: t.detach().clone() for name, t in tensors.items()}
         training = self.student.training
@@ -334,24 +343,27 @@ def float32_copy(transformer, device: torch.device):
     return clone
 
 
-def add_fake_lora(transformer, model: ModelConfig) -> None:
-    """Adds the fake network's adapters of ``model`` (``fake_lora_rank`` >= 1, ``fake_lora_alpha``)
-    to ``transformer``'s blocks (:func:`meanflow.models.lora.add_lora_to_flux_blocks`); a rank the
-    layers cannot take is a ConfigError naming ``model.fake_lora_rank``."""
-    rank, alpha = model.fake_lora_rank, model.fake_lora_alpha
+def add_config_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, key: str, seed: int) -> None:
+    """Adds rank-``rank`` adapters (α = ``alpha``, default the rank) to every Linear of
+    ``transformer``'s blocks (:func:`meanflow.models.lora.add_lora_to_flux_blocks`), their A drawn
+    from a generator seeded with ``seed``; a rank the layers cannot take is a ConfigError naming
+    ``key``."""
     try:
-        add_lora_to_flux_blocks(transformer, rank, rank if alpha is None else alpha)
+        add_lora_to_flux_blocks(transformer, rank, rank if alpha is None else alpha,
+                                torch.Generator().manual_seed(seed))
     except ValueError as err:
-        raise ConfigError("model.fake_lora_rank", str(err).removeprefix("rank: ")) from None
+        raise ConfigError(key, str(err).removeprefix("rank: ")) from None
 
 
-def make_fake(transformer: torch.nn.Module, home: torch.device, model: ModelConfig) -> FluxVelocity:
+def make_fake(transformer: torch.nn.Module, home: torch.device, config: TrainConfig) -> FluxVelocity:
     """The fake velocity network v_φ, in train mode: a float32 copy of the teacher's
     ``transformer`` on ``home``, trained in full (``model.fake_lora_rank`` 0) or frozen under
     rank-r adapters on every Linear of its blocks (:mod:`meanflow.models.lora`)."""
     fake = FluxVelocity(float32_copy(transformer, home))
+    model = config.model
     if model.fake_lora_rank:
-        add_fake_lora(fake.transformer, model)
+        add_config_lora(fake.transformer, model.fake_lora_rank, model.fake_lora_alpha, "model.fake_lora_rank",
+                        config.run.seed + FAKE_LORA_SEED_OFFSET)
     else:
         fake.requires_grad_(True)
     return fake.train()

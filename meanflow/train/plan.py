@@ -26,14 +26,16 @@ dtype's bytes: 2 for ``run.dtype=bfloat16``, else 4; P_s, P_t, P_f the student, 
 parameter counts, sharded as above):
 
 - student params, grads, EMA: 4·P_s each (float32 master weights, float32 grads, float32 EMA);
-- student AdamW: 2·4·P_s (exp_avg, exp_avg_sq; the 0-d ``step`` tensors are ignored);
+- student AdamW: 2·4·P_s (exp_avg, exp_avg_sq; the 0-d ``step`` tensors are ignored); with
+  ``model.student_lora_rank`` r the params are 4·(P_s + P_r) and grads, AdamW and EMA count
+  only what trains, the adapters' factors P_r and the (t − r) embedder;
 - teacher: P_t · (2 for bf16 runs, else 4), frozen, no optimizer;
 - fake network params, grads, AdamW (only with ``method.schedule.alignment``): 4·P_f, 4·P_f,
   8·P_f (float32 master, like the student); with ``model.fake_lora_rank`` r, 4·(P_f + P_r),
   4·P_r, 8·P_r, P_r the adapters' factors (r·(in + out) per Linear of the blocks);
 - text encoders + VAE: replicated, in the model dtype (flux; digits: its float32 text encoder);
 - weight working copies: G = 1 with bf16 autocast: autocast's cached bf16 cast of every trained
-  weight, 2·(P_s + P_f) (P_r for P_f with adapters: frozen weights are cast anew at each use),
+  weight, 2·(P_s + P_f) (what trains, with adapters: frozen weights are cast anew at each use),
   alive for the whole forward/backward; G > 1: FSDP2's unsharded
   parameters of the block being computed and the prefetched next one in the compute dtype
   (2·a·P_block, P_block the largest block's parameters), and the block's unsharded float32
@@ -146,16 +148,19 @@ def _flux_transformer_on_meta(config: dict):
         return FluxTransformer2DModel(**config)
 
 
-def _lora_counts(transformer, model) -> ModelCounts | None:
-    """The fake network's adapter factors (``model.fake_lora_rank``), added to ``transformer``
-    (on meta) as the trainer adds them; None without adapters."""
-    if not model.fake_lora_rank:
+def _lora_counts(transformer, rank: int, key: str) -> ModelCounts | None:
+    """The adapter factors a rank-``rank`` LoRA adds to ``transformer``'s blocks (on meta; the
+    transformer is left as it is); None for rank 0."""
+    if not rank:
         return None
-    from meanflow.models.lora import lora_parameters
-    from meanflow.train.loop import add_fake_lora
+    import copy
 
-    add_fake_lora(transformer, model)
-    return ModelCounts([tuple(p.shape) for p in lora_parameters(transformer)])
+    from meanflow.models.lora import lora_parameters
+    from meanflow.train.loop import add_config_lora
+
+    adapted = copy.deepcopy(transformer)
+    add_config_lora(adapted, rank, None, key, 0)
+    return ModelCounts([tuple(p.shape) for p in lora_parameters(adapted)])
 
 
 def _delta_embedder_on_meta(hidden: int):
@@ -378,12 +383,14 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
     teacher = count_model(transformer)
     delta = count_model(_delta_embedder_on_meta(hidden))
     student = ModelCounts(teacher.shapes + delta.shapes, teacher.block_params)
-    lora = _lora_counts(transformer, config.model) if config.method.schedule.alignment else None
+    m = config.model
+    align = bool(config.method.schedule.alignment)
+    student_lora = _lora_counts(transformer, m.student_lora_rank, "model.student_lora_rank")
+    fake_lora = _lora_counts(transformer, m.fake_lora_rank, "model.fake_lora_rank") if align else None
     del transformer
 
     bf16 = config.run.dtype == "bfloat16"
     a = 2 if bf16 else 4
-    align = bool(config.method.schedule.alignment)
     ckpt = bool(config.model.gradient_checkpointing)
     g = gpus
     batch = config.data.batch_size
@@ -393,24 +400,32 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
     per_rank = batch // g
     shard = "" if g == 1 else f" sharded /{g}"
 
-    s_el, t_el = student.sharded_elements(g), teacher.sharded_elements(g)
+    t_el = teacher.sharded_elements(g)
+    # What trains (gradients, AdamW, EMA): everything, or the (t − r) embedder and the adapters.
+    trained = student if student_lora is None else ModelCounts(delta.shapes + student_lora.shapes)
+    what = "" if student_lora is None else " (adapters and (t − r) embedder)"
+    held = student.sharded_elements(g) + (0 if student_lora is None else student_lora.sharded_elements(g))
+    held_what = f"{student.params:,}" if student_lora is None else \
+        f"({student.params:,} with the frozen copy + {student_lora.params:,} LoRA)"
+    tr_el = trained.sharded_elements(g)
     rows = [
-        PlanRow("student params", 4 * s_el, f"4 B × {student.params:,} (fp32 master){shard}", g > 1),
-        PlanRow("student grads", 4 * s_el, f"4 B × {student.params:,} (fp32){shard}", g > 1),
-        PlanRow("student AdamW", 8 * s_el, f"2 × 4 B × {student.params:,} (exp_avg, exp_avg_sq){shard}", g > 1),
-        PlanRow("student EMA", 4 * s_el, f"4 B × {student.params:,} (fp32){shard}", g > 1),
+        PlanRow("student params", 4 * held, f"4 B × {held_what} (fp32 master){shard}", g > 1),
+        PlanRow("student grads", 4 * tr_el, f"4 B × {trained.params:,}{what} (fp32){shard}", g > 1),
+        PlanRow("student AdamW", 8 * tr_el, f"2 × 4 B × {trained.params:,}{what} (exp_avg, exp_avg_sq){shard}",
+                g > 1),
+        PlanRow("student EMA", 4 * tr_el, f"4 B × {trained.params:,}{what} (fp32){shard}", g > 1),
         PlanRow("teacher", a * t_el, f"{a} B × {teacher.params:,} ({'bf16' if bf16 else 'fp32'}, frozen){shard}",
                 g > 1),
     ]
     fake_params = 0  # the fake's trained parameters
-    if align and lora is not None:
-        fake_params = lora.params
-        l_el = lora.sharded_elements(g)
+    if align and fake_lora is not None:
+        fake_params = fake_lora.params
+        l_el = fake_lora.sharded_elements(g)
         rows += [
             PlanRow("fake params", 4 * (t_el + l_el),
-                    f"4 B × ({teacher.params:,} frozen + {lora.params:,} LoRA) (fp32){shard}", g > 1),
-            PlanRow("fake grads", 4 * l_el, f"4 B × {lora.params:,} (LoRA, fp32){shard}", g > 1),
-            PlanRow("fake AdamW", 8 * l_el, f"2 × 4 B × {lora.params:,} (LoRA){shard}", g > 1),
+                    f"4 B × ({teacher.params:,} frozen + {fake_lora.params:,} LoRA) (fp32){shard}", g > 1),
+            PlanRow("fake grads", 4 * l_el, f"4 B × {fake_lora.params:,} (LoRA, fp32){shard}", g > 1),
+            PlanRow("fake AdamW", 8 * l_el, f"2 × 4 B × {fake_lora.params:,} (LoRA){shard}", g > 1),
         ]
     elif align:
         fake_params = teacher.params
@@ -433,7 +448,7 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
 
     if g == 1:
         if bf16:
-            n = student.params + fake_params
+            n = trained.params + fake_params
             rows.append(PlanRow("weight working copies", 2 * n,
                                 f"2 B × {n:,} (autocast's cached bf16 casts of trained weights)", False))
     else:

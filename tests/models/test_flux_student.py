@@ -733,3 +733,58 @@ def test_pair_mode_on_cuda_matches_float64_stock_jvp(autocast, monkeypatch):
     print(f"\n{'bf16 autocast' if autocast else 'float32'}: worst {worst} {ours[worst]:.2e} "
           f"(bound {bound[worst]:.2e}); u {ours['u']:.2e}, u_dot {ours['u_dot']:.2e}")
     assert all(ours[name] <= bound[name] for name in ours), {n: (ours[n], bound[n]) for n in ours}
+
+
+# --------------------------------------------------------------------------------------------
+# A student with LoRA adapters (model.student_lora_rank)
+# --------------------------------------------------------------------------------------------
+
+def _lora_student(config: str, dtype: torch.dtype, rank: int = 2):
+    """A student with random adapters (B ≠ 0, so they matter) and a random (t − r) embedder."""
+    from meanflow.models.lora import add_lora_to_flux_blocks, lora_parameters
+
+    student = _student(_stock(config, dtype), random_delta=True)
+    add_lora_to_flux_blocks(student.transformer, rank, 3.0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in lora_parameters(student):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return student
+
+
+@pytest.mark.parametrize("backend, dtype, config", [
+    ("reference", torch.float64, "deep"),
+    triton_param(torch.float32, "tiny"),
+], indirect=["backend"])
+def test_lora_student_pair_mode_matches_func_jvp(backend, dtype, config):
+    """Pair mode carries the adapters' tangent: u and du/dt against torch.func.jvp of
+    student(...) (whose blocks run LoRALinear.forward), and the MeanFlow loss's gradients, the
+    adapters' included."""
+    student = _lora_student(config, dtype)
+    z, r, t, cond, v, _ = _inputs(config, dtype)
+    t_dot = torch.ones_like(t)
+    u, u_dot = torch.func.jvp(lambda z, t: student(z, r, t, cond), (z, t), (v, t_dot))
+    expected = _grads(student, _meanflow_loss(u, u_dot, v, r, t))
+    u_pair, u_dot_pair = student.forward_with_tangent(z, r, t, cond, v, None, t_dot)
+    _assert_close(u_pair, u, dtype, "u")
+    _assert_close(u_dot_pair, u_dot, dtype, "u_dot")
+    actual = _grads(student, _meanflow_loss(u_pair, u_dot_pair, v, r, t))
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and not any(n.endswith(".base.weight") for n in trained)
+    for name in trained:
+        _assert_close(actual[name], expected[name], dtype, name)
+
+
+def test_lora_student_saves_merged_weights(tmp_path):
+    """save_pretrained folds the adapters into plain weights: from_pretrained gives a plain
+    student (no LoRALinear) with the same output."""
+    from meanflow.models.lora import LoRALinear
+
+    student = _lora_student("deep", torch.float64)
+    z, r, t, cond, _, _ = _inputs("deep", torch.float64)
+    expected = student(z, r, t, cond)
+    student.save_pretrained(tmp_path / "s")
+    loaded = FluxStudent.from_pretrained(tmp_path / "s", torch_dtype=torch.float64)
+    assert not any(isinstance(m, LoRALinear) for m in loaded.modules())
+    _assert_close(loaded(z, r, t, cond), expected, torch.float64, "u after merge")
+    assert any(isinstance(m, LoRALinear) for m in student.modules())  # the live student keeps them

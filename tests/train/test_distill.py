@@ -78,7 +78,8 @@ def test_student_init_is_trained(tmp_path):
 @pytest.mark.parametrize("fake", ["full", "lora"])
 def test_resume_is_bit_exact(tmp_path, fake):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ("run.eval_at_end=false", *(["model.fake_lora_rank=2"] if fake == "lora" else []))
+    lora = ["model.fake_lora_rank=2", "model.student_lora_rank=2"] if fake == "lora" else []
+    common = ("run.eval_at_end=false", *lora)
     assert _distill(whole, *common) == 0
     assert _distill(split, *common, "run.max_steps=2") == 0
     assert _distill(split, *common, resume=True) == 0
@@ -268,3 +269,25 @@ def test_corrupt_checkpoint_is_a_clear_error_and_touches_nothing(tmp_path, capsy
     assert _distill(run, "run.eval_at_end=false", resume=True) == 2
     assert "student.safetensors" in capsys.readouterr().err
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before
+
+
+def test_student_with_adapters_exports_merged_ema_weights(tmp_path):
+    """model.student_lora_rank: the exported student is a plain FLUX student whose adapted
+    weights are the frozen copy plus (α/r)·B·A of the EMA's factors (what the run sampled with)."""
+    from meanflow.models.flux_student import FluxStudent
+    from meanflow.models.lora import LoRALinear
+    from meanflow.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false", "model.student_lora_rank=2", "model.student_lora_alpha=3") == 0
+    exported = _student_weights(run)
+    checkpoint = load_checkpoint(run / "checkpoints")
+    weights, ema = checkpoint.tensors("student"), checkpoint.tensors("ema")
+    layer = "transformer_blocks.0.attn.to_q"
+    prefix = f"transformer.{layer}"
+    update = ema[f"params.{prefix}.lora_up"] @ ema[f"params.{prefix}.lora_down"]
+    assert update.abs().max() > 0  # trained
+    torch.testing.assert_close(exported[f"{layer}.weight"], weights[f"{prefix}.base.weight"] + 1.5 * update)
+    assert torch.equal(exported[f"{layer}.bias"], weights[f"{prefix}.base.bias"])
+    student = FluxStudent.from_pretrained(run / "student")
+    assert not any(isinstance(m, LoRALinear) for m in student.modules())

@@ -127,12 +127,12 @@ def test_sharded_save_failing_on_one_rank_saves_nothing_and_raises_on_every_rank
 
 @pytest.mark.parametrize("fake", ["full", "lora"])
 def test_planner_rows_equal_the_bytes_of_each_rank(tmp_path, fake):
-    """Also with the fake network's adapters: FSDP2 shards the frozen copy and the trained
-    factors of each block together, and the phase-C step trains the factors alone."""
+    """Also with adapters on the student and the fake network: FSDP2 shards the frozen copy and
+    the trained factors of each block together, and the steps train the factors alone."""
     import json
 
     out = tmp_path / "bytes.json"
-    lora = ["model.fake_lora_rank=2"] if fake == "lora" else []
+    lora = ["model.fake_lora_rank=2", "model.student_lora_rank=3"] if fake == "lora" else []
     result = torchrun(2, str(WORKER), "measure", str(out), f"run.out_dir={tmp_path / 'run'}", *lora)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -180,3 +180,25 @@ def test_ranks_without_a_process_group():
     assert sum(len(range(5)[Ranks(rank=r, size=8).share(5)]) for r in range(8)) == 5
     shard = Ranks(rank=1, size=2).rows(8, g)
     assert (shard.start, shard.rows, shard.total, shard.local) == (4, 4, 8, slice(4, 8))
+
+
+def test_adapters_sharded_repeat_one_process_and_resume(tmp_path):
+    """Student and fake network with LoRA adapters, sharded on two ranks (frozen copies and
+    trained factors in the same FSDP2 units): the run stops at step 2 with a sharded checkpoint,
+    resumes on two ranks, and repeats the one-process run; the export is merged and whole."""
+    lora = ("model.student_lora_rank=2", "model.fake_lora_rank=2")
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["MEANFLOW_BACKEND"] = "reference"
+    try:
+        assert main(_distill_args(one, *lora)) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("MEANFLOW_BACKEND", None)
+    two = tmp_path / "two"
+    for extra, resume in ((("run.max_steps=2",), False), ((), True)):
+        result = torchrun(2, "-m", "meanflow", *_distill_args(two, *lora, *extra, resume=resume))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_metrics(metrics_rows(two), metrics_rows(one))
+    _assert_same_student(two, one)

@@ -67,3 +67,22 @@ def test_state_round_trip_exact():
         other.load_state_dict({"num_updates": torch.tensor(1)})
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_frozen_parameters_are_not_averaged():
+    """Frozen parameters (the weights under adapters) never move: the EMA keeps no shadow of them
+    and copy_to leaves them as they are."""
+    model = _toy()
+    model[0].weight.requires_grad_(False)
+    ema = EMA(model, decay=0.5)
+    assert set(ema.params) == {"0.bias", "1.weight", "1.bias"}
+    frozen = model[0].weight.detach().clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    ema.copy_to(model)
+    assert torch.equal(model[0].weight, frozen + 1.0)
+    model[0].weight.requires_grad_(True)  # a different set of trainable parameters is refused
+    with pytest.raises(ValueError, match="trainable parameter names differ"):
+        ema.update(model)

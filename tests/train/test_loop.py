@@ -154,3 +154,20 @@ def test_alignment_rolls_out_on_the_runs_sampling_grid(world, tmp_path, monkeypa
     expected = time_grid(SamplerConfig(steps=2, shift="flux"), image_seq_len=world.latent_shape[0])
     assert len(grids) == 1 and torch.equal(grids[0], expected)
     assert not torch.equal(expected, time_grid(SamplerConfig(steps=2)))  # the shift moves the midpoint
+
+
+def test_student_lora_trains_the_adapters_and_the_delta_embedder(world, tmp_path):
+    from meanflow.models.lora import lora_parameters
+
+    d = _distiller(world, tmp_path, "model.student_lora_rank=2")
+    trained = {n for n, p in d.student.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in d.student.named_parameters() if "lora_" in n or n.startswith("delta_embedder.")}
+    assert len([p for g in d.optimizer.param_groups for p in g["params"]]) == len(trained)
+    assert set(d.ema.params) == trained and lora_parameters(d.student)
+    before = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+    d.step()
+    d.step()  # (A's first gradient is zero while B is)
+    moved = {n for n, p in d.student.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved <= trained and any("lora_down" in n for n in moved)
+    with pytest.raises(ConfigError, match=r"^model\.student_lora_rank: .*exceeds"):
+        _distiller(world, tmp_path, "model.student_lora_rank=100000")

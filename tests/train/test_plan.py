@@ -46,7 +46,7 @@ def test_parameter_counts_equal_real_models():
 def test_state_bytes_equal_a_real_distiller(tmp_path, fake):
     from meanflow.train.loop import Distiller
 
-    lora = ["model.fake_lora_rank=2"] if fake == "lora" else []
+    lora = ["model.fake_lora_rank=2", "model.student_lora_rank=3"] if fake == "lora" else []
     config = load_config("tiny", None, [f"run.out_dir={tmp_path}", *lora])
     distiller = Distiller(config)
     phases = set()
