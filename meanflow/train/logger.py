@@ -59,6 +59,31 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str
         return list(reader.fieldnames or []), rows
 
 
+def _step_of(row: dict[str, str]) -> int | None:
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
+
+
+def _resumed_rows(path: Path, resume_step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows with step <= resume_step) of the metrics CSV a run being resumed left.
+
+    Only complete lines count: a crash (power loss, a full disk) can leave the last row cut
+    short (``12`` of ``125,...``, which would pass for step 12) or a NUL-filled tail; such a
+    torn last line, and any row whose step is not an integer, is dropped rather than kept or
+    allowed to stop the resume."""
+    if not path.is_file():
+        return [], []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    kept = [r for r in rows if (step := _step_of(r)) is not None and step <= resume_step]
+    return list(reader.fieldnames or []), kept
+
+
 def _tensorboard_writer(log_dir: Path, purge_step: int | None):
     """A SummaryWriter, or None (with one printed note) if TensorBoard cannot be imported."""
     try:
@@ -86,9 +111,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / METRICS
-        header, rows = read_metrics(self.path) if resume_step is not None else ([], [])
-        rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= resume_step] \
-            if resume_step is not None else []
+        header, rows = _resumed_rows(self.path, resume_step) if resume_step is not None else ([], [])
         self.columns: list[str] = ["step"] + [c for c in header if c != "step"]
         self.columns += [c for c in columns if c not in self.columns]
         self._file: TextIO | None = None

@@ -80,3 +80,22 @@ def test_progress_tqdm():
         bar.update(step, loss=1.0, phase="C")
     bar.close()
     assert "4/4" in out.getvalue() and "phase=C" in out.getvalue()
+
+
+@pytest.mark.parametrize("tail", [b"1", b"12,0.5", b"\x00" * 64, b"1\x00\x00\x00", b"\xff\xfe"],
+                         ids=["step-cut", "row-cut", "nul-tail", "digit-then-nul", "not-utf8"])
+def test_resume_drops_a_torn_last_line(tmp_path, tail):
+    """A crash (power loss, full disk) can leave the last row cut short or a NUL-filled tail. On
+    resume that line is no row: it was neither kept as a bogus row (a "12" cut from "125" is a
+    step <= the checkpoint's) nor allowed to stop the resume (int("\\x00...") raised)."""
+    def run(out, steps, resume_step=None):
+        with RunLogger(out, tensorboard=False, resume_step=resume_step) as log:
+            for s in steps:
+                log.log(s, loss=1.0 / s, phase="A")
+
+    run(tmp_path / "a", range(1, 21))
+    run(tmp_path / "b", range(1, 16))
+    with open(tmp_path / "b" / "metrics.csv", "ab") as f:
+        f.write(tail)
+    run(tmp_path / "b", range(14, 21), 13)
+    assert _csv(tmp_path / "a") == _csv(tmp_path / "b")
