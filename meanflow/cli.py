@@ -165,14 +165,14 @@ def _load(args) -> "TrainConfig":
     return load_config(args.preset, args.config, overrides)
 
 
-def _run_config(run_dir: str) -> "TrainConfig":
-    """The resolved config a run folder recorded."""
+def _run_config(run_dir: str, overrides=()) -> "TrainConfig":
+    """The resolved config a run folder recorded, with ``overrides`` (``--set``) on top."""
     from meanflow.train.config import ConfigError, load_config
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"--run: {run_dir!r} has no config.yaml (not a meanflow distill run folder)")
-    return load_config(None, path, [])
+    return load_config(None, path, list(overrides))
 
 
 def cmd_distill(args) -> int:
@@ -214,7 +214,12 @@ def _world_and_student(args):
     from meanflow.train.world import make_world
 
     if args.run:
-        config = _run_config(args.run)
+        from meanflow.train.config import ConfigError
+
+        if getattr(args, "config", None):
+            raise ConfigError("--config: not used with --run (the run's config.yaml is the config; "
+                              "change keys with --set)")
+        config = _run_config(args.run, args.overrides)
         student_dir = args.student or os.path.join(args.run, "student")
     else:
         config = _load(args)
@@ -286,7 +291,8 @@ def cmd_generate_data(args) -> int:
     steps = args.steps or max(config.eval.teacher_steps)
     latents, chosen = teacher_latents(world, prompts, args.num, steps, config.method.guidance,
                                       shift=config.sample.shift, seed=args.seed, batch_size=config.eval.batch_size)
-    path = save_latents(args.output, latents, chosen, {"steps": steps, "guidance": config.method.guidance.mode})
+    path = save_latents(args.output, latents, chosen, {"steps": steps, "guidance": config.method.guidance.mode,
+                                                       "teacher": config.model.teacher})
     print(f"{path}: {latents.shape[0]} latents {tuple(latents.shape[1:])} ({steps} teacher steps); train on "
           f"them with --set data.source=teacher --set data.latents_cache={os.path.dirname(os.path.abspath(path))}")
     return 0

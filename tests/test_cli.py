@@ -1,0 +1,57 @@
+"""meanflow.cli: `sample` / `eval` read a run folder's config and the options given beside it."""
+import pytest
+
+from meanflow import cli
+from meanflow.train.config import load_config, save_yaml
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_yaml(load_config("tiny", None, [f"run.out_dir={run}"]), run / "config.yaml")
+    return run
+
+
+@pytest.fixture
+def worlds(monkeypatch):
+    """make_world replaced by a stub that records the config it gets (and stops the command)."""
+    import meanflow.train.world as world_module
+
+    seen = []
+
+    def make_world(config, device=None):
+        seen.append(config)
+        raise ValueError("stub world")
+
+    monkeypatch.setattr(world_module, "make_world", make_world)
+    return seen
+
+
+@pytest.mark.parametrize("command", [["eval"], ["sample", "--steps", "1"]])
+def test_set_applies_over_a_run_folder(run_folder, worlds, command):
+    """`--set` with `--run` was accepted and silently ignored: `meanflow eval --run R --set
+    eval.samples_per_prompt=3` evaluated with the run's own value."""
+    recorded = load_config(None, run_folder / "config.yaml", [])
+    assert recorded.eval.samples_per_prompt != 3
+    assert cli.main([*command, "--run", str(run_folder), "--set", "eval.samples_per_prompt=3",
+                     "--set", "eval.batch_size=7"]) == 2
+    assert worlds[-1].eval.samples_per_prompt == 3 and worlds[-1].eval.batch_size == 7
+    assert worlds[-1].model == recorded.model  # the rest is the run's
+
+
+def test_run_folder_without_options_keeps_its_config(run_folder, worlds):
+    assert cli.main(["eval", "--run", str(run_folder)]) == 2
+    assert worlds[-1] == load_config(None, run_folder / "config.yaml", [])
+
+
+def test_config_file_with_a_run_folder_is_refused(run_folder, worlds, tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("eval:\n  samples_per_prompt: 3\n")
+    assert cli.main(["eval", "--run", str(run_folder), "--config", str(extra)]) == 2
+    assert "--config" in capsys.readouterr().err and not worlds
+
+
+def test_bad_override_over_a_run_folder_is_a_clear_error(run_folder, worlds, capsys):
+    assert cli.main(["eval", "--run", str(run_folder), "--set", "eval.samples_per_promt=3"]) == 2
+    assert "eval.samples_per_promt" in capsys.readouterr().err and not worlds
