@@ -438,6 +438,10 @@ class MeanFlowFluxPipeline:
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(prompts)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator: a list of {len(generator)} generators for {batch} images "
+                             f"({len(prompts) // num_images_per_prompt} prompts × {num_images_per_prompt}); "
+                             "give one per image, or one generator")
         cond = self.encode_prompt(prompts, height, width)
         if getattr(self.student.transformer.config, "guidance_embeds", False):
             from meanflow.method.guidance import set_guidance

@@ -80,6 +80,18 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, list[str]]:
     return latents, prompts
 
 
+def _read_info(path: Path) -> dict:
+    """The ``info`` metadata :func:`save_latents` wrote ({} if none or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("info", "{}"))
+    except Exception:  # noqa: BLE001 - load_latents has read the file already
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def latents_path(config) -> Path:
     """Where the run's teacher latents live: ``data.latents_cache`` (a folder) or the run folder."""
     folder = Path(config.data.latents_cache) if config.data.latents_cache else Path(config.run.out_dir)
@@ -107,8 +119,19 @@ def prepare_teacher_data(world, config, log=print, ranks=None) -> None:
         if ranks.main:
             latents = torch.cat([p[0] for p in parts])
             prompts = [prompt for p in parts for prompt in p[1]]
-            save_latents(path, latents, prompts, {"steps": steps, "guidance": config.method.guidance.mode})
+            save_latents(path, latents, prompts, {"steps": steps, "guidance": config.method.guidance.mode,
+                                                  "teacher": config.model.teacher})
         ranks.barrier()
     latents, prompts = load_latents(path)
+    # A cache is reused whatever the run: refuse one of another teacher or image size by name
+    # (files of `meanflow generate-data` record no teacher; their shape is still checked).
+    recorded = _read_info(path).get("teacher")
+    if recorded is not None and recorded != config.model.teacher:
+        raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of the teacher {recorded!r}, this run's "
+                         f"model.teacher is {config.model.teacher!r}; delete it or choose another data.latents_cache")
+    if tuple(latents.shape[1:]) != tuple(world.latent_shape):
+        raise ValueError(f"data.latents_cache: {str(path)!r} holds latents {tuple(latents.shape)}, this run "
+                         f"wants (N, {', '.join(map(str, world.latent_shape))}) (another model.resolution?); "
+                         "delete it or choose another data.latents_cache")
     log(f"training on {latents.shape[0]} teacher latents from {path}")
     world.use_latents(latents, prompts)

@@ -87,14 +87,15 @@ def find_captioned_images(image_dir: str | os.PathLike, name: str = "image_dir")
 
 
 def load_image(path: str | os.PathLike, height: int, width: int) -> Tensor:
-    """An image file as (3, height, width) float32 in [-1, 1]: RGB, resized so that it covers
-    height × width (bicubic; the shorter side for a square target), then center-cropped."""
+    """An image file as (3, height, width) float32 in [-1, 1]: turned upright by its EXIF
+    orientation (as viewers and ``diffusers.utils.load_image`` show it), RGB, resized so that it
+    covers height × width (bicubic; the shorter side for a square target), then center-cropped."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"image_dir: cannot read the image {str(path)!r} ({err})") from None
     w0, h0 = img.size

@@ -216,6 +216,12 @@ def test_generate_data_then_train_on_teacher_latents(tmp_path):
     run = tmp_path / "run"
     assert _distill(run, "run.eval_at_end=false", "data.source=teacher", f"data.latents_cache={data}") == 0
     assert len(_rows(run)) == 4
+    # The file records its teacher: a run of another teacher does not train on it.
+    from meanflow.digits.teacher import TEACHER_PATH
+
+    other = tmp_path / "other"
+    assert _distill(other, "data.source=teacher", f"data.latents_cache={data}", f"model.teacher={TEACHER_PATH}") == 2
+    assert not other.exists()
 
 
 @pytest.mark.parametrize("args, message", [

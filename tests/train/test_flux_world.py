@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,6 +191,28 @@ def test_teacher_latents_and_training_batch(world):
         world.training_batch(0, torch.Generator())
 
 
+def test_teacher_latents_cache_of_another_run_is_refused(pipe, pipe_dir, prompt_file, tmp_path):
+    """data.latents_cache is reused by any run that names it: latents of another teacher or of
+    another resolution are refused by name, not trained on (or failed on with a bare shape)."""
+    from meanflow.train.data import LATENTS_FILE, prepare_teacher_data, save_latents
+
+    cache = tmp_path / "cache"
+    config = _config(pipe_dir, prompt_file, tmp_path, f"data.latents_cache={cache}")
+    world = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
+    prompts = PROMPTS[:3]
+    save_latents(cache / LATENTS_FILE, torch.randn(3, N_IMG, C), prompts,
+                 {"steps": 2, "guidance": "embedded", "teacher": str(pipe_dir)})
+    prepare_teacher_data(world, config, log=lambda *_: None)   # this run's teacher and size: used
+    assert world.training_data[1] == prompts
+    config.model.teacher = "black-forest-labs/FLUX.1-schnell"
+    with pytest.raises(ValueError, match="data.latents_cache.*teacher"):
+        prepare_teacher_data(world, config, log=lambda *_: None)
+    config.model.teacher = str(pipe_dir)
+    save_latents(cache / LATENTS_FILE, torch.randn(3, 4 * N_IMG, C), prompts, {"steps": 2})   # 2 × RES, no teacher
+    with pytest.raises(ValueError, match="data.latents_cache.*resolution"):
+        prepare_teacher_data(world, config, log=lambda *_: None)
+
+
 def _write_images(folder):
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
@@ -235,6 +258,25 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     assert torch.equal(again.training_data[0], latents) and again.training_data[1] == captions
     with pytest.raises(ValueError, match="data.latents_cache"):   # the cache is of another folder
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=tmp_path, log=lambda *_: None)
+
+
+def test_load_image_follows_the_exif_orientation(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation tag; viewers (and
+    diffusers' load_image) show it upright, so the latents must be of the upright image."""
+    from PIL import ImageOps
+
+    pixels = torch.randint(0, 256, (32, 48, 3), generator=torch.Generator().manual_seed(2),
+                           dtype=torch.uint8).numpy()          # stored 48 wide × 32 tall
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6                                           # shown rotated: 32 wide × 48 tall
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as shown:
+        upright = ImageOps.exif_transpose(shown).convert("RGB")
+    assert upright.size == (32, 48)
+    expected = torch.from_numpy(np.asarray(upright, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(load_image(path, 48, 32), expected)   # height 48, width 32: no resize
 
 
 def test_dataset_errors(pipe, pipe_dir, prompt_file, tmp_path):
@@ -331,6 +373,29 @@ def test_meanflow_pipeline_end_to_end(pipe, pipe_dir, tmp_path):
     z3 = bf16(prompts, num_inference_steps=2, height=RES, width=RES, output_type="latent",
               generator=torch.Generator().manual_seed(5)).images
     assert z3.dtype == torch.float32 and torch.isfinite(z3).all()
+
+
+def test_meanflow_pipeline_matches_flux_pipeline(pipe):
+    """A student at initialisation (u(z, r, t) = v_T(z, t)) samples exactly as diffusers'
+    FluxPipeline does with FLUX.1-dev's scheduler: the same noise from the same generators, the
+    shifted grid, guidance, prompt order with num_images_per_prompt, the decode."""
+    # The module's pipeline components, with FLUX.1-dev's scheduler config.
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    base = FluxPipeline(**{**pipe.components, "scheduler": scheduler})
+    mf = MeanFlowFluxPipeline(FluxStudent.from_transformer(copy.deepcopy(pipe.transformer)), base, shift="flux")
+    prompts = ["a red cat", "a blue car"]
+    for steps, output_type in ((2, "latent"), (3, "pt")):
+        kwargs = dict(num_inference_steps=steps, height=RES, width=2 * RES, num_images_per_prompt=2,
+                      guidance_scale=4.0, output_type=output_type)
+        ours = mf(prompts, generator=[torch.Generator().manual_seed(i) for i in range(4)], **kwargs).images
+        theirs = base(prompts, generator=[torch.Generator().manual_seed(i) for i in range(4)],
+                      max_sequence_length=T5_LEN, **kwargs).images
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for n in (1, 3):   # one generator per image, as FluxPipeline insists
+        with pytest.raises(ValueError, match="generator"):
+            mf(prompts, num_inference_steps=1, height=RES, width=RES, output_type="latent",
+               generator=[torch.Generator().manual_seed(i) for i in range(n)])
 
 
 def test_meanflow_pipeline_time_grid_and_dtype(pipe, pipe_dir, tmp_path):
