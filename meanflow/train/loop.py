@@ -41,7 +41,7 @@ from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
 from meanflow.models.lora import add_lora_to_flux_blocks
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.train.config import ConfigError, ModelConfig, TrainConfig
+from meanflow.train.config import ConfigError, TrainConfig
 from meanflow.train.distributed import (Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux,
                                         silent)
 from meanflow.train.ema import EMA
@@ -300,7 +300,7 @@ class Distiller:
     def ema_weights(self):
         """The student with the EMA weights in place, in eval mode; its own weights and mode come
         back on exit. Works on sharded students (each rank swaps its shards; every rank must
-        then make the same calls). Costs one copy of the parameters."""
+        then make the same calls). Costs one copy of the trained parameters."""
         reshard(self.student)
         # What the EMA writes: the trained parameters and the buffers (frozen ones never move).
         tensors = {**{n: p for n, p in self.student.named_parameters() if n in self.ema.params},
