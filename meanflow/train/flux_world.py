@@ -86,6 +86,17 @@ def find_captioned_images(image_dir: str | os.PathLike, name: str = "image_dir")
     return pairs
 
 
+def folder_fingerprint(pairs: Sequence[tuple[Path, str]]) -> str:
+    """sha256 over the (file name, size, caption) of each captioned image: what a dataset cache
+    was made from (sizes, not contents: reading every image again would cost what the cache saves)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, caption in pairs:
+        digest.update(f"{Path(path).name}\t{Path(path).stat().st_size}\t{caption}\n".encode())
+    return digest.hexdigest()
+
+
 def load_image(path: str | os.PathLike, height: int, width: int) -> Tensor:
     """An image file as (3, height, width) float32 in [-1, 1]: turned upright by its EXIF
     orientation (as viewers and ``diffusers.utils.load_image`` show it), RGB, resized so that it
@@ -313,6 +324,14 @@ class FluxWorld(World):
                                      f"{info.get(key)!r}, "
                                      f"this run wants {expected[key]!r}; delete it or choose another "
                                      "data.latents_cache")
+            # The folder as it is now: a cache of what it held before (images added, removed or
+            # replaced, captions edited) is refused, never trained on silently. (Caches made
+            # before the fingerprint was recorded, or used where the folder is absent, are not.)
+            if info.get("images") is not None and image_dir is not None and Path(image_dir).is_dir():
+                if info["images"] != folder_fingerprint(find_captioned_images(image_dir, name)):
+                    raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of the images "
+                                     f"{str(image_dir)!r} held when it was made; images or captions changed "
+                                     "since: delete it or choose another data.latents_cache")
             latents, prompts = load_latents(path)
             if tuple(latents.shape[1:]) != tuple(self.latent_shape):
                 raise ValueError(f"data.latents_cache: {str(path)!r} holds latents {tuple(latents.shape)}, "
@@ -328,7 +347,7 @@ class FluxWorld(World):
         latents = self.encode_images([p for p, _ in pairs])
         prompts = [c for _, c in pairs]
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_latents(path, latents, prompts, expected)
+        save_latents(path, latents, prompts, dict(expected, images=folder_fingerprint(pairs)))
         return latents, prompts
 
     @torch.no_grad()

@@ -258,6 +258,16 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     assert torch.equal(again.training_data[0], latents) and again.training_data[1] == captions
     with pytest.raises(ValueError, match="data.latents_cache"):   # the cache is of another folder
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=tmp_path, log=lambda *_: None)
+    # The folder changed since the cache was made: an edited caption, then one more image.
+    (images / "b_wide.txt").write_text("a red dog", encoding="utf-8")
+    with pytest.raises(ValueError, match="data.latents_cache.*images"):
+        FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
+    (images / "b_wide.txt").write_text(captions[1], encoding="utf-8")
+    assert FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None).training_data[1] == captions
+    Image.new("RGB", (8, 8)).save(images / "d_new.png")
+    (images / "d_new.txt").write_text("a new picture", encoding="utf-8")
+    with pytest.raises(ValueError, match="data.latents_cache.*images"):
+        FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
 
 
 def test_load_image_follows_the_exif_orientation(tmp_path):
