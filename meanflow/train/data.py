@@ -20,11 +20,19 @@ from meanflow.train.atomic import atomic_write
 LATENTS_FILE = "teacher_latents.safetensors"
 
 
+def prompt_order(count: int, num: int, generator: torch.Generator) -> list[int]:
+    """``num`` indices into ``count`` prompts: shuffled passes over all of them, so each is used
+    ⌊num/count⌋ or ⌈num/count⌉ times (drawn independently, a third of the prompts would go
+    unused at num = count)."""
+    passes = -(-num // count)
+    return torch.cat([torch.randperm(count, generator=generator) for _ in range(passes)])[:num].tolist()
+
+
 def teacher_latents(world, prompts: list[str], num: int, steps: int, guidance, *, shift: str = "none",
                     seed: int = 0, batch_size: int = 256, log=print,
                     rows: slice | None = None) -> tuple[Tensor, list[str]]:
-    """``num`` teacher samples (num, N_img, C) float32 (CPU) with the prompts they were made for
-    (drawn uniformly from ``prompts`` with ``seed``). ``rows``: only those of the ``num``
+    """``num`` teacher samples (num, N_img, C) float32 (CPU) with the prompts they were made for:
+    :func:`prompt_order` of ``prompts`` with ``seed``. ``rows``: only those of the ``num``
     (prompts and noise are drawn for all ``num`` first, so the rows are the same samples
     whichever ranks make them)."""
     from meanflow.train.loop import sample_teacher
@@ -34,8 +42,7 @@ def teacher_latents(world, prompts: list[str], num: int, steps: int, guidance, *
     if not prompts:
         raise ValueError("prompts: expected at least one prompt")
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(prompts), (num,), generator=generator).tolist()
-    chosen = [prompts[i] for i in picks]
+    chosen = [prompts[i] for i in prompt_order(len(prompts), num, generator)]
     noise = torch.randn((num, *world.latent_shape), generator=generator)
     if rows is not None:
         chosen, noise = chosen[rows], noise[rows]
