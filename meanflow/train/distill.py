@@ -8,7 +8,8 @@ Run folder (``run.out_dir``)::
     checkpoints/         step-*/ folders (student, EMA, fake network, optimizers, RNG, schedule)
                          and a ``latest`` pointer, written atomically
     student/             the final student (EMA weights), ``FluxStudent.from_pretrained``-loadable, and
-                         ``meanflow_pipeline.json`` recording its time grid (``sample.shift``)
+                         ``meanflow_pipeline.json`` recording its time grid (``sample.shift``) and
+                         base pipeline (FLUX: ``model.teacher``)
     eval.json, report.md, loss.png, eval grids    at the end (``run.eval_at_end``)
 
 A run folder that already holds checkpoints, or any of the files above (a run that stopped
@@ -338,14 +339,13 @@ class Run:
         return result
 
     def export_student(self, directory: Path) -> None:
-        """Writes the student as it is now, whole (``FluxStudent.save_pretrained``), and the time
-        grid it samples on (``sample.shift``, in ``meanflow_pipeline.json``, which
-        ``MeanFlowFluxPipeline`` reads), from rank 0. Every rank calls it; the weights are
-        gathered on rank 0's CPU."""
+        """Writes the student as it is now, whole (``FluxStudent.save_pretrained``, adapters
+        merged), and in ``meanflow_pipeline.json``, which ``MeanFlowFluxPipeline`` reads, the
+        time grid it samples on (``sample.shift``) and, for FLUX, the teacher's pipeline as its
+        base, from rank 0. Every rank calls it; the weights are gathered on rank 0's CPU."""
         from meanflow.models.flux_student import FluxStudent
-        from meanflow.models.pipeline import save_pipeline_config
-
         from meanflow.models.lora import lora_scalings, merge_lora_state_dict
+        from meanflow.models.pipeline import save_pipeline_config
 
         d = self.distiller
         state = full_state_dict(d.student, d.ranks)
@@ -356,7 +356,10 @@ class Run:
                 whole = FluxStudent.from_config(dict(d.student.transformer.config))
             whole.load_state_dict(state, assign=True)
             whole.save_pretrained(directory)
-            save_pipeline_config(directory, shift=self.config.sample.shift)
+            model = self.config.model
+            flux = model.kind == "flux"  # its teacher is the FLUX pipeline whose encoders and VAE sample with it
+            save_pipeline_config(directory, shift=self.config.sample.shift, base=model.teacher if flux else None,
+                                 revision=model.revision if flux else None)
         d.ranks.barrier()
 
 
