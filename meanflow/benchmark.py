@@ -104,18 +104,19 @@ def device_busy_us(events) -> float:
     return float(sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA))
 
 
-def device_ms_per_call(fn: Callable[[], object], calls: int) -> float | None:
+def device_ms_per_call(fn: Callable[[], object], calls: int, device: torch.device | None = None) -> float | None:
     """The GPU's busy milliseconds per call of ``fn`` over ``calls`` calls under the profiler;
-    None without CUDA."""
-    if not torch.cuda.is_available():
+    None without CUDA or for a ``device`` that is not a GPU (its work would count as 0 ms).
+    ``device`` (default: the current CUDA device) is the one synchronised."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return device_busy_us(prof.events()) / 1e3 / calls
 
 
@@ -200,7 +201,7 @@ def run_case(case: str, shape: Shape, *, calls: int, rounds: int, memory_budget:
             target = _targets(case, provider, q, k, v, tangents, grad_out)
             row.median_ms = median_ms_per_call(target, shape.device, calls, rounds)
             row.peak_mib = _peak_mib(target, shape.device)
-            row.device_ms = device_ms_per_call(target, calls)
+            row.device_ms = device_ms_per_call(target, calls, shape.device)
         except torch.OutOfMemoryError as exc:
             row.skipped = f"out of memory ({first_line(exc, 80)})"
         except Exception as exc:  # noqa: BLE001 - a provider that cannot run here is a result

@@ -101,6 +101,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--device: expected cuda or cpu (cuda:N), got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device: {args.device!r}, but torch.cuda.is_available() is False")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {args.device!r}, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s) (cuda:0 ...)")
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     tokens = args.tokens or ([1024, 4608] if cuda else [256])

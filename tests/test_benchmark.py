@@ -87,3 +87,22 @@ def test_unavailable_device_is_a_clear_error(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", *TINY, "--device", "cuda"]) == 2
         assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_no_device_time_for_a_cpu_device_on_a_gpu_machine(monkeypatch):
+    """--device cpu where CUDA is present: the profiler sees no GPU work, which is no device
+    time (None, no column), not 0 ms."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    shape = benchmark.Shape(1, 1, 24, 8, torch.float32, torch.device("cpu"))
+    rows = benchmark.run_case("fwd", shape, calls=1, rounds=1, memory_budget=2**30)
+    assert all(r.skipped is None and r.device_ms is None for r in rows), rows
+    assert "device ms" not in benchmark.format_table(rows)
+
+
+def test_a_cuda_index_the_machine_lacks_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["bench", *TINY, "--device", "cuda:3"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "1 CUDA device" in err

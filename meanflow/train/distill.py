@@ -247,7 +247,8 @@ class Run:
             models.append(("fake", d.fake, d.fake_optimizer))
         for name, model, optimizer in models:
             set_model_state_dict(model, checkpoint.tensors(name), options=whole)
-            set_optimizer_state_dict(model, optimizer, _by_parameter_name(model, checkpoint.optimizer_state(name)),
+            set_optimizer_state_dict(model, optimizer,
+                                     _by_parameter_name(model, optimizer, checkpoint.optimizer_state(name)),
                                      options=whole)
         saved = checkpoint.tensors("ema")
         d.ema.load_state_dict({
@@ -378,11 +379,13 @@ def distill(config: TrainConfig, resume: bool = False, log=print) -> int:
     return 0
 
 
-def _by_parameter_name(model, state: dict) -> dict:
-    """An optimizer state_dict keyed by parameter index (``optimizer.state_dict()``, one param
-    group over ``model.parameters()``) re-keyed by parameter name, the form
+def _by_parameter_name(model, optimizer, state: dict) -> dict:
+    """An optimizer state_dict keyed by parameter index (``optimizer.state_dict()``: the indices
+    count the optimizer's own parameters, in its groups' order, which are the trained ones only
+    where adapters freeze the rest) re-keyed by parameter name, the form
     ``set_optimizer_state_dict`` takes."""
-    names = [name for name, _ in model.named_parameters()]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     groups = [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]
     return {"state": {names[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
 

@@ -202,3 +202,24 @@ def test_adapters_sharded_repeat_one_process_and_resume(tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_metrics(metrics_rows(two), metrics_rows(one))
     _assert_same_student(two, one)
+
+
+def test_adapters_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    """A one-process checkpoint of a run with adapters resumed on two ranks: its optimizer state
+    (one entry per trained parameter, the factors and the (t − r) embedder, not per parameter of
+    the model) reaches the right parameters, so the run repeats the uninterrupted one."""
+    lora = ("model.student_lora_rank=2", "model.fake_lora_rank=2")
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["MEANFLOW_BACKEND"] = "reference"
+    try:
+        assert main(_distill_args(one, *lora)) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("MEANFLOW_BACKEND", None)
+    run = _rewind(one, tmp_path / "run", 2)
+    result = torchrun(2, "-m", "meanflow", *_distill_args(run, *lora, resume=True))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_metrics(metrics_rows(run), metrics_rows(one))
+    _assert_same_student(run, one)
