@@ -150,9 +150,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _config_args(parser: argparse.ArgumentParser, default_preset: str | None = "digits") -> None:
-    parser.add_argument("--preset", default=default_preset,
-                        help=f"named preset (default {default_preset}; `meanflow presets` lists them)")
+DEFAULT_PRESET = "digits"
+
+
+def _config_args(parser: argparse.ArgumentParser, resume: bool = False) -> None:
+    parser.add_argument("--preset", help=f"named preset (default {DEFAULT_PRESET}"
+                        + ("; with --resume, the run's config.yaml" if resume else "")
+                        + "; `meanflow presets` lists them)")
     parser.add_argument("--config", metavar="FILE", help="a YAML file over the preset")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one key, e.g. --set optim.lr=1e-4 (repeatable)")
@@ -165,7 +169,14 @@ def _load(args) -> "TrainConfig":
     overrides = list(args.overrides)
     if getattr(args, "out", None):
         overrides.append(f"run.out_dir={args.out}")
-    return load_config(args.preset, args.config, overrides)
+    if args.preset is None and args.config is None and getattr(args, "resume", False):
+        # --resume with neither: the run's own config.yaml is the base (the --set keys go on top,
+        # and the run checks that only run.*, sample.* and eval.* changed).
+        located = load_config(DEFAULT_PRESET, None, overrides)
+        recorded = os.path.join(located.run.out_dir, "config.yaml")
+        if os.path.isfile(recorded):
+            return load_config(None, recorded, [*overrides, f"run.out_dir={located.run.out_dir}"])
+    return load_config(DEFAULT_PRESET if args.preset is None else args.preset, args.config, overrides)
 
 
 def _run_config(run_dir: str, overrides=()) -> "TrainConfig":
@@ -330,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("distill", help="distill a teacher into a few-step student (default preset: digits)")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    _config_args(p, resume=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder, from its config.yaml (--set may change run.*, "
+                   "sample.* and eval.* keys)")
     p.set_defaults(func=cmd_distill)
 
     p = commands.add_parser("plan", help="estimated per-GPU memory of a run sharded over N GPUs (FSDP2)")

@@ -95,6 +95,20 @@ def test_resume_is_bit_exact(tmp_path, fake):
     assert recorded[1]["max_steps"] == recorded[0]["max_steps"] != 2
 
 
+def test_resume_reads_the_runs_own_config(tmp_path, capsys):
+    """`meanflow distill --resume --out DIR` alone continues the run as it was configured (its
+    config.yaml, not the default preset); --set may change run.* keys, not the method's."""
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(run), "--set", "run.eval_at_end=false",
+                 "--set", "optim.lr=1e-4", "--set", "run.max_steps=2"]) == 0
+    assert main(["distill", "--resume", "--out", str(run), "--set", "run.max_steps=3"]) == 0
+    assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["optim"]["lr"] == 1e-4 and recorded["run"]["max_steps"] == 3
+    assert main(["distill", "--resume", "--out", str(run), "--set", "optim.lr=1e-3"]) == 2
+    assert "optim.lr: --resume with a different setting" in capsys.readouterr().err
+
+
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     assert _distill(run, "run.eval_at_end=false", "run.max_steps=2") == 0
