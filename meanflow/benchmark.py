@@ -159,14 +159,14 @@ def _targets(case: str, provider: str, q, k, v, tangents, grad_out) -> Callable[
     return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
 
 
-def _inputs(shape: Shape, seed: int):
+def _inputs(shape: Shape, seed: int, requires_grad: bool):
     g = torch.Generator(device=shape.device).manual_seed(seed)
     size = (shape.batch, shape.heads, shape.tokens, shape.head_dim)
 
     def randn():
         return torch.randn(size, generator=g, device=shape.device, dtype=shape.dtype)
 
-    q, k, v = (randn().requires_grad_() for _ in range(3))
+    q, k, v = (randn().requires_grad_(requires_grad) for _ in range(3))
     return q, k, v, tuple(randn() for _ in range(3)), randn()
 
 
@@ -185,7 +185,8 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
 def run_case(case: str, shape: Shape, *, calls: int, rounds: int, memory_budget: float,
              seed: int = 0) -> list[Row]:
     """Every provider of ``case`` at ``shape``; speedups against the case's baseline."""
-    q, k, v, tangents, grad_out = _inputs(shape, seed)
+    # Inputs require grad only where gradients are timed: fwd and fwd_jvp run as inference does.
+    q, k, v, tangents, grad_out = _inputs(shape, seed, requires_grad=case in ("fwd_jvp_bwd", "bwd"))
     flops = FLOP_FACTOR[case] * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
     rows = []
     for provider in PROVIDERS[case]:

@@ -104,6 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device: {args.device!r}, but this machine has {torch.cuda.device_count()} "
                              "CUDA device(s) (cuda:0 ...)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json: no folder for {args.json!r}")  # before minutes of timing, not after
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     tokens = args.tokens or ([1024, 4608] if cuda else [256])

@@ -106,3 +106,9 @@ def test_a_cuda_index_the_machine_lacks_is_a_clear_error(monkeypatch, capsys):
     assert main(["bench", *TINY, "--device", "cuda:3"]) == 2
     err = capsys.readouterr().err
     assert "--device" in err and "1 CUDA device" in err
+
+
+def test_a_json_path_without_a_folder_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "run_case", lambda *a, **k: pytest.fail("timed before checking --json"))
+    assert main(["bench", *TINY, "--json", str(tmp_path / "missing" / "out.json")]) == 2
+    assert "--json" in capsys.readouterr().err
