@@ -44,7 +44,7 @@ def autotuning() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Configurations (shared with kernels/jvp_layer_norm_modulate.py)
+# Configurations (shared with meanflow/kernels/jvp_layer_norm_modulate.py)
 # --------------------------------------------------------------------------------------------
 
 # (TILE, num_warps), default first: TILE is the number of elements a program holds per tensor
