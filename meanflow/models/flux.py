@@ -36,6 +36,11 @@ import torch.nn.functional as F
 
 from meanflow.ops.jvp_attention import jvp_attention
 
+# The fused projection of diffusers' fuse_qkv_projections() and the layers it concatenates, in
+# order (those stay on the module, unread by its forward, until unfuse_projections()).
+FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"),
+                     "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
 __all__ = [
     "JVPFluxAttnProcessor",
     "enable_jvp_attention",

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from meanflow import ops
-from meanflow.models.flux import _key_padding_to_4d, enable_jvp_attention
+from meanflow.models.flux import FUSED_PROJECTIONS, _key_padding_to_4d, enable_jvp_attention
 from meanflow.models.lora import LoRALinear, lora_scalings, merge_lora_state_dict
 from meanflow.ops.pair import forward_ad_active
 
@@ -781,11 +781,6 @@ def _pair_forward(transformer, delta_embedder, z, r, t, cond, z_dot, r_dot, t_do
 # Student and teacher
 # --------------------------------------------------------------------------------------------
 
-# The fused projection of diffusers' fuse_qkv_projections() and the layers it concatenates, in order.
-_FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"),
-                      "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-
 def _plain_view(transformer):
     """``transformer`` itself if no attention layer is fused and no Linear carries adapters; else
     a model of the same config holding the live weights in diffusers' plain layout: each fused
@@ -800,7 +795,7 @@ def _plain_view(transformer):
         return transformer
     state = merge_lora_state_dict(transformer.state_dict(), scalings)
     for name, attn in fused.items():
-        for fused_name, parts in _FUSED_PROJECTIONS.items():
+        for fused_name, parts in FUSED_PROJECTIONS.items():
             if getattr(attn, fused_name, None) is None:
                 continue
             sizes = [getattr(attn, part).out_features for part in parts]

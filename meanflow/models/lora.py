@@ -21,9 +21,12 @@ folds the adapters into plain weights, for an exported student that diffusers an
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
+
+from meanflow.models.flux import FUSED_PROJECTIONS
 
 
 class LoRALinear(nn.Module):
@@ -63,6 +66,16 @@ class LoRALinear(nn.Module):
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    def __getattr__(self, name: str):
+        if name == "weight":
+            # An AttributeError (hasattr() stays False), with the reason: code that reads a plain
+            # Linear's weight, as diffusers' fuse_qkv_projections() does, would otherwise lose
+            # the update.
+            raise AttributeError("a LoRALinear has no plain weight (it is base.weight plus the "
+                                 "adapters' update; merged_weight() gives their sum): fuse projections "
+                                 "(fuse_qkv_projections()) before adding adapters, not after")
+        return super().__getattr__(name)
+
     @property
     def in_features(self) -> int:
         return self.base.in_features
@@ -101,8 +114,13 @@ def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float,
                             generator: torch.Generator | None = None) -> list[str]:
     """Freezes ``transformer`` and replaces every ``nn.Linear`` inside its double and single
     blocks by a :class:`LoRALinear` of the given rank and α (in place), A drawn from
-    ``generator`` (CPU; default torch's global one). Layers narrower than ``rank`` are refused
-    with a ValueError naming ``rank``.
+    ``generator`` (CPU; default torch's global one). In an attention layer whose projections are
+    fused (``fuse_qkv_projections()``), the fused ``to_qkv`` / ``to_added_qkv`` are adapted and
+    the unfused q, k, v layers, which its forward no longer reads, are not.
+
+    Raises:
+        ValueError: ``rank`` wider than a layer to adapt, or blocks that already carry adapters;
+            nothing is frozen or replaced then.
 
     Returns:
         the qualified names of the adapted layers (relative to ``transformer``).
@@ -110,19 +128,39 @@ def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float,
     check_rank_alpha(rank, alpha)
     blocks = [("transformer_blocks", transformer.transformer_blocks),
               ("single_transformer_blocks", transformer.single_transformer_blocks)]
-    transformer.requires_grad_(False)
-    adapted = []
+    targets = []  # (qualified name, parent module, attribute, Linear), all checked before any change
     for prefix, block_list in blocks:
         for index, block in enumerate(block_list):
-            targets = [(name, module) for name, module in block.named_modules() if type(module) is nn.Linear]
-            for name, module in targets:
+            if any(isinstance(m, LoRALinear) for m in block.modules()):
+                raise ValueError(f"transformer: {prefix}.{index} already carries adapters")
+            unread = _unread_projections(block)
+            for name, module in block.named_modules():
+                if type(module) is not nn.Linear or id(module) in unread:
+                    continue
+                if rank > min(module.in_features, module.out_features):
+                    raise ValueError(f"rank: {rank} exceeds min(in_features, out_features) = "
+                                     f"{min(module.in_features, module.out_features)} of {prefix}.{index}.{name}")
                 parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
-                adapted.append(f"{prefix}.{index}.{name}")
-    if not adapted:
+                targets.append((f"{prefix}.{index}.{name}", block.get_submodule(parent_name) if parent_name else block,
+                                child, module))
+    if not targets:
         raise ValueError("transformer: no torch.nn.Linear inside its blocks to adapt")
-    return adapted
+    transformer.requires_grad_(False)
+    for _, parent, child, module in targets:
+        setattr(parent, child, LoRALinear(module, rank, alpha, generator))
+    return [name for name, *_ in targets]
+
+
+def _unread_projections(block: nn.Module) -> set[int]:
+    """ids of the q, k, v Linears that fused attention layers in ``block`` keep but do not read."""
+    unread = set()
+    for attn in block.modules():
+        if not getattr(attn, "fused_projections", False):
+            continue
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if getattr(attn, fused, None) is not None:
+                unread.update(id(getattr(attn, part)) for part in parts if getattr(attn, part, None) is not None)
+    return unread
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -140,14 +178,32 @@ def merge_lora_state_dict(state: dict[str, Tensor], scalings: dict[str, float]) 
     layer ``name`` (a key of ``scalings``, as :func:`lora_scalings` gives), ``name.weight`` =
     W + (α/r)·B·A (computed in float32 or float64, stored in W's dtype) and ``name.bias`` the
     base's, in place of ``name.base.*``, ``name.lora_down`` and ``name.lora_up``. Other keys
-    pass unchanged."""
+    pass unchanged.
+
+    Over a 16-bit W the rounding can drop much of an update smaller than W's rounding step (the
+    reason the factors train in float32): a warning names how many layers lost more than
+    ``LOST_UPDATE_WARNING`` of their update's norm."""
     merged = dict(state)
+    lost = []
     for name, scaling in scalings.items():
         weight = merged.pop(f"{name}.base.weight")
         down, up = merged.pop(f"{name}.lora_down"), merged.pop(f"{name}.lora_up")
         dtype = torch.promote_types(down.dtype, torch.float32)
         delta = (up.to(dtype) @ down.to(dtype)) * scaling
         merged[f"{name}.weight"] = (weight.to(dtype) + delta).to(weight.dtype)
+        if weight.dtype.itemsize < 4 and weight.device.type != "meta":
+            kept = merged[f"{name}.weight"].to(dtype) - weight.to(dtype)
+            size = torch.linalg.vector_norm(delta)
+            if size > 0:
+                lost.append(float(torch.linalg.vector_norm(kept - delta) / size))
         if f"{name}.base.bias" in merged:
             merged[f"{name}.bias"] = merged.pop(f"{name}.base.bias")
+    if lost and max(lost) > LOST_UPDATE_WARNING:
+        count = sum(x > LOST_UPDATE_WARNING for x in lost)
+        warnings.warn(f"merging adapters into 16-bit weights: {count} of {len(lost)} layers lost more than "
+                      f"{LOST_UPDATE_WARNING:.0%} of their update to rounding (worst {max(lost):.0%}); "
+                      "a float32 base keeps the update whole", stacklevel=2)
     return merged
+
+
+LOST_UPDATE_WARNING = 0.1

@@ -104,3 +104,71 @@ def test_adapted_flux_velocity_equals_the_teacher_until_trained():
     base = {n.replace(".base.", "."): p for n, p in fake.transformer.named_parameters()
             if "lora_" not in n}
     assert all(torch.equal(base[n], p) for n, p in stock.named_parameters())
+
+
+def _stock_flux(config="deep", dtype=torch.float64):
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+
+    from meanflow.testing import FLUX_TEST_CONFIGS
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**FLUX_TEST_CONFIGS[config]).to(dtype)
+
+
+def test_a_refused_rank_leaves_the_transformer_untouched():
+    transformer = _stock_flux()
+    narrowest = min(min(m.in_features, m.out_features) for m in transformer.transformer_blocks.modules()
+                    if type(m) is nn.Linear)
+    with pytest.raises(ValueError, match="^rank"):
+        add_lora_to_flux_blocks(transformer, narrowest + 1, 1.0)
+    assert all(p.requires_grad for p in transformer.parameters())
+    assert not any(isinstance(m, LoRALinear) for m in transformer.modules())
+
+
+def test_adapters_are_added_once():
+    transformer = _stock_flux()
+    add_lora_to_flux_blocks(transformer, 2, 2.0)
+    before = [type(m) for m in transformer.modules()]
+    with pytest.raises(ValueError, match="already carries adapters"):
+        add_lora_to_flux_blocks(transformer, 2, 2.0)
+    assert [type(m) for m in transformer.modules()] == before
+
+
+def test_fused_projections_adapt_the_fused_layers_only_and_fusing_after_adapters_is_refused():
+    from meanflow.models.flux import FUSED_PROJECTIONS
+
+    transformer = _stock_flux()
+    transformer.fuse_qkv_projections()
+    names = add_lora_to_flux_blocks(transformer, 2, 2.0)
+    assert "transformer_blocks.0.attn.to_qkv" in names and "transformer_blocks.0.attn.to_added_qkv" in names
+    assert "single_transformer_blocks.0.attn.to_qkv" in names
+    unread = {part for parts in FUSED_PROJECTIONS.values() for part in parts}
+    assert not [n for n in names if n.rpartition(".")[2] in unread]
+
+    layer = LoRALinear(_linear(), rank=2, alpha=2)
+    assert not hasattr(layer, "weight")
+    other = _stock_flux()
+    add_lora_to_flux_blocks(other, 2, 2.0)
+    with pytest.raises(AttributeError, match="before adding adapters"):
+        other.fuse_qkv_projections()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merging_into_16_bit_weights_warns_when_rounding_drops_the_update(dtype):
+    import warnings
+
+    from meanflow.models.lora import lora_scalings, merge_lora_state_dict
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64, dtype=dtype)
+    layer = LoRALinear(base, rank=2, alpha=2)
+    with torch.no_grad():  # an update far below bf16's rounding step of weights ~0.1
+        layer.lora_up.normal_(std=1e-5)
+    holder = nn.Sequential(layer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = merge_lora_state_dict(holder.state_dict(), lora_scalings(holder))
+    lost = [w for w in caught if "lost more than" in str(w.message)]
+    assert len(lost) == (1 if dtype == torch.bfloat16 else 0)
+    torch.testing.assert_close(merged["0.weight"].double(), layer.merged_weight().double())
