@@ -11,6 +11,11 @@ calls. Providers:
 - ``setup_context_form``: the same through ``PairFunction.apply``, the form torch.func needs;
 - ``forward_ad``: ``torch.autograd.forward_ad`` dual input, tangent unpacked and fused;
 - ``func_jvp``: ``torch.func.jvp`` over the op.
+
+``test_triton_route`` times the host side of each fused op's Triton route in pair form, with
+its kernel launch replaced by a no-op (so it runs on a CPU too): validation, the pair mechanism,
+dispatch, output allocation, the launcher's arithmetic. Set beside an op's wall time and its
+``device_ms`` on a GPU, it tells how much of a call is Triton's own launch.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from meanflow.ops.pair import PairFunction, PairOp, apply_pair
+
+import meanflow.ops as ops
 
 import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
 
@@ -65,3 +72,45 @@ def test_call(benchmark, provider):
     timing.run(benchmark, op="pair", case="call", provider=provider,
                shape=f"{SHAPE} float32, {CALLS} calls per round", target=_target(provider, x, x_dot),
                calls=CALLS)
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+# op -> (kernel module, kernel name, call on (B, N, C) = (1, 64, 96) and per-head (1, 64, 4, 32) inputs)
+TRITON_ROUTES = {
+    "gelu_tanh": ("jvp_activation", "_jvp_activation_kernel", lambda x, h, w, c, cos, sin:
+                  ops.jvp_gelu_tanh_pair(x, x)),
+    "rms_norm": ("jvp_rms_norm", "_jvp_rms_norm_kernel", lambda x, h, w, c, cos, sin:
+                 ops.jvp_rms_norm_pair(h, h, w, 1e-6)),
+    "layer_norm_modulate": ("jvp_layer_norm_modulate", "_jvp_layer_norm_modulate_kernel",
+                            lambda x, h, w, c, cos, sin: ops.jvp_layer_norm_modulate_pair(x, x, c, c, c, c, eps=1e-6)),
+    "gated_residual": ("jvp_gated_residual", "_jvp_gated_residual_fwd_kernel", lambda x, h, w, c, cos, sin:
+                       ops.jvp_gated_residual_pair(x, x, c, c, x, x)),
+    "rope": ("jvp_rope", "_jvp_rope_kernel", lambda x, h, w, c, cos, sin:
+             ops.jvp_rope_pair(h.transpose(1, 2), h.transpose(1, 2), cos, sin)),
+}
+
+
+@pytest.mark.parametrize("op", list(TRITON_ROUTES))
+def test_triton_route(benchmark, monkeypatch, op):
+    import importlib
+
+    module, kernel, call = TRITON_ROUTES[op]
+    monkeypatch.setattr(importlib.import_module(f"meanflow.kernels.{module}"), kernel, _NoLaunch())
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    if not timing.CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the dispatch pick Triton for CPU tensors
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=timing.DEVICE)
+
+    args = (randn(1, 64, 96), randn(1, 64, 4, 32), randn(32), randn(1, 96), randn(64, 32), randn(64, 32))
+    timing.run(benchmark, op=op, case="host, launch stubbed", provider="ours/triton",
+               shape="(1, 64, 96) / (1, 64, 4, 32) float32, 100 calls per round",
+               target=lambda: call(*args), calls=CALLS)

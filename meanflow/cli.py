@@ -166,19 +166,27 @@ def _config_args(parser: argparse.ArgumentParser, resume: bool = False) -> None:
 
 
 def _load(args) -> "TrainConfig":
-    from meanflow.train.config import load_config
+    from meanflow.train.config import ConfigError, load_config
+    from meanflow.train.structured import parse_overrides
 
     overrides = list(args.overrides)
-    if getattr(args, "out", None):
-        overrides.append(f"run.out_dir={args.out}")
+    # --out is a folder, taken as it is (through --set it would be read as YAML: "a #2" is "a").
+    values = {"run": {"out_dir": args.out}} if getattr(args, "out", None) else {}
     if args.preset is None and args.config is None and getattr(args, "resume", False):
         # --resume with neither: the run's own config.yaml is the base (the --set keys go on top,
-        # and the run checks that only run.*, sample.* and eval.* changed).
-        located = load_config(DEFAULT_PRESET, None, overrides)
-        recorded = os.path.join(located.run.out_dir, "config.yaml")
-        if os.path.isfile(recorded):
-            return load_config(None, recorded, [*overrides, f"run.out_dir={located.run.out_dir}"])
-    return load_config(DEFAULT_PRESET if args.preset is None else args.preset, args.config, overrides)
+        # and the run checks that only run.*, sample.* and eval.* changed). The folder comes
+        # from --out or --set run.out_dir alone: the other keys are checked against the run's
+        # config, not the default preset's.
+        out_dir = args.out or parse_overrides(overrides).get("run", {}).get("out_dir") \
+            or load_config(DEFAULT_PRESET).run.out_dir
+        if not isinstance(out_dir, str):
+            raise ConfigError("run.out_dir", f"expected a folder, got {out_dir!r}")
+        recorded = os.path.join(out_dir, "config.yaml")
+        if not os.path.isfile(recorded):
+            raise ConfigError("run.out_dir", f"--resume without --preset or --config continues from the run's "
+                                             f"config.yaml, and {out_dir!r} has none")
+        return load_config(None, recorded, overrides, {"run": {"out_dir": out_dir}})
+    return load_config(DEFAULT_PRESET if args.preset is None else args.preset, args.config, overrides, values)
 
 
 def _run_config(run_dir: str, overrides=()) -> "TrainConfig":

@@ -55,3 +55,32 @@ def test_config_file_with_a_run_folder_is_refused(run_folder, worlds, tmp_path, 
 def test_bad_override_over_a_run_folder_is_a_clear_error(run_folder, worlds, capsys):
     assert cli.main(["eval", "--run", str(run_folder), "--set", "eval.samples_per_promt=3"]) == 2
     assert "eval.samples_per_promt" in capsys.readouterr().err and not worlds
+
+
+def _namespace(**kwargs):
+    import argparse
+
+    return argparse.Namespace(**{"preset": None, "config": None, "overrides": [], "out": None, "resume": False,
+                                 **kwargs})
+
+
+@pytest.mark.parametrize("out", ["runs/exp #2", "2024-06-01", "null", "yes"])
+def test_out_is_the_folder_named_not_yaml(out):
+    assert cli._load(_namespace(preset="tiny", out=out)).run.out_dir == out
+
+
+def test_resume_reads_the_run_config_before_checking_overrides(tmp_path):
+    """A FLUX run's resume with run.* / sample.* keys that the digits preset would refuse."""
+    from meanflow.train.config import load_config, save_yaml
+
+    save_yaml(load_config("flux-dev", None, [f"run.out_dir={tmp_path}"]), tmp_path / "config.yaml")
+    config = cli._load(_namespace(resume=True, out=str(tmp_path), overrides=["run.dtype=bfloat16",
+                                                                              "run.max_steps=7"]))
+    assert (config.model.kind, config.run.max_steps, config.run.out_dir) == ("flux", 7, str(tmp_path))
+
+
+def test_resume_without_a_config_yaml_is_refused(tmp_path):
+    from meanflow.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="has none"):
+        cli._load(_namespace(resume=True, out=str(tmp_path)))

@@ -407,8 +407,10 @@ def load_preset(name: str) -> dict:
 
 
 def load_config(preset: str | None = None, config_file: str | os.PathLike | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """The resolved :class:`TrainConfig`: preset, then ``config_file``, then ``overrides``.
+                overrides: list[str] | tuple[str, ...] = (), values: dict | None = None) -> TrainConfig:
+    """The resolved :class:`TrainConfig`: preset, then ``config_file``, then ``overrides``
+    (``KEY=VALUE`` strings, values read as YAML), then ``values`` (a nested dict taken as it is:
+    a folder named on the command line stays the string it is).
 
     Raises :class:`ConfigError` (naming the dotted key, or ``preset`` / ``config_file``) for an
     unknown preset, a missing, unreadable or non-mapping config file, a malformed override, an
@@ -418,7 +420,7 @@ def load_config(preset: str | None = None, config_file: str | os.PathLike | None
     if config_file is not None:
         data = deep_merge(data, _read_yaml_mapping(Path(config_file), "config_file"))
     data = deep_merge(data, parse_overrides(list(overrides)))
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, deep_merge(data, values or {}))
 
 
 def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -14,8 +14,8 @@ Run folder (``run.out_dir``)::
 
 A run folder that already holds checkpoints, or any of the files above (a run that stopped
 before its first checkpoint), is never overwritten: pass ``resume=True`` to continue a run, or
-choose another ``run.out_dir``. A resume may change ``run.*``, ``sample.*`` and ``eval.*`` (the
-rest must match config.yaml); config.yaml is then rewritten to what runs. Ctrl-C lets the current step finish, saves a
+choose another ``run.out_dir``. A resume may change ``run.*``, ``sample.*`` and ``eval.*`` but
+``sample.shift`` (the rest must match config.yaml); config.yaml is then rewritten to what runs. Ctrl-C lets the current step finish, saves a
 checkpoint there and returns 130 (a second Ctrl-C stops at once, saving nothing new); too many
 non-finite steps in a row save nothing new and return 1 (the last good checkpoint stays).
 
@@ -73,6 +73,9 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 
 # What a resumed run may change (how long, how often, what is reported); the rest must match.
 RESUMABLE_CHANGES = ("run", "sample", "eval")
+# Keys inside those sections that training reads, so they must match too: alignment rolls the
+# student out on the sampling grid, and teacher latents are generated on it.
+FIXED_ON_RESUME = ("sample.shift",)
 
 
 def _flat(d: dict, prefix: str = ""):
@@ -88,11 +91,12 @@ def _check_same_run(config: TrainConfig, out_dir: Path) -> list[str]:
     Returns the keys that differ inside them, as ``"key: old -> new"``."""
     path = out_dir / "config.yaml"
     if not path.is_file():
-        return []
+        raise ConfigError("run.out_dir", f"--resume: {str(out_dir)!r} has a checkpoint but no config.yaml, so "
+                                         "the settings it ran with cannot be checked")
     old = dict(_flat(to_dict(load_config(None, path, []))))
     new = dict(_flat(to_dict(config)))
     differing = [k for k in new if old.get(k) != new[k]]
-    changed = [k for k in differing if k.split(".")[0] not in RESUMABLE_CHANGES]
+    changed = [k for k in differing if k.split(".")[0] not in RESUMABLE_CHANGES or k in FIXED_ON_RESUME]
     if changed:
         raise ConfigError(f"{changed[0]}: --resume with a different setting than the run recorded in {path} "
                           f"({old.get(changed[0])!r} there, {new[changed[0]]!r} now; all differing: {changed})")
@@ -164,7 +168,7 @@ class Run:
             self.restore(load_checkpoint(self.out_dir / CHECKPOINTS))
             if changed:
                 self.log(f"resumed with changed settings: {'; '.join(changed)}")
-        if ranks.main and (not resume or changed or not (self.out_dir / "config.yaml").is_file()):
+        if ranks.main and (not resume or changed):
             # config.yaml always holds what runs now (a resume may change run.*, sample.*, eval.*).
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(config, self.out_dir / "config.yaml")

@@ -97,6 +97,7 @@ class Distiller:
             # Caught here, before the run folder is written, not as a model error at step 0.
             raise ConfigError("method.guidance.mode", "'embedded' needs a guidance-distilled teacher "
                                                       "(guidance_embeds); this one has none: use 'cfg' or 'none'")
+        check_config_lora_ranks(self.world.teacher.transformer, config)  # before any data is written
         if config.data.source == "teacher":
             from meanflow.train.data import prepare_teacher_data
 
@@ -341,6 +342,19 @@ def float32_copy(transformer, device: torch.device):
              for name, value in transformer.state_dict().items()}
     clone.load_state_dict(state, strict=True, assign=True)
     return clone
+
+
+def check_config_lora_ranks(transformer: torch.nn.Module, config: TrainConfig) -> None:
+    """A ConfigError naming ``model.student_lora_rank`` / ``model.fake_lora_rank`` when the rank
+    exceeds the narrowest Linear of ``transformer``'s blocks (the layers the adapters go on)."""
+    blocks = (*transformer.transformer_blocks, *transformer.single_transformer_blocks)
+    widths = [min(m.in_features, m.out_features) for block in blocks for m in block.modules()
+              if type(m) is torch.nn.Linear]
+    for key in ("student_lora_rank", "fake_lora_rank"):
+        rank = getattr(config.model, key)
+        if rank and widths and rank > min(widths):
+            raise ConfigError(f"model.{key}", f"{rank} exceeds min(in_features, out_features) = {min(widths)} "
+                                              "of the narrowest Linear in the teacher's blocks")
 
 
 def add_config_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, key: str, seed: int) -> None:

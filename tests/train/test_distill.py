@@ -311,3 +311,24 @@ def test_student_with_adapters_exports_merged_ema_weights(tmp_path):
     assert torch.equal(exported[f"{layer}.bias"], weights[f"{prefix}.base.bias"])
     student = FluxStudent.from_pretrained(run / "student")
     assert not any(isinstance(m, LoRALinear) for m in student.modules())
+
+
+def test_resume_refuses_a_changed_sample_shift_and_a_missing_config_yaml(tmp_path):
+    from meanflow.train.config import ConfigError, load_config, save_yaml
+    from meanflow.train.distill import _check_same_run
+
+    config = load_config("flux-dev", None, [f"run.out_dir={tmp_path}", "sample.shift=none"])
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        _check_same_run(config, tmp_path)
+    save_yaml(config, tmp_path / "config.yaml")
+    assert _check_same_run(load_config(None, tmp_path / "config.yaml", ["run.max_steps=9"]), tmp_path)
+    with pytest.raises(ConfigError, match="^sample.shift"):
+        _check_same_run(load_config(None, tmp_path / "config.yaml", ["sample.shift=flux"]), tmp_path)
+
+
+def test_a_refused_adapter_rank_writes_no_teacher_latents(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(out), "--set", "run.eval_at_end=false",
+                 "--set", "data.source=teacher", "--set", "model.student_lora_rank=100000"]) == 2
+    assert "model.student_lora_rank" in capsys.readouterr().err
+    assert not out.exists() or not list(out.rglob("*.safetensors"))
