@@ -150,10 +150,9 @@ def jvp_rms_norm_pair(
         y: as ``jvp_rms_norm``, differentiable to x and the weight.
         y_dot: the same shape and dtype, detached (no ``grad_fn``); zeros when both tangents are None.
     """
-    check_tensor("x", x)
+    backend, eps = _validate(x, weight, eps)
     check_tangent("x_dot", x_dot, x, "x")
     check_tangent("weight_dot", weight_dot, weight, "weight")
-    backend, eps = _validate(x, weight, eps)
     shape = x.shape
     y, y_dot = apply_pair(JVP_RMS_NORM, (_rows(x), unit_last_stride(weight)),
                           (_rows(x_dot), unit_last_stride(weight_dot)), (eps, backend))

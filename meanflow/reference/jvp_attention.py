@@ -104,7 +104,7 @@ def jvp_attention_forward(
     """
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # zero heads: empty outputs, as SDPA
     with torch.no_grad():
         qc = q.to(dtype)
         kc, vc = (_repeat_kv(t.to(dtype), group) for t in (k, v))
@@ -185,7 +185,7 @@ def jvp_attention_backward(
     """
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # zero heads: empty outputs, as SDPA
     with torch.no_grad():
         qc, do = q.to(dtype), grad_out.to(dtype)
         kc, vc = (_repeat_kv(t.to(dtype), group) for t in (k, v))

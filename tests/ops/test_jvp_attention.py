@@ -563,3 +563,12 @@ def test_func_grad(backend):
     q64 = q.double().requires_grad_()
     _math_sdpa(q64, k.double(), v.double()).square().sum().backward()
     assert_close_to_oracle("dq", torch.func.grad(loss)(q), q64.grad)
+
+
+def test_zero_heads_give_empty_outputs_and_gradients_as_sdpa():
+    q = torch.randn(1, 0, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 0, 7, 8, dtype=torch.float64, requires_grad=True)
+    out, out_dot = jvp_attention_pair(q, k, k, q.detach(), k.detach(), k.detach())
+    assert out.shape == out_dot.shape == torch.nn.functional.scaled_dot_product_attention(q, k, k).shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape

@@ -392,3 +392,8 @@ def test_gpu_against_float64(monkeypatch, shape_name, dtype):
         print(f"GPU-ERR rms_norm {shape_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
               f"ratio {err / base_err:.2f}")
         assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+
+
+def test_pair_form_refuses_a_weight_that_is_not_a_tensor_by_name():
+    with pytest.raises(ValueError, match="^weight must be a torch.Tensor"):
+        jvp_rms_norm_pair(torch.randn(2, 8), torch.randn(2, 8), [1.0] * 8, 1e-6, weight_dot=torch.randn(8))
