@@ -112,24 +112,38 @@ def check_rank_alpha(rank, alpha) -> None:
 
 def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float,
                             generator: torch.Generator | None = None) -> list[str]:
-    """Freezes ``transformer`` and replaces every ``nn.Linear`` inside its double and single
-    blocks by a :class:`LoRALinear` of the given rank and α (in place), A drawn from
-    ``generator`` (CPU; default torch's global one). In an attention layer whose projections are
-    fused (``fuse_qkv_projections()``), the fused ``to_qkv`` / ``to_added_qkv`` are adapted and
-    the unfused q, k, v layers, which its forward no longer reads, are not.
+    """Freezes ``transformer`` and replaces every layer :func:`lora_targets` names by a
+    :class:`LoRALinear` of the given rank and α (in place), A drawn from ``generator`` (CPU;
+    default torch's global one).
 
     Raises:
-        ValueError: ``rank`` wider than a layer to adapt, or blocks that already carry adapters;
-            nothing is frozen or replaced then.
+        ValueError: as :func:`lora_targets`, or a bad ``alpha``; nothing is frozen or replaced then.
 
     Returns:
         the qualified names of the adapted layers (relative to ``transformer``).
     """
     check_rank_alpha(rank, alpha)
-    blocks = [("transformer_blocks", transformer.transformer_blocks),
-              ("single_transformer_blocks", transformer.single_transformer_blocks)]
-    targets = []  # (qualified name, parent module, attribute, Linear), all checked before any change
-    for prefix, block_list in blocks:
+    targets = lora_targets(transformer, rank)
+    transformer.requires_grad_(False)
+    for _, parent, child, module in targets:
+        setattr(parent, child, LoRALinear(module, rank, alpha, generator))
+    return [name for name, *_ in targets]
+
+
+def lora_targets(transformer: nn.Module, rank: int) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """The layers that adapters of ``rank`` go on: every ``nn.Linear`` inside ``transformer``'s
+    double and single blocks, as (qualified name, parent module, attribute name, Linear). In an
+    attention layer whose projections are fused (``fuse_qkv_projections()``), the fused
+    ``to_qkv`` / ``to_added_qkv`` count and the unfused q, k, v layers, which its forward no
+    longer reads, do not.
+
+    Raises:
+        ValueError: ``rank`` wider than one of them, blocks that already carry adapters, or no
+            Linear at all.
+    """
+    targets = []
+    for prefix, block_list in (("transformer_blocks", transformer.transformer_blocks),
+                               ("single_transformer_blocks", transformer.single_transformer_blocks)):
         for index, block in enumerate(block_list):
             if any(isinstance(m, LoRALinear) for m in block.modules()):
                 raise ValueError(f"transformer: {prefix}.{index} already carries adapters")
@@ -145,10 +159,7 @@ def add_lora_to_flux_blocks(transformer: nn.Module, rank: int, alpha: float,
                                 child, module))
     if not targets:
         raise ValueError("transformer: no torch.nn.Linear inside its blocks to adapt")
-    transformer.requires_grad_(False)
-    for _, parent, child, module in targets:
-        setattr(parent, child, LoRALinear(module, rank, alpha, generator))
-    return [name for name, *_ in targets]
+    return targets
 
 
 def _unread_projections(block: nn.Module) -> set[int]:
@@ -190,9 +201,10 @@ def merge_lora_state_dict(state: dict[str, Tensor], scalings: dict[str, float]) 
         down, up = merged.pop(f"{name}.lora_down"), merged.pop(f"{name}.lora_up")
         dtype = torch.promote_types(down.dtype, torch.float32)
         delta = (up.to(dtype) @ down.to(dtype)) * scaling
-        merged[f"{name}.weight"] = (weight.to(dtype) + delta).to(weight.dtype)
+        base = weight.to(dtype)
+        merged[f"{name}.weight"] = (base + delta).to(weight.dtype)
         if weight.dtype.itemsize < 4 and weight.device.type != "meta":
-            kept = merged[f"{name}.weight"].to(dtype) - weight.to(dtype)
+            kept = merged[f"{name}.weight"].to(dtype) - base
             size = torch.linalg.vector_norm(delta)
             if size > 0:
                 lost.append(float(torch.linalg.vector_norm(kept - delta) / size))

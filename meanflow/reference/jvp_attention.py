@@ -38,6 +38,11 @@ def _key_chunk(batch_rows: int, n_keys: int) -> int:
     return max(16, min(n_keys, _CHUNK_ELEMENTS // max(batch_rows, 1)))
 
 
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head (1 with zero heads: empty outputs, as SDPA)."""
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
+
+
 def _repeat_kv(x: torch.Tensor | None, group: int) -> torch.Tensor | None:
     """(B, Hk, N, D) -> (B, Hk·group, N, D), query head h reading key head h // group."""
     if x is None or group == 1:
@@ -104,7 +109,7 @@ def jvp_attention_forward(
     """
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # zero heads: empty outputs, as SDPA
+    group = _group(q, k)
     with torch.no_grad():
         qc = q.to(dtype)
         kc, vc = (_repeat_kv(t.to(dtype), group) for t in (k, v))
@@ -185,7 +190,7 @@ def jvp_attention_backward(
     """
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # zero heads: empty outputs, as SDPA
+    group = _group(q, k)
     with torch.no_grad():
         qc, do = q.to(dtype), grad_out.to(dtype)
         kc, vc = (_repeat_kv(t.to(dtype), group) for t in (k, v))

@@ -39,7 +39,7 @@ from meanflow.method import (GuidedTeacher, WarmupSchedule, differential_target,
 from meanflow.method.alignment import fake_flow_matching_loss, trajectory_alignment
 from meanflow.method.sampler import SamplerConfig
 from meanflow.models.flux_student import FluxStudent, FluxVelocity
-from meanflow.models.lora import add_lora_to_flux_blocks
+from meanflow.models.lora import add_lora_to_flux_blocks, lora_targets
 from meanflow.ops import adaptive_weighted_loss
 from meanflow.train.config import ConfigError, TrainConfig
 from meanflow.train.distributed import (Ranks, check_batch_split, device_mesh, mixed_precision, reshard, shard_flux,
@@ -345,16 +345,13 @@ def float32_copy(transformer, device: torch.device):
 
 
 def check_config_lora_ranks(transformer: torch.nn.Module, config: TrainConfig) -> None:
-    """A ConfigError naming ``model.student_lora_rank`` / ``model.fake_lora_rank`` when the rank
-    exceeds the narrowest Linear of ``transformer``'s blocks (the layers the adapters go on)."""
-    blocks = (*transformer.transformer_blocks, *transformer.single_transformer_blocks)
-    widths = [min(m.in_features, m.out_features) for block in blocks for m in block.modules()
-              if type(m) is torch.nn.Linear]
+    """A ConfigError naming ``model.student_lora_rank`` / ``model.fake_lora_rank`` when the
+    adapters of that rank cannot go on ``transformer``'s blocks (:func:`lora_targets`)."""
     for key in ("student_lora_rank", "fake_lora_rank"):
         rank = getattr(config.model, key)
-        if rank and widths and rank > min(widths):
-            raise ConfigError(f"model.{key}", f"{rank} exceeds min(in_features, out_features) = {min(widths)} "
-                                              "of the narrowest Linear in the teacher's blocks")
+        if rank:
+            with _as_config_error(f"model.{key}"):
+                lora_targets(transformer, rank)
 
 
 def add_config_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, key: str, seed: int) -> None:
@@ -362,9 +359,16 @@ def add_config_lora(transformer: torch.nn.Module, rank: int, alpha: float | None
     ``transformer``'s blocks (:func:`meanflow.models.lora.add_lora_to_flux_blocks`), their A drawn
     from a generator seeded with ``seed``; a rank the layers cannot take is a ConfigError naming
     ``key``."""
-    try:
+    with _as_config_error(key):
         add_lora_to_flux_blocks(transformer, rank, rank if alpha is None else alpha,
                                 torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def _as_config_error(key: str):
+    """The adapters' ValueError as a ConfigError naming the config ``key``."""
+    try:
+        yield
     except ValueError as err:
         raise ConfigError(key, str(err).removeprefix("rank: ")) from None
 
