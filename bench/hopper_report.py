@@ -17,6 +17,9 @@ from the cubin, with the ``cuobjdump`` / ``nvdisasm`` that ship in the Triton wh
     ldg/stg 128-bit  global loads / stores that move 16 bytes (LDG.E.128, STG.E.128) out of all
              of them, "128-bit/all" (the second table): memory-bound kernels want their tile
              traffic in 16-byte vectors
+    ld after st  global loads issued after a global store of the same pass (straight-line code or
+             one loop body): the compiler keeps that order, as the store may alias the load, so
+             the load waits for the store; memory-bound kernels want 0 (all loads first)
     lazy     the attention forward's rescale form (LAZY_RESCALE, autotuned: yes = lazy, no = eager)
     hgmma    HGMMA instructions in the SASS (wgmma in use; 0 = mma.sync or FMA fallback; only the
              attention kernels have matrix products: the row and elementwise kernels show 0)
@@ -481,8 +484,8 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict:
 
 def sass_counts(sass: str) -> dict:
     """Instruction counts of ``nvdisasm`` output: local-memory traffic (spills), HGMMA (wgmma in
-    use), global loads and stores (and how many are 128-bit), and the main loop's length per warp,
-    whole and on its common path."""
+    use), global loads and stores (how many are 128-bit, how many loads follow a store), and
+    the main loop's length per warp, whole and on its common path."""
     # Instructions in order, and where each label points; a branch back to a label closes a loop.
     instructions, labels = [], {}
     for text in sass.splitlines():
@@ -515,12 +518,22 @@ def sass_counts(sass: str) -> dict:
     def count(pattern, where=range(len(instructions))):
         return sum(1 for i in where if re.search(pattern, instructions[i]))
 
+    # Global loads issued after a global store of the same pass (straight-line code, or one loop
+    # body): the compiler keeps that order (the store may alias), so such a load waits for the
+    # store and a memory-bound kernel has fewer bytes in flight.
+    def region(i):
+        return next((span for span in loops if span[0] <= i <= span[1]), None)
+
+    stores = [i for i in range(len(instructions)) if re.search(r"\bSTG\.", instructions[i])]
+    late_loads = sum(1 for i in range(len(instructions)) if re.search(r"\bLDG\.", instructions[i])
+                     and any(j < i and region(j) == region(i) for j in stores))
+
     return dict(
         stl=count(r"\bSTL\b"), ldl=count(r"\bLDL\b"), hgmma=count(r"\bHGMMA\."),
         ldg=count(r"\bLDG\."), ldg128=count(r"\bLDG\.E\.128\b"),
         stg=count(r"\bSTG\."), stg128=count(r"\bSTG\.E\.128\b"),
         loop_stl=count(r"\bSTL\b", in_loop), loop_ldl=count(r"\bLDL\b", in_loop),
-        loop_len=loop_len, loop_common=loop_common,
+        loop_len=loop_len, loop_common=loop_common, ldg_after_stg=late_loads,
     )
 
 
@@ -612,7 +625,7 @@ COLUMNS = [  # header, key, width
 ]
 OTHER_COLUMNS = [  # the other kernels: their configuration's meta-parameters instead of head dim and tiles
     ("kernel", "kernel", 31), ("variant", "label", 17), ("dtype", "dtype", 5), ("config", "meta_text", 34),
-    *COLUMNS[7:-3], ("ldg/stg 128-bit", "vectors", 15), *COLUMNS[-3:],
+    *COLUMNS[7:-3], ("ldg/stg 128-bit", "vectors", 15), ("ld after st", "ldg_after_stg", 11), *COLUMNS[-3:],
 ]
 
 

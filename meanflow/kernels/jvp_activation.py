@@ -42,6 +42,8 @@ def _jvp_activation_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n_elements
     x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    if HAS_TANGENT:  # loaded before the first store (meanflow.kernels: loads first)
+        t = tl.load(t_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     if KIND == 0:  # gelu_tanh
         x2 = x * x
         z = TWO_C * (x + A * x2 * x)
@@ -53,7 +55,6 @@ def _jvp_activation_kernel(
     if WRITE_PRIMAL:
         tl.store(y_ptr + offs, (x * s).to(y_ptr.dtype.element_ty), mask=in_range)
     if HAS_TANGENT:
-        t = tl.load(t_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
         slope = s + x * s * (1.0 - s) * dz
         tl.store(y_dot_ptr + offs, (slope * t).to(y_dot_ptr.dtype.element_ty), mask=in_range)
 

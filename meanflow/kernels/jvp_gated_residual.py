@@ -17,7 +17,9 @@ import triton.language as tl
 
 from meanflow.kernels.launch import cdiv
 
-BLOCK_N, BLOCK_D, NUM_WARPS = 16, 256, 8
+# 8 tokens × 256 channels at 8 warps: one 16-byte vector per thread per tensor; the forward with
+# every tangent then takes 40 registers, 6 CTAs per SM (16 tokens: 73 registers, 3 CTAs per SM).
+BLOCK_N, BLOCK_D, NUM_WARPS = 8, 256, 8
 CHUNK_N = 128  # tokens per backward program
 
 
@@ -33,20 +35,28 @@ def _jvp_gated_residual_fwd_kernel(
     n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (n < n_tokens) & (d[None, :] < dim)
-    g = tl.load(g_ptr + b * s_gb + d, mask=d < dim, other=0.0).to(tl.float32)[None, :]
-    h = tl.load(h_ptr + b * s_hb + n * s_hn + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + b * s_yb + n * s_yn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Loads first; the gate rows as (BLOCK_N, BLOCK_D) tiles of token stride 0 (meanflow.kernels).
+    gate_offs = n * 0 + d[None, :]
+    h = tl.load(h_ptr + b * s_hb + n * s_hn + d[None, :], mask=mask, other=0.0)
+    y = tl.load(y_ptr + b * s_yb + n * s_yn + d[None, :], mask=mask, other=0.0)
+    if HAS_H_DOT:
+        h_dot = tl.load(hd_ptr + b * s_hdb + n * s_hdn + d[None, :], mask=mask, other=0.0)
+    if HAS_Y_DOT:
+        y_dot = tl.load(yd_ptr + b * s_ydb + n * s_ydn + d[None, :], mask=mask, other=0.0)
+    g = tl.load(g_ptr + b * s_gb + gate_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_G_DOT:
+        g_dot = tl.load(gd_ptr + b * s_gdb + gate_offs, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(tl.float32)
     out_offs = (b * n_tokens + n) * dim + d[None, :]
-    tl.store(out_ptr + out_offs, (h + g * y).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_offs, (h.to(tl.float32) + g * y).to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_H_DOT or HAS_G_DOT or HAS_Y_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         if HAS_H_DOT:
-            acc += tl.load(hd_ptr + b * s_hdb + n * s_hdn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += h_dot.to(tl.float32)
         if HAS_G_DOT:
-            gd = tl.load(gd_ptr + b * s_gdb + d, mask=d < dim, other=0.0).to(tl.float32)[None, :]
-            acc += gd * y
+            acc += g_dot * y
         if HAS_Y_DOT:
-            acc += g * tl.load(yd_ptr + b * s_ydb + n * s_ydn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += g * y_dot.to(tl.float32)
         tl.store(out_dot_ptr + out_offs, acc.to(out_dot_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,11 +76,11 @@ def _jvp_gated_residual_bwd_kernel(
         n = (chunk * CHUNK_N + start + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
         mask = (n < n_tokens) & (d[None, :] < dim)
         go = tl.load(go_ptr + b * s_gob + n * s_gon + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NEED_G:  # y loaded before dy's store (meanflow.kernels: loads first)
+            acc += go * tl.load(y_ptr + b * s_yb + n * s_yn + d[None, :], mask=mask, other=0.0).to(tl.float32)
         if NEED_Y:
             tl.store(dy_ptr + (b * n_tokens + n) * dim + d[None, :], (g * go).to(dy_ptr.dtype.element_ty),
                      mask=mask)
-        if NEED_G:
-            acc += go * tl.load(y_ptr + b * s_yb + n * s_yn + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if NEED_G:
         tl.store(dg_partial_ptr + (chunk * n_batch + b) * dim + d, tl.sum(acc, axis=0), mask=d < dim)
 

@@ -61,7 +61,14 @@ def _jvp_layer_norm_modulate_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
 
+    # The streamed rows x, ẋ are loaded first (meanflow.kernels). The per-batch rows (L2-resident,
+    # read by every token) are loaded where they are used, the tangents' after y's store: loading
+    # them all first costs ~20 registers, 3 CTAs per SM -> 2 at the default tile.
     x = tl.load(X + (batch * stride_x_b + token * stride_x_n)[:, None] + cols[None, :], mask=mask, other=0.0)
+    if HAS_X_DOT:
+        x_dot_rows = X_DOT + (batch * stride_x_dot_b + token * stride_x_dot_n)[:, None]
+        x_dot = tl.load(x_dot_rows + cols[None, :], mask=mask, other=0.0)
+
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -69,17 +76,16 @@ def _jvp_layer_norm_modulate_kernel(
     x_hat = centred * rstd[:, None]
     gain = 1.0 + _load_per_batch(SCALE, batch, stride_scale_b, cols, mask)
     y = x_hat * gain + _load_per_batch(SHIFT, batch, stride_shift_b, cols, mask)
-    out = rows[:, None] * n_cols + cols[None, :]
-    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
-
     if HAS_X_DOT or HAS_SCALE_DOT or HAS_SHIFT_DOT:
         y_dot = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         if HAS_X_DOT:
-            x_dot_rows = X_DOT + (batch * stride_x_dot_b + token * stride_x_dot_n)[:, None]
-            x_dot = tl.load(x_dot_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_dot = x_dot.to(tl.float32)
             mean_dot = tl.sum(x_dot, axis=1) / n_cols
             along = tl.sum(x_hat * x_dot, axis=1) / n_cols
             y_dot = (x_dot - mean_dot[:, None] - x_hat * along[:, None]) * (rstd[:, None] * gain)
+    out = rows[:, None] * n_cols + cols[None, :]
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_X_DOT or HAS_SCALE_DOT or HAS_SHIFT_DOT:
         if HAS_SCALE_DOT:
             y_dot += x_hat * _load_per_batch(SCALE_DOT, batch, stride_scale_dot_b, cols, mask)
         if HAS_SHIFT_DOT:

@@ -112,21 +112,26 @@ def _jvp_rms_norm_kernel(
     col_ok = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
 
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Loads first; the weight as a tile of row stride 0, in x's layout (meanflow.kernels).
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_X_DOT:
+        x_dot = tl.load(X_DOT + rows[:, None] * stride_x_dot + cols[None, :], mask=mask, other=0.0)
+    w_offs = rows[:, None] * 0 + cols[None, :]
+    if HAS_W:
+        w = tl.load(W + w_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W_DOT:
+        w_dot = tl.load(W_DOT + w_offs, mask=mask, other=0.0).to(tl.float32)
+
+    x = x.to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     normed = x * r[:, None]
     if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = normed * w
     else:
         y = normed
-    out = rows[:, None] * n_cols + cols[None, :]
-    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
-
     if HAS_X_DOT or HAS_W_DOT:
         y_dot = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         if HAS_X_DOT:
-            x_dot = tl.load(X_DOT + rows[:, None] * stride_x_dot + cols[None, :], mask=mask, other=0.0)
             x_dot = x_dot.to(tl.float32)
             # r²·mean(x·ẋ): the part of ẋ along x, removed before scaling by r.
             along = r * r * (tl.sum(x * x_dot, axis=1) / n_cols)
@@ -136,8 +141,10 @@ def _jvp_rms_norm_kernel(
             else:
                 y_dot = normed_dot
         if HAS_W_DOT:
-            w_dot = tl.load(W_DOT + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             y_dot += normed * w_dot
+    out = rows[:, None] * n_cols + cols[None, :]
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_X_DOT or HAS_W_DOT:
         tl.store(Y_DOT + out, y_dot.to(Y_DOT.dtype.element_ty), mask=mask)
 
 

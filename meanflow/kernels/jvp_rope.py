@@ -62,14 +62,16 @@ def _jvp_rope_kernel(
     mask = (n < n_tokens) & (d < dim)  # D is even: a pair is in or out as a whole
 
     # Whole rows are loaded and stored contiguously (vectorised); the pairs are split in registers.
+    # Loads first (meanflow.kernels).
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + n * stride_xn + d, mask=mask, other=0.0)
+    if HAS_TANGENT:
+        t = tl.load(t_ptr + b * stride_tb + h * stride_th + n * stride_tn + d, mask=mask, other=0.0)
     c_e, c_o = _pairs(tl.load(cos_ptr + n * stride_cn + d, mask=mask, other=0.0).to(tl.float32), BLOCK_N, BLOCK_D)
     s_e, s_o = _pairs(tl.load(sin_ptr + n * stride_sn + d, mask=mask, other=0.0).to(tl.float32), BLOCK_N, BLOCK_D)
     out = (bh.to(tl.int64) * n_tokens + n) * dim + d
-    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + n * stride_xn + d, mask=mask, other=0.0)
     y = _rotate(x, c_e, c_o, s_e, s_o, TRANSPOSE, BLOCK_N, BLOCK_D)
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
     if HAS_TANGENT:
-        t = tl.load(t_ptr + b * stride_tb + h * stride_th + n * stride_tn + d, mask=mask, other=0.0)
         t = _rotate(t, c_e, c_o, s_e, s_o, TRANSPOSE, BLOCK_N, BLOCK_D)
         tl.store(y_dot_ptr + out, t.to(y_dot_ptr.dtype.element_ty), mask=mask)
 
