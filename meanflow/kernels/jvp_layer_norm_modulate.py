@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from meanflow.kernels.jvp_rms_norm import (ROW_TILES, reduction_programs, row_block, row_configs, row_pruner,
-                                           rows_per_program)
+                                           rows_per_program, sum3)
 from meanflow.kernels.launch import cdiv
 
 
@@ -72,16 +72,22 @@ def _jvp_layer_norm_modulate_kernel(
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+    if HAS_X_DOT:
+        # The tangent's sums share the variance's reduction (one round across the warps, not
+        # three): mean(x̂·ẋ) = rstd·mean((x − μ)·ẋ).
+        x_dot = x_dot.to(tl.float32)
+        sum_sq, sum_dot, sum_cross = tl.reduce((centred * centred, x_dot, centred * x_dot), 1, sum3)
+    else:
+        sum_sq = tl.sum(centred * centred, axis=1)
+    rstd = tl.rsqrt(sum_sq / n_cols + eps)
     x_hat = centred * rstd[:, None]
     gain = 1.0 + _load_per_batch(SCALE, batch, stride_scale_b, cols, mask)
     y = x_hat * gain + _load_per_batch(SHIFT, batch, stride_shift_b, cols, mask)
     if HAS_X_DOT or HAS_SCALE_DOT or HAS_SHIFT_DOT:
         y_dot = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         if HAS_X_DOT:
-            x_dot = x_dot.to(tl.float32)
-            mean_dot = tl.sum(x_dot, axis=1) / n_cols
-            along = tl.sum(x_hat * x_dot, axis=1) / n_cols
+            mean_dot = sum_dot / n_cols
+            along = rstd * sum_cross / n_cols
             y_dot = (x_dot - mean_dot[:, None] - x_hat * along[:, None]) * (rstd[:, None] * gain)
     out = rows[:, None] * n_cols + cols[None, :]
     tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
@@ -175,12 +181,17 @@ def _layer_norm_modulate_bwd_kernel(
         g = g.to(tl.float32)
         mean = tl.sum(x, axis=1) / n_cols
         centred = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        if NEEDS_DX:
+            # One reduction round for the variance and dx's two sums (as in the forward).
+            g_hat = g * gain
+            sum_sq, sum_g, sum_cross = tl.reduce((centred * centred, g_hat, centred * g_hat), 1, sum3)
+        else:
+            sum_sq = tl.sum(centred * centred, axis=1)
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
         x_hat = centred * rstd[:, None]
         if NEEDS_DX:
-            g_hat = g * gain
-            mean_g = tl.sum(g_hat, axis=1) / n_cols
-            along = tl.sum(g_hat * x_hat, axis=1) / n_cols
+            mean_g = sum_g / n_cols
+            along = rstd * sum_cross / n_cols
             dx = (g_hat - mean_g[:, None] - x_hat * along[:, None]) * rstd[:, None]
             dx_rows = DX + (b * n_tokens + tokens)[:, None] * n_cols
             tl.store(dx_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)

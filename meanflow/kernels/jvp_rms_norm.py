@@ -97,6 +97,18 @@ def row_block(dim: int) -> int:
 # Kernel
 # --------------------------------------------------------------------------------------------
 
+# Combine functions of tl.reduce over tuples: row sums that do not depend on each other share
+# one reduction (one round of shuffles, and of shared memory and barriers across warps).
+@triton.jit
+def sum2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def sum3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
 @triton.autotune(configs=row_configs(), key=["BLOCK_D", "HAS_W", "HAS_X_DOT", "HAS_W_DOT"],
                  prune_configs_by={"early_config_prune": row_pruner})
 @triton.jit
@@ -123,7 +135,12 @@ def _jvp_rms_norm_kernel(
         w_dot = tl.load(W_DOT + w_offs, mask=mask, other=0.0).to(tl.float32)
 
     x = x.to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    if HAS_X_DOT:  # one reduction for both row sums
+        x_dot = x_dot.to(tl.float32)
+        sum_sq, sum_cross = tl.reduce((x * x, x * x_dot), 1, sum2)
+    else:
+        sum_sq = tl.sum(x * x, axis=1)
+    r = tl.rsqrt(sum_sq / n_cols + eps)
     normed = x * r[:, None]
     if HAS_W:
         y = normed * w
@@ -132,9 +149,8 @@ def _jvp_rms_norm_kernel(
     if HAS_X_DOT or HAS_W_DOT:
         y_dot = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         if HAS_X_DOT:
-            x_dot = x_dot.to(tl.float32)
             # r²·mean(x·ẋ): the part of ẋ along x, removed before scaling by r.
-            along = r * r * (tl.sum(x * x_dot, axis=1) / n_cols)
+            along = r * r * (sum_cross / n_cols)
             normed_dot = (x_dot - x * along[:, None]) * r[:, None]
             if HAS_W:
                 y_dot = normed_dot * w

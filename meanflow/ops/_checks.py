@@ -83,5 +83,13 @@ def autocast(*tensors):
                  for t in tensors)
 
 
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with unit stride on its last dim (a copy only where it has not): the kernels read rows
+    contiguously, with any stride between them."""
+    if t is None or t.numel() == 0 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 def zeros_if_none(y_dot: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(y) if y_dot is None else y_dot

@@ -23,7 +23,8 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from meanflow.ops._checks import TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor
+from meanflow.ops._checks import (TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor,
+                                  unit_last_stride)
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair, refuse_double_backward
 
@@ -53,7 +54,7 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 # (B, Hq, Nq, Dv); extra: the row log-sum-exp (B, Hq, Nq) for the backward.
 JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
                        raw_tensors=lambda options: options[2] == "triton",
-                       input_names=("query", "key", "value", "attn_mask"))
+                       input_names=("query", "key", "value", "attn_mask"), prepare=unit_last_stride)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,13 +135,6 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return backend, float(scale), attn_mask
 
 
-def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels read rows with unit stride; any other layout of the leading dims is fine."""
-    if t is None or t.stride(-1) == 1 or t.numel() == 0:
-        return t
-    return t.contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------------
@@ -183,9 +177,9 @@ def jvp_attention(
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    inputs = tuple(_last_dim_contiguous(t) for t in (query, key, value)) + (mask,)
+    inputs = tuple(unit_last_stride(t) for t in (query, key, value)) + (mask,)
     # Tangents come from the dual inputs; the kernels read rows with unit stride.
-    out, _ = apply_pair(JVP_ATTENTION, inputs, None, (is_causal, scale, backend), prepare=_last_dim_contiguous)
+    out, _ = apply_pair(JVP_ATTENTION, inputs, None, (is_causal, scale, backend))
     return out.squeeze(1) if squeeze else out
 
 
@@ -220,7 +214,7 @@ def jvp_attention_pair(
     squeeze = q.dim() == 3
     if squeeze:
         tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
-    tensors = [_last_dim_contiguous(t) for t in tensors]
+    tensors = [unit_last_stride(t) for t in tensors]
     out, out_dot = apply_pair(JVP_ATTENTION, (*tensors[:3], mask), (*tensors[3:], None),
                               (is_causal, scale, backend))
     if out_dot is None:

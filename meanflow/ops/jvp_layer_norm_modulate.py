@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import check_same_device, check_tangent, check_tensor
+from meanflow.ops._checks import check_same_device, check_tangent, check_tensor, unit_last_stride
 from meanflow.ops.dispatch import implementation
-from meanflow.ops.jvp_rms_norm import check_backend, check_eps, unit_last_stride
+from meanflow.ops.jvp_rms_norm import check_backend, check_eps
 from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
 
@@ -46,7 +46,7 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 # Inputs (x (B, N, D), scale (B, D), shift (B, D)), unit last strides; options (eps, backend).
 JVP_LAYER_NORM_MODULATE = PairOp("jvp_layer_norm_modulate", _forward, _backward,
-                                 input_names=("x", "scale", "shift"))
+                                 input_names=("x", "scale", "shift"), prepare=unit_last_stride)
 
 
 def _validate(x, scale, shift, eps) -> tuple[str, float]:
@@ -94,7 +94,7 @@ def jvp_layer_norm_modulate(
     """
     backend, eps = _validate(x, scale, shift, eps)
     inputs = (unit_last_stride(x), _per_batch(scale), _per_batch(shift))
-    y, _ = apply_pair(JVP_LAYER_NORM_MODULATE, inputs, None, (eps, backend), prepare=unit_last_stride)
+    y, _ = apply_pair(JVP_LAYER_NORM_MODULATE, inputs, None, (eps, backend))
     return y
 
 

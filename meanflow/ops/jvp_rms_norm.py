@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from meanflow.ops._checks import TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor
+from meanflow.ops._checks import (TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor,
+                                  unit_last_stride)
 from meanflow.ops.dispatch import implementation, resolve_backend
 from meanflow.ops.pair import PairOp, apply_pair, backward_backend
 
@@ -45,7 +46,7 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 
 # Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
-JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"))
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"), prepare=unit_last_stride)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,13 +70,6 @@ def check_backend(device: torch.device, empty: bool, dtypes: dict[str, torch.dty
                              f"got {dim}; "
                              "use MEANFLOW_BACKEND=reference")
     return backend
-
-
-def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels read rows with unit stride; any row stride is fine."""
-    if t is None or t.numel() == 0 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 def _validate(x, weight, eps) -> tuple[str, float]:
@@ -128,7 +122,7 @@ def jvp_rms_norm(
     backend, eps = _validate(x, weight, eps)
     shape = x.shape
     w = unit_last_stride(weight)
-    y, _ = apply_pair(JVP_RMS_NORM, (_rows(x), w), None, (eps, backend), prepare=unit_last_stride)
+    y, _ = apply_pair(JVP_RMS_NORM, (_rows(x), w), None, (eps, backend))
     return y.reshape(shape)
 
 

@@ -5,7 +5,9 @@ one pass (a fused kernel, or plain torch), and how to compute the input gradient
 what was saved. ``apply_pair`` turns it into an autograd op usable three ways:
 
 - pair form: ``y, y_dot = apply_pair(op, inputs, tangents, options)``: y differentiable, y_dot
-  detached (no ``grad_fn``), for the pair-mode forward of a network;
+  detached (no ``grad_fn``), for the pair-mode forward of a network. Under forward AD around the
+  call (``torch.func.jvp``, a dual level), y also gets the forward-AD tangent of its inputs: a
+  second fused pass over those tangents, unpacked like the forward-AD form's;
 - forward AD: ``apply_pair(op, inputs, None, options)`` unpacks the tangents of dual inputs
   (``torch.func.jvp`` or ``torch.autograd.forward_ad``), hands them to the same fused pass as
   extra inputs, and the Function's ``jvp`` returns the tangent it computed;
@@ -17,7 +19,9 @@ reach forward AD, the fused pass runs alone, with no autograd node (``needs_auto
 The tangent is never recorded for backward: gradients reach the inputs through y only, also
 where the given tangents carry autograd history (as forward-AD tangents do after any layer with
 trainable parameters). Tangents that are absent or forward AD's zero tensors are passed as None,
-so they cost no work.
+so they cost no work. Forward-AD tangents are always unpacked here and handed to the fused pass
+as plain inputs: inside a torch.func transform the Function's ``jvp`` sees wrapped tensors, which
+Triton kernels cannot read.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from meanflow.ops._checks import check_tangent, has_forward_tangent
+from meanflow.ops._checks import check_tangent
 
 try:  # functorch internals, used only to refuse what would otherwise be silently wrong
     from torch._C._functorch import TransformType, is_functorch_wrapped_tensor
@@ -63,6 +67,8 @@ class PairOp:
             need plain tensors (Triton) for these options; functorch's grad transform is then
             refused with a clear error.
         input_names: the inputs' argument names, for messages ("input 0", ... when empty).
+        prepare: applied to every forward-AD tangent unpacked from an input, as the op's entry
+            point applies it to the inputs themselves (a layout fix the kernels need), or None.
     """
 
     name: str
@@ -71,31 +77,44 @@ class PairOp:
     save_output: bool = False
     raw_tensors: Callable[[tuple], bool] = lambda options: False
     input_names: tuple[str, ...] = ()
+    prepare: Callable[[Tensor | None], Tensor | None] | None = None
 
     def input_name(self, i: int) -> str:
         return self.input_names[i] if i < len(self.input_names) else f"input {i}"
 
 
 class PairFunction(torch.autograd.Function):
-    """apply(op, options, keep_for_jvp, n_inputs, *inputs, *tangents) -> (y, y_dot, *extras)."""
+    """apply(op, options, keep_for_jvp, n_inputs, *inputs, *tangents[, *outer]) -> (y, y_dot, *extras[, outer_dot]).
+
+    ``tangents``: the op's tangents (pair form), or the forward-AD tangents of the inputs
+    (forward-AD form, ``keep_for_jvp``: y_dot is then also y's forward-AD tangent). ``outer``
+    (pair form under forward AD): the forward-AD tangents of the inputs; their fused pass gives
+    ``outer_dot``, y's forward-AD tangent, returned last.
+    """
 
     @staticmethod
     def forward(op, options, keep_for_jvp, n_inputs, *tensors):
-        y, y_dot, extras = op.forward(tensors[:n_inputs], tensors[n_inputs:], options)
+        inputs, tangents, outer = tensors[:n_inputs], tensors[n_inputs:2 * n_inputs], tensors[2 * n_inputs:]
+        y, y_dot, extras = op.forward(inputs, tangents, options)
+        if outer:
+            return (y, y_dot, *extras, op.forward(inputs, outer, options)[1])
         return (y, y_dot, *extras)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         op, options, keep_for_jvp, n_inputs = inputs[:4]
+        with_outer = len(inputs) - 4 == 3 * n_inputs
         y, y_dot, *extras = output
-        ctx.op, ctx.options, ctx.n_inputs, ctx.n_extras = op, options, n_inputs, len(extras)
+        tangent_of_y = extras.pop() if with_outer else y_dot
+        ctx.op, ctx.options, ctx.n_inputs = op, options, n_inputs
+        ctx.n_extras, ctx.n_tangent_inputs = len(extras) + with_outer, len(inputs) - 4 - n_inputs
         ctx.save_for_backward(*inputs[4:4 + n_inputs], y if op.save_output else None, *extras)
         # Held only until `jvp` takes it; never saved for backward.
-        ctx.y_dot = y_dot if keep_for_jvp else None
+        ctx.y_dot = tangent_of_y if keep_for_jvp else None
         if ctx.y_dot is None:
             # Should tangents reach the Function without being unpacked first, `jvp` recomputes.
             ctx.save_for_forward(*inputs[4:4 + n_inputs])
-        ctx.mark_non_differentiable(*(t for t in (y_dot, *extras) if t is not None))
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
     @staticmethod
     def backward(ctx, grad_y, *unused):
@@ -107,7 +126,7 @@ class PairFunction(torch.autograd.Function):
                              "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
                              "or MEANFLOW_BACKEND=reference")
         grads = op.backward(saved[:n], saved[n], saved[n + 1:], ctx.options, grad_y, ctx.needs_input_grad[4:4 + n])
-        return (None, None, None, None, *grads, *([None] * n))
+        return (None, None, None, None, *grads, *([None] * ctx.n_tangent_inputs))
 
     @staticmethod
     def jvp(ctx, _op, _options, _keep, _n, *tangents):
@@ -188,49 +207,62 @@ def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     return tangent
 
 
+def forward_ad_tangents(op: PairOp, inputs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...] | None:
+    """The forward-AD tangents of the inputs (``torch.func.jvp`` or a dual level), checked and
+    prepared as the op's kernels need them; None where there are none.
+
+    Raises:
+        ValueError: a tangent whose dtype or device is not its primal's, or tangents of nested
+            torch.func.jvp transforms (the op's tangent is computed outside autograd, so it has
+            no tangent of its own).
+    """
+    tangents = tuple(None if t is None else absent_if_zero(fwAD.unpack_dual(t).tangent) for t in inputs)
+    if all(t is None for t in tangents):
+        return None
+    for i, (tangent, primal) in enumerate(zip(tangents, inputs)):
+        check_tangent(f"the forward-AD tangent of {op.name}'s {op.input_name(i)}", tangent, primal)
+    if nested_jvp_depth() > 1:
+        raise ValueError(f"inputs of {op.name} carry tangents of nested torch.func.jvp transforms: its "
+                         "tangent is computed outside autograd, so higher-order forward AD is not supported")
+    return tangents if op.prepare is None else tuple(op.prepare(t) for t in tangents)
+
+
 def apply_pair(
     op: PairOp,
     inputs: Sequence[Tensor | None],
     tangents: Sequence[Tensor | None] | None,
     options: tuple = (),
-    prepare: Callable[[Tensor | None], Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Runs ``op``: pair form when ``tangents`` is given, forward-AD form when it is None.
 
-    ``prepare``, if given, is applied to every tangent found in the dual inputs (a layout fix,
-    for example), as the caller applies it to the inputs themselves.
-
     Returns:
-        (y, y_dot): y differentiable to the inputs; y_dot detached, or None when no tangent
-        was given (pair form) or found (forward-AD form).
+        (y, y_dot): y differentiable to the inputs (and, under forward AD, carrying the
+        forward-AD tangent of the inputs); y_dot detached, or None when no tangent was given
+        (pair form) or found (forward-AD form).
 
     Raises:
         ValueError: a forward-AD tangent whose dtype or device is not its primal's, pair-form
             tangents that do not match the inputs one to one, or nested torch.func.jvp.
     """
+    functorch = torch._C._are_functorch_transforms_active()
+    # Forward AD is on only inside a dual level or a torch.func transform: outside both (the
+    # training step), one global and one flag instead of an unpack per input.
+    forward_ad = functorch or fwAD._current_level >= 0
+    outer = ()
     if tangents is None:
-        tangents = tuple(None if t is None else absent_if_zero(fwAD.unpack_dual(t).tangent) for t in inputs)
-        for i, (tangent, primal) in enumerate(zip(tangents, inputs)):
-            check_tangent(f"the forward-AD tangent of {op.name}'s {op.input_name(i)}", tangent, primal)
-        if prepare is not None:
-            tangents = tuple(prepare(t) for t in tangents)
+        tangents = (forward_ad_tangents(op, inputs) if forward_ad else None) or (None,) * len(inputs)
         keep_for_jvp = any(t is not None for t in tangents)
-        if keep_for_jvp and nested_jvp_depth() > 1:
-            raise ValueError(f"inputs of {op.name} carry tangents of nested torch.func.jvp transforms: its "
-                             "tangent is computed outside autograd, so higher-order forward AD is not supported")
-        dual_inputs = False
     else:
         if len(tangents) != len(inputs):
             raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
                              f"got {len(tangents)} tangents")
         tangents = tuple(absent_if_zero(t) for t in tangents)
-        keep_for_jvp = False
-        # Inputs that are themselves dual (forward AD around a pair-form call) need the
-        # Function, whose jvp gives y its tangent; the fused pass alone would drop it. Outside a
-        # dual level none can be (a check of one global instead of an unpack per input).
-        dual_inputs = fwAD._current_level >= 0 and any(has_forward_tangent(t) for t in inputs)
-    if not torch._C._are_functorch_transforms_active():
-        if not keep_for_jvp and not dual_inputs and not needs_autograd(inputs):
+        # Dual inputs around a pair-form call: y's own forward-AD tangent comes from a second
+        # fused pass over the inputs' tangents (the fused pass alone would drop it).
+        outer = (forward_ad_tangents(op, inputs) if forward_ad else None) or ()
+        keep_for_jvp = bool(outer)
+    if not functorch:
+        if not keep_for_jvp and not needs_autograd(inputs):
             # Nothing to differentiate: no autograd node, just the fused pass. Where a given
             # tangent requires grad, no_grad keeps y_dot detached, as the Function would (only
             # there: the context manager costs a few µs, the size of the whole call).
@@ -241,7 +273,7 @@ def apply_pair(
         function = EagerPairFunction
     else:
         function = PairFunction
-    y, y_dot, *_ = function.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents)
+    y, y_dot, *_ = function.apply(op, options, keep_for_jvp, len(inputs), *inputs, *tangents, *outer)
     return y, y_dot
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from meanflow import ops
-from meanflow.ops.pair import EagerPairFunction, PairFunction, PairOp, apply_pair
+from meanflow.ops.pair import EagerPairFunction, PairFunction, PairOp, apply_pair, functorch_wrapped
 
 FORWARD_CALLS: list[tuple] = []
 
@@ -131,6 +131,8 @@ def test_routes_agree_on_gradients(data):
 # --------------------------------------------------------------------------------------------
 
 def _kernel_forward(inputs, tangents, options):
+    if functorch_wrapped(*inputs, *tangents):  # as a Triton launch fails on them
+        raise RuntimeError("the kernel was handed a torch.func wrapper")
     plain = tuple(None if t is None else fwAD.unpack_dual(t).primal for t in (*inputs, *tangents))
     return _forward(plain[:2], plain[2:], options)
 
@@ -151,6 +153,20 @@ def test_pair_form_on_dual_inputs_gives_y_its_forward_ad_tangent(data, grad_mode
     assert tangent is not None
     torch.testing.assert_close(tangent, t * w)
     torch.testing.assert_close(y_dot, x_dot * w)
+
+
+def test_pair_form_inside_func_jvp_gives_y_its_tangent(data):
+    """torch.func.jvp around a pair-form call: y's tangent (a second fused pass over the unpacked
+    outer tangents, plain tensors) and the given tangent's y_dot; y_dot itself is detached, so
+    its own tangent is zero. The kernel never sees a torch.func wrapper."""
+    x, x_dot, w, w_dot = data
+    t, t_w = torch.randn_like(x), torch.randn_like(w)
+    (y, y_dot), (y_tangent, y_dot_tangent) = torch.func.jvp(
+        lambda x, w: apply_pair(KERNEL, (x, w), (x_dot, w_dot)), (x, w), (t, t_w))
+    torch.testing.assert_close(y, x * w)
+    torch.testing.assert_close(y_dot, x_dot * w + x * w_dot)
+    torch.testing.assert_close(y_tangent, t * w + x * t_w)
+    assert not y_dot_tangent.any()
 
 
 @pytest.mark.parametrize("route", ["no_autograd", "autograd", "forward_ad", "func_jvp"])
@@ -229,3 +245,54 @@ def test_func_vjp_of_every_op_on_the_triton_backend(monkeypatch, name):
     leaf = inp.clone().requires_grad_()
     fn(leaf).backward(cotangent)
     torch.testing.assert_close(grad, leaf.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func.jvp around the pair form of every op on the Triton backend: y's tangent equals the
+# drop-in form's under torch.func.jvp, y_dot equals the pair form's outside (the kernels get
+# plain tensors; they used to be handed torch.func wrappers and fail).
+# --------------------------------------------------------------------------------------------
+
+def _pair_cases():
+    x, sc, sh = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8)
+    q, table = torch.randn(1, 2, 5, 8), torch.randn(5, 8)
+    weight, norm_weight = torch.randn(4, 8), torch.randn(8)
+    inner = torch.randn(2, 5, 8)
+    inner_q = torch.randn(1, 2, 5, 8)
+    return {  # name: (pair form of one tensor and its inner tangent, drop-in form, input, inner tangent)
+        "linear": (lambda a, d: ops.jvp_linear_pair(a, d, weight), lambda a: ops.jvp_linear(a, weight), x, inner),
+        "rms_norm": (lambda a, d: ops.jvp_rms_norm_pair(a, d, norm_weight), lambda a: ops.jvp_rms_norm(a, norm_weight),
+                     x, inner),
+        "layer_norm_modulate": (lambda a, d: ops.jvp_layer_norm_modulate_pair(a, d, sc, None, sh, None),
+                                lambda a: ops.jvp_layer_norm_modulate(a, sc, sh), x, inner),
+        "silu": (ops.jvp_silu_pair, ops.jvp_silu, x, inner),
+        "gelu_tanh": (ops.jvp_gelu_tanh_pair, ops.jvp_gelu_tanh, x, inner),
+        "rope": (lambda a, d: ops.jvp_rope_pair(a, d, table, table), lambda a: ops.jvp_rope(a, table, table),
+                 q, inner_q),
+        "gated_residual": (lambda a, d: ops.jvp_gated_residual_pair(a, d, sc, None, a, d),
+                           lambda a: ops.jvp_gated_residual(a, sc, a), x, inner),
+        "attention": (lambda a, d: ops.jvp_attention_pair(a, a * 0.5, a, d, d * 0.5, d),
+                      lambda a: ops.jvp_attention(a, a * 0.5, a), q, inner_q),
+    }
+
+
+@pytest.mark.parametrize("route", ["func_jvp", "dual_level"])
+@pytest.mark.parametrize("name", list(_pair_cases()))
+def test_forward_ad_around_the_pair_form_of_every_op_on_the_triton_backend(monkeypatch, name, route):
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    pair, drop_in, inp, inner = _pair_cases()[name]
+    # An outer tangent without unit last stride: the op's prepare gives the kernels their layout.
+    outer = torch.randn(inp.shape[::-1]).permute(*reversed(range(inp.dim())))
+    if route == "func_jvp":
+        (y, y_dot), (y_tangent, y_dot_tangent) = torch.func.jvp(lambda a: pair(a, inner), (inp,), (outer,))
+    else:
+        with fwAD.dual_level():
+            y, y_dot = pair(fwAD.make_dual(inp, outer), inner)
+            y, y_tangent = fwAD.unpack_dual(y)
+            y_dot_tangent = fwAD.unpack_dual(y_dot).tangent
+    expected_y, expected_tangent = torch.func.jvp(drop_in, (inp,), (outer.contiguous(),))
+    expected_y_dot = pair(inp, inner)[1]
+    torch.testing.assert_close(y, expected_y)
+    torch.testing.assert_close(y_tangent, expected_tangent)
+    torch.testing.assert_close(y_dot, expected_y_dot)
+    assert y_dot_tangent is None or not y_dot_tangent.any()  # y_dot is detached: no tangent of its own
