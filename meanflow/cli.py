@@ -306,7 +306,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate_data(args) -> int:
-    from meanflow.train.data import save_latents, teacher_latents
+    from meanflow.train.data import save_latents, teacher_latents, teacher_recipe
     from meanflow.train.world import make_world, read_prompt_file
 
     config = _load(args)
@@ -315,8 +315,8 @@ def cmd_generate_data(args) -> int:
     steps = args.steps or max(config.eval.teacher_steps)
     latents, chosen = teacher_latents(world, prompts, args.num, steps, config.method.guidance,
                                       shift=config.sample.shift, seed=args.seed, batch_size=config.eval.batch_size)
-    path = save_latents(args.output, latents, chosen, {"steps": steps, "guidance": config.method.guidance.mode,
-                                                       "teacher": config.model.teacher})
+    recipe = teacher_recipe(config, prompts, args.num, steps, args.seed)
+    path = save_latents(args.output, latents, chosen, dict(recipe, writer="generate-data"))
     print(f"{path}: {latents.shape[0]} latents {tuple(latents.shape[1:])} ({steps} teacher steps); train on "
           f"them with --set data.source=teacher --set data.latents_cache={os.path.dirname(os.path.abspath(path))}")
     return 0

@@ -8,6 +8,7 @@ has).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -87,16 +88,55 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, list[str]]:
     return latents, prompts
 
 
-def _read_info(path: Path) -> dict:
-    """The ``info`` metadata :func:`save_latents` wrote ({} if none or unreadable)."""
+def read_info(path: str | os.PathLike) -> dict:
+    """The ``info`` metadata :func:`save_latents` wrote ({} if none); ValueError naming the file
+    if it is not a readable safetensors file."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             info = json.loads((f.metadata() or {}).get("info", "{}"))
-    except Exception:  # noqa: BLE001 - load_latents has read the file already
-        return {}
+    except Exception as err:  # noqa: BLE001 - any corruption is reported the same way
+        raise ValueError(f"data.latents_cache: {str(path)!r} is not a latents file ({type(err).__name__}: "
+                         f"{err})") from None
     return info if isinstance(info, dict) else {}
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """A short sha256 of a prompt list (order included), to recognise the list a cache was made from."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def teacher_recipe(config, prompts: list[str], num: int, steps: int, seed: int) -> dict:
+    """What teacher latents are a function of, as recorded in their file: the model (teacher,
+    revision), how it was sampled (steps, guidance mode and scale, time-grid shift) and what was
+    sampled (how many, from which prompts, with which seed)."""
+    guidance = config.method.guidance
+    return {"teacher": config.model.teacher, "revision": config.model.revision, "num": num, "steps": steps,
+            "guidance": guidance.mode, "guidance_scale": guidance.scales[0], "shift": config.sample.shift,
+            "seed": seed, "prompts": prompts_digest(prompts)}
+
+
+# The recipe keys that make latents another model's: never trained on, whoever wrote the file.
+MODEL_KEYS = ("teacher", "revision")
+
+
+def check_recipe(path: Path, recorded: dict, expected: dict, *, strict: bool, log=print) -> None:
+    """Compares a cache's recorded recipe with this run's, key by key (keys the file does not
+    record are not compared: files of older versions).
+
+    Another model (:data:`MODEL_KEYS`) is always refused. Another sampling recipe is refused when
+    ``strict`` (a cache the trainer wrote for a run with these settings: reusing it would
+    silently train on other data), else logged (a dataset made on purpose with
+    ``meanflow generate-data``, or the run's own data on resume)."""
+    differing = [k for k in expected if k in recorded and recorded[k] != expected[k]]
+    for key in differing:
+        if key in MODEL_KEYS or strict:
+            raise ValueError(f"data.latents_cache: {str(path)!r} holds latents made with {key} {recorded[key]!r}, "
+                             f"this run's is {expected[key]!r}; delete it or choose another data.latents_cache")
+    if differing:
+        log(f"note: {path} was made with {', '.join(f'{k} {recorded[k]!r}' for k in differing)}; this run's "
+            f"settings say {', '.join(f'{k} {expected[k]!r}' for k in differing)} (training on the file as it is)")
 
 
 def latents_path(config) -> Path:
@@ -105,18 +145,23 @@ def latents_path(config) -> Path:
     return folder / LATENTS_FILE
 
 
-def prepare_teacher_data(world, config, log=print, ranks=None) -> None:
+def prepare_teacher_data(world, config, log=print, ranks=None, resume: bool = False) -> None:
     """For ``data.source: teacher``: load the cached latents, or generate and cache them
     (``data.num_teacher_latents`` with the teacher's largest evaluation step count), then hand
     them to the world. On several ranks (``ranks``, a
     :class:`~meanflow.train.distributed.Ranks`; every rank calls this, each with the whole
-    teacher) each rank makes its share, rank 0 writes the file, and every rank loads it."""
+    teacher) each rank makes its share, rank 0 writes the file, and every rank loads it.
+
+    A cache is used only if it was made by this teacher (:func:`check_recipe`) at this image
+    size; one the trainer wrote must also match this run's sampling recipe (count, steps,
+    guidance, shift, seed, prompts), except on ``resume``, where it is the run's own data."""
     from meanflow.train.distributed import Ranks
 
     ranks = ranks or Ranks.single()
     path = latents_path(config)
+    steps, num = max(config.eval.teacher_steps), config.data.num_teacher_latents
+    recipe = teacher_recipe(config, world.train_prompts(), num, steps, config.run.seed)
     if not path.is_file():
-        steps, num = max(config.eval.teacher_steps), config.data.num_teacher_latents
         log(f"generating {num} teacher latents ({steps} steps) into {path}"
             + (f", {ranks.size} ranks sharing them" if ranks.size > 1 else ""))
         part = teacher_latents(world, world.train_prompts(), num, steps, config.method.guidance,
@@ -126,16 +171,11 @@ def prepare_teacher_data(world, config, log=print, ranks=None) -> None:
         if ranks.main:
             latents = torch.cat([p[0] for p in parts])
             prompts = [prompt for p in parts for prompt in p[1]]
-            save_latents(path, latents, prompts, {"steps": steps, "guidance": config.method.guidance.mode,
-                                                  "teacher": config.model.teacher})
+            save_latents(path, latents, prompts, dict(recipe, writer="run"))
         ranks.barrier()
     latents, prompts = load_latents(path)
-    # A cache is reused whatever the run: refuse one of another teacher or image size by name
-    # (files of `meanflow generate-data` record no teacher; their shape is still checked).
-    recorded = _read_info(path).get("teacher")
-    if recorded is not None and recorded != config.model.teacher:
-        raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of the teacher {recorded!r}, this run's "
-                         f"model.teacher is {config.model.teacher!r}; delete it or choose another data.latents_cache")
+    info = read_info(path)
+    check_recipe(path, info, recipe, strict=info.get("writer") == "run" and not resume, log=log)
     if tuple(latents.shape[1:]) != tuple(world.latent_shape):
         raise ValueError(f"data.latents_cache: {str(path)!r} holds latents {tuple(latents.shape)}, this run "
                          f"wants (N, {', '.join(map(str, world.latent_shape))}) (another model.resolution?); "

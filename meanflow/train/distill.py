@@ -163,7 +163,7 @@ class Run:
         self.log = log if ranks.main else silent
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
-        self.distiller = Distiller(config, ranks=ranks, device=device)
+        self.distiller = Distiller(config, ranks=ranks, device=device, resume=resume)
         if resume:
             self.restore(load_checkpoint(self.out_dir / CHECKPOINTS))
             if changed:

@@ -20,7 +20,6 @@ The resolution and the image folder come from the config (``model.resolution``,
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -308,18 +307,19 @@ class FluxWorld(World):
 
     def _cache_info(self, image_dir) -> dict:
         return {"kind": "flux-dataset", "teacher": self.config.model.teacher,
-                "resolution": [self.height, self.width],
+                "revision": self.config.model.revision, "resolution": [self.height, self.width],
                 "image_dir": None if image_dir is None else os.path.abspath(os.fspath(image_dir))}
 
     def _dataset_latents(self, image_dir, name: str = "image_dir") -> tuple[Tensor, list[str]]:
-        from meanflow.train.data import load_latents, save_latents
+        from meanflow.train.data import load_latents, read_info, save_latents
 
         path = self.dataset_cache_path()
         expected = self._cache_info(image_dir)
         if path.is_file():
-            info = _read_info(path)
-            for key in ("teacher", "resolution") + (("image_dir",) if image_dir is not None else ()):
-                if info.get(key) != expected[key]:
+            info = read_info(path)
+            for key in ("teacher", "revision", "resolution") + (("image_dir",) if image_dir is not None else ()):
+                # (A revision is compared where recorded: caches of older versions have none.)
+                if (key != "revision" or key in info) and info.get(key) != expected[key]:
                     raise ValueError(f"data.latents_cache: {str(path)!r} holds latents of {key} "
                                      f"{info.get(key)!r}, "
                                      f"this run wants {expected[key]!r}; delete it or choose another "
@@ -400,16 +400,3 @@ class FluxWorld(World):
             canvas[top:top + h, left:left + w] = pix[k]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path, format="PNG")
-
-
-def _read_info(path: Path) -> dict:
-    """The ``info`` metadata :func:`meanflow.train.data.save_latents` wrote ({} if none)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta.get("info", "{}"))
-    except Exception as err:  # noqa: BLE001 - reported as a bad cache file
-        raise ValueError(f"data.latents_cache: {str(path)!r} is not a latents file ({type(err).__name__}: "
-                         f"{err})") from None

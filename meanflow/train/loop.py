@@ -83,10 +83,12 @@ class Distiller:
         ranks: this process's :class:`~meanflow.train.distributed.Ranks` (default one process);
             with ``ranks.sharded`` the models are sharded with FSDP2 over the process group.
         device: the device of this rank (default ``run.device`` resolved).
+        resume: whether this continues a run (its cached teacher latents are its own data, made
+            before any resumable setting changed; see :func:`meanflow.train.data.prepare_teacher_data`).
     """
 
     def __init__(self, config: TrainConfig, world: World | None = None, ranks: Ranks | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, resume: bool = False):
         self.config = config
         self.ranks = ranks = ranks or Ranks.single()
         check_batch_split(config.data.batch_size, ranks.size)
@@ -101,7 +103,8 @@ class Distiller:
         if config.data.source == "teacher":
             from meanflow.train.data import prepare_teacher_data
 
-            prepare_teacher_data(self.world, config, log=print if ranks.main else silent, ranks=ranks)
+            prepare_teacher_data(self.world, config, log=print if ranks.main else silent, ranks=ranks,
+                                 resume=resume)
         self.device = self.world.device
         self.generator = torch.Generator().manual_seed(config.run.seed)
         teacher = self.world.teacher

@@ -256,6 +256,10 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
     config.data.images = str(images)
     again = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
     assert torch.equal(again.training_data[0], latents) and again.training_data[1] == captions
+    config.model.revision = "0123abc"   # the latents of another revision of the model: refused
+    with pytest.raises(ValueError, match="data.latents_cache.*revision"):
+        FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
+    config.model.revision = None
     with pytest.raises(ValueError, match="data.latents_cache"):   # the cache is of another folder
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, image_dir=tmp_path, log=lambda *_: None)
     # The folder changed since the cache was made: an edited caption, then one more image.
