@@ -240,9 +240,10 @@ def _world_and_student(args):
     if args.run:
         from meanflow.train.config import ConfigError
 
-        if getattr(args, "config", None):
-            raise ConfigError("--config: not used with --run (the run's config.yaml is the config; "
-                              "change keys with --set)")
+        for option in ("preset", "config", "out"):  # the run's config.yaml is the config, its folder the run
+            if getattr(args, option, None):
+                raise ConfigError(f"--{option}: not used with --run (the run's config.yaml is the config; "
+                                  "change keys with --set)")
         config = _run_config(args.run, args.overrides)
         student_dir = args.student or os.path.join(args.run, "student")
     else:

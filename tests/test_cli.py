@@ -45,11 +45,15 @@ def test_run_folder_without_options_keeps_its_config(run_folder, worlds):
     assert worlds[-1] == load_config(None, run_folder / "config.yaml", [])
 
 
-def test_config_file_with_a_run_folder_is_refused(run_folder, worlds, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--config", "--preset", "--out"])
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_config_options_with_a_run_folder_are_refused(run_folder, worlds, tmp_path, capsys, command, option):
+    """The run's config.yaml is the config: --config, --preset and --out were silently ignored."""
     extra = tmp_path / "extra.yaml"
     extra.write_text("eval:\n  samples_per_prompt: 3\n")
-    assert cli.main(["eval", "--run", str(run_folder), "--config", str(extra)]) == 2
-    assert "--config" in capsys.readouterr().err and not worlds
+    value = {"--config": str(extra), "--preset": "tiny", "--out": str(tmp_path / "elsewhere")}[option]
+    assert cli.main([command, "--run", str(run_folder), option, value]) == 2
+    assert f"{option}: not used with --run" in capsys.readouterr().err and not worlds
 
 
 def test_bad_override_over_a_run_folder_is_a_clear_error(run_folder, worlds, capsys):
