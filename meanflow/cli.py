@@ -249,7 +249,7 @@ def _world_and_student(args):
     else:
         config = _load(args)
         student_dir = args.student
-    world = make_world(config)
+    world = make_world(config, training=False)
     student = None
     if student_dir:
         if not os.path.isdir(student_dir):
@@ -311,7 +311,7 @@ def cmd_generate_data(args) -> int:
     from meanflow.train.world import make_world, read_prompt_file
 
     config = _load(args)
-    world = make_world(config)
+    world = make_world(config, training=False)
     prompts = read_prompt_file(args.prompts) if args.prompts else world.train_prompts()
     steps = args.steps or max(config.eval.teacher_steps)
     latents, chosen = teacher_latents(world, prompts, args.num, steps, config.method.guidance,

@@ -20,7 +20,8 @@ def worlds(monkeypatch):
 
     seen = []
 
-    def make_world(config, device=None):
+    def make_world(config, device=None, *, training=True):
+        assert not training, "sample / eval / generate-data train nothing: no training data to load"
         seen.append(config)
         raise ValueError("stub world")
 

@@ -150,6 +150,9 @@ class FluxWorld(World):
             the preview / evaluation sampler (``loop.sample_student``) does not write guidance
             itself and relies on it.
         log: status lines (default ``print``).
+        load_dataset: whether ``data.source: dataset`` loads its latents now (from the cache, or
+            by encoding the images); False where nothing trains (sampling, evaluation): the
+            world then has no training data.
 
     Attributes:
         teacher, latent_shape (N_img, C), device, height, width, vae_scale_factor, pipeline,
@@ -160,7 +163,8 @@ class FluxWorld(World):
 
     def __init__(self, config, device: str | torch.device = "cpu", pipeline=None, resolution=None,
                  image_dir: str | os.PathLike | None = None, max_sequence_length: int | None = None,
-                 encode_batch_size: int = 4, default_guidance: float | str | None = "auto", log=print):
+                 encode_batch_size: int = 4, default_guidance: float | str | None = "auto", log=print,
+                 load_dataset: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.log = log
@@ -222,7 +226,7 @@ class FluxWorld(World):
 
         self.source = config.data.source
         self._latents: tuple[Tensor, list[str]] | None = None
-        if self.source == "dataset":
+        if self.source == "dataset" and load_dataset:
             name = "image_dir"
             if image_dir is None:
                 image_dir, name = config.data.images, "data.images"
@@ -295,7 +299,8 @@ class FluxWorld(World):
             raise ValueError(f"batch: expected a positive int, got {batch!r}")
         if self._latents is None:
             raise ValueError("data.source: no training latents yet; with source 'teacher' the trainer must "
-                             "call use_latents(latents, prompts) first")
+                             "call use_latents(latents, prompts) first (with source 'dataset', the world "
+                             "must be made with load_dataset=True)")
         latents, prompts = self._latents
         rows = torch.randint(latents.shape[0], (batch,), generator=generator)
         return latents[rows].to(self.device), [prompts[i] for i in rows.tolist()]

@@ -205,16 +205,17 @@ class DigitsEvaluator:
         return feats, logits, labels[rows]
 
 
-def make_world(config, device: torch.device | None = None) -> World:
+def make_world(config, device: torch.device | None = None, *, training: bool = True) -> World:
     """The :class:`World` a :class:`~meanflow.train.config.TrainConfig` asks for, on ``device``
-    (default: ``run.device`` resolved)."""
+    (default: ``run.device`` resolved). ``training=False`` (sampling, evaluation, generating
+    data): a FLUX world does not load or encode its ``data.source: dataset`` images."""
     device = device if device is not None else resolve_device(config.run.device)
     if config.model.kind == "digits":
         return DigitsWorld(config.model.teacher, config.data.prompts, device, config.data.source)
     if config.model.kind == "flux":
         from meanflow.train.flux_world import FluxWorld
 
-        return FluxWorld(config, device)
+        return FluxWorld(config, device, load_dataset=training)
     raise ValueError(f"model.kind: expected 'digits' or 'flux', got {config.model.kind!r}")
 
 

@@ -274,6 +274,27 @@ def test_dataset_encoded_once_and_cached(pipe, pipe_dir, prompt_file, tmp_path, 
         FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None)
 
 
+def test_a_world_for_sampling_does_not_load_the_dataset(pipe, pipe_dir, prompt_file, tmp_path, monkeypatch):
+    """sample / eval of a data.source=dataset run (make_world(training=False)) neither encode
+    the images nor read their cache; such a world has no training data."""
+    from meanflow.train import world as world_module
+
+    (tmp_path / "images").mkdir()   # no images: loading them would fail
+    config = _config(pipe_dir, prompt_file, tmp_path, "data.source=dataset", f"data.images={tmp_path / 'images'}")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the dataset was loaded for sampling")
+
+    monkeypatch.setattr(FluxWorld, "_dataset_latents", fail)
+    world = FluxWorld(config, "cpu", pipeline=pipe, resolution=RES, log=lambda *_: None, load_dataset=False)
+    assert world.training_data is None
+    with pytest.raises(ValueError, match="load_dataset=True"):
+        world.training_batch(1, torch.Generator())
+    monkeypatch.setattr(FluxWorld, "_load_pipeline", staticmethod(lambda config: pipe))
+    config.model.resolution = RES
+    assert world_module.make_world(config, torch.device("cpu"), training=False).training_data is None
+
+
 def test_load_image_follows_the_exif_orientation(tmp_path):
     """A phone photo stores its pixels sideways with an EXIF orientation tag; viewers (and
     diffusers' load_image) show it upright, so the latents must be of the upright image."""
