@@ -104,7 +104,8 @@ def _check_same_run(config: TrainConfig, out_dir: Path) -> list[str]:
 
 
 class _StepInterrupt:
-    """Holds a Ctrl-C (SIGINT) that arrives during a training step until the step is done, so
+    """Holds a Ctrl-C (SIGINT) that arrives during a training step (and the writing of its
+    metrics row) until the step is done, so
     the checkpoint Ctrl-C saves never holds half a step (weights moved by the optimizer, but the
     EMA, the step count or the fake network not yet): ``requested`` is then set, and the loop
     stops once the step is logged (:meth:`stop_if_requested`). A second Ctrl-C interrupts at
@@ -285,13 +286,15 @@ class Run:
         interrupt = _StepInterrupt()
         try:
             while d.step_index < cfg.run.max_steps:
+                # The step's metrics row is written inside the held section too: a Ctrl-C that
+                # landed between the step and its row would have saved the step without it.
                 with interrupt.around_step():
                     result = d.step()
-                done = result.step + 1
-                if result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped:
-                    logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow, mse=result.mse,
-                               align=result.align, fake=result.fake, grad_norm=result.grad_norm, lr=result.lr,
-                               skipped=int(result.skipped), nonfinite_total=d.nonfinite_total)
+                    done = result.step + 1
+                    if result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped:
+                        logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow,
+                                   mse=result.mse, align=result.align, fake=result.fake, grad_norm=result.grad_norm,
+                                   lr=result.lr, skipped=int(result.skipped), nonfinite_total=d.nonfinite_total)
                 progress.update(done, loss=result.loss, phase=result.phase)
                 interrupt.stop_if_requested()
                 d.check_finite()

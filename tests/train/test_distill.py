@@ -183,6 +183,29 @@ def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_ctrl_c_while_a_row_is_written_keeps_the_row(tmp_path, monkeypatch):
+    """A SIGINT that lands as step 2's metrics row is being written: the row is written, the
+    checkpoint is at step 3, and the resumed run logs every step once."""
+    import signal
+
+    from meanflow.train import logger as logger_module
+
+    run = tmp_path / "run"
+    real_log = logger_module.RunLogger.log
+
+    def log(self, step, **values):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_log(self, step, **values)
+
+    monkeypatch.setattr(logger_module.RunLogger, "log", log)
+    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
+    monkeypatch.setattr(logger_module.RunLogger, "log", real_log)
+    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
+
+
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     real = loop_module.GuidedTeacher.__call__
