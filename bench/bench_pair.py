@@ -15,7 +15,9 @@ calls. Providers:
 ``test_triton_route`` times the host side of each fused op's Triton route in pair form, with
 its kernel launch replaced by a no-op (so it runs on a CPU too): validation, the pair mechanism,
 dispatch, output allocation, the launcher's arithmetic. Set beside an op's wall time and its
-``device_ms`` on a GPU, it tells how much of a call is Triton's own launch.
+``device_ms`` on a GPU, it tells how much of a call is Triton's own launch. ``test_loss_route``
+does the same for the two losses, forward and backward (their kernels stubbed), beside the
+eager formula of ``bench/bench_<loss>.py`` on the same inputs (whose kernels are not stubbed).
 """
 from __future__ import annotations
 
@@ -114,3 +116,42 @@ def test_triton_route(benchmark, monkeypatch, op):
     timing.run(benchmark, op=op, case="host, launch stubbed", provider="ours/triton",
                shape="(1, 64, 96) / (1, 64, 4, 32) float32, 100 calls per round",
                target=lambda: call(*args), calls=CALLS)
+
+
+# loss -> (the kernels to stub as (module, name), the loss of (u, a, b) (B, N, C) = (4, 64, 96) inputs)
+LOSS_ROUTES = {
+    "adaptive_weighted_loss": ((("adaptive_weighted_loss", "_adaptive_weighted_loss_fwd_kernel"),
+                                ("per_sample_scale", "_per_sample_scale_kernel")),
+                               lambda u, a, b: ops.adaptive_weighted_loss(u, a)[0]),
+    "alignment_loss": ((("alignment_loss", "_alignment_loss_fwd_kernel"),
+                        ("per_sample_scale", "_per_sample_scale_kernel")),
+                       lambda u, a, b: ops.alignment_loss(u, a, b)[0]),
+}
+
+
+@pytest.mark.parametrize("provider", ["ours/triton", "eager"])
+@pytest.mark.parametrize("loss", list(LOSS_ROUTES))
+def test_loss_route(benchmark, monkeypatch, loss, provider):
+    import importlib
+
+    kernels, call = LOSS_ROUTES[loss]
+    if provider == "eager":
+        formula = importlib.import_module(f"bench_{loss}").formula
+        n_args = formula.__code__.co_argcount
+        call = lambda u, a, b: formula(*(u, a, b)[:n_args])  # noqa: E731
+    else:
+        for module, kernel in kernels:
+            monkeypatch.setattr(importlib.import_module(f"meanflow.kernels.{module}"), kernel, _NoLaunch())
+        monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+        if not timing.CUDA:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
+    u, a, b = (torch.randn((4, 64, 96), generator=gen, device=timing.DEVICE) for _ in range(3))
+    u.requires_grad_()
+
+    def target():
+        u.grad = None
+        call(u, a, b).backward()
+
+    timing.run(benchmark, op=loss, case="host, fwd + bwd, launches stubbed", provider=provider,
+               shape="(4, 64, 96) float32, 100 calls per round", target=target, calls=CALLS)
