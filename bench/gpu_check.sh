@@ -5,7 +5,8 @@
 #     OUT=/some/dir bash bench/gpu_check.sh
 #
 # 1. prints the GPU, driver, python, torch and triton versions;
-# 2. installs the wheels in .whl/ (if any: e.g. jvp-flash-attention) into /tmp/site, no network;
+# 2. installs the wheels in .whl/ (if any: e.g. jvp-flash-attention) into /tmp/site, no network
+#    (bench/fetch_wheels.sh fills .whl/ beforehand, on a machine with PyPI);
 # 3. makes `meanflow` importable from the repo root without an install, and fails loudly if it
 #    is not;
 # 4. runs the GPU tests (`pytest tests -m gpu`), then the benchmarks (`pytest bench
