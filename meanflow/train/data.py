@@ -109,40 +109,56 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def teacher_recipe(config, prompts: list[str], num: int, steps: int, seed: int) -> dict:
     """What teacher latents are a function of, as recorded in their file: the model (teacher,
-    revision), how it was sampled (steps, guidance mode and scale, time-grid shift) and what was
-    sampled (how many, from which prompts, with which seed)."""
+    revision), how it was sampled (steps, guidance mode and scale (none without guidance),
+    time-grid shift) and what was sampled (how many, from which prompts, with which seed)."""
     guidance = config.method.guidance
     return {"teacher": config.model.teacher, "revision": config.model.revision, "num": num, "steps": steps,
-            "guidance": guidance.mode, "guidance_scale": guidance.scales[0], "shift": config.sample.shift,
-            "seed": seed, "prompts": prompts_digest(prompts)}
+            "guidance": guidance.mode, "guidance_scale": None if guidance.mode == "none" else guidance.scales[0],
+            "shift": config.sample.shift, "seed": seed, "prompts": prompts_digest(prompts)}
 
 
 # The recipe keys that make latents another model's: never trained on, whoever wrote the file.
 MODEL_KEYS = ("teacher", "revision")
+# The setting behind each recipe key, for messages.
+SETTING_OF = {"teacher": "model.teacher", "revision": "model.revision", "num": "data.num_teacher_latents",
+              "steps": "max(eval.teacher_steps)", "guidance": "method.guidance.mode",
+              "guidance_scale": "method.guidance.scales[0]", "shift": "sample.shift", "seed": "run.seed",
+              "prompts": "data.prompts"}
 
 
-def check_recipe(path: Path, recorded: dict, expected: dict, *, strict: bool, log=print) -> None:
-    """Compares a cache's recorded recipe with this run's, key by key (keys the file does not
-    record are not compared: files of older versions).
+def _differences(recorded: dict, expected: dict, keys: list[str], whose: str) -> str:
+    return ", ".join(f"{SETTING_OF.get(k, k)} (another prompt list)" if k == "prompts"
+                     else f"{SETTING_OF.get(k, k)} {recorded[k]!r} ({whose}: {expected[k]!r})" for k in keys)
+
+
+def check_recipe(path: Path, recorded: dict, expected: dict, *, strict: bool, log=print,
+                 whose: str = "this run") -> None:
+    """Compares a cache's recorded recipe with ``expected`` (``whose``: this run's settings, or
+    the recipe of the data a resumed run trained on), key by key (keys the file does not record
+    are not compared: files of older versions).
 
     Another model (:data:`MODEL_KEYS`) is always refused. Another sampling recipe is refused when
-    ``strict`` (a cache the trainer wrote for a run with these settings: reusing it would
-    silently train on other data), else logged (a dataset made on purpose with
-    ``meanflow generate-data``, or the run's own data on resume)."""
+    ``strict`` (a cache the trainer wrote for a run with these settings, or a resumed run's own
+    data: training on it would silently use other data), else logged (a dataset made on purpose
+    with ``meanflow generate-data``)."""
     differing = [k for k in expected if k in recorded and recorded[k] != expected[k]]
-    for key in differing:
-        if key in MODEL_KEYS or strict:
-            raise ValueError(f"data.latents_cache: {str(path)!r} holds latents made with {key} {recorded[key]!r}, "
-                             f"this run's is {expected[key]!r}; delete it or choose another data.latents_cache")
+    if any(k in MODEL_KEYS for k in differing) or (strict and differing):
+        raise ValueError(f"data.latents_cache: {str(path)!r} holds latents made with other settings than "
+                         f"{whose}'s: {_differences(recorded, expected, differing, whose)}; delete it or choose "
+                         "another data.latents_cache (a dataset made on purpose with `meanflow generate-data` "
+                         "is used whatever the sampling settings)")
     if differing:
-        log(f"note: {path} was made with {', '.join(f'{k} {recorded[k]!r}' for k in differing)}; this run's "
-            f"settings say {', '.join(f'{k} {expected[k]!r}' for k in differing)} (training on the file as it is)")
+        log(f"note: {path} was made with other settings than {whose}'s: "
+            f"{_differences(recorded, expected, differing, whose)} (training on the file as it is)")
 
 
 def latents_path(config) -> Path:
     """Where the run's teacher latents live: ``data.latents_cache`` (a folder) or the run folder."""
     folder = Path(config.data.latents_cache) if config.data.latents_cache else Path(config.run.out_dir)
     return folder / LATENTS_FILE
+
+
+RECIPE_FILE = "teacher_latents_recipe.json"  # in the run folder: the recipe of the data the run trains on
 
 
 def prepare_teacher_data(world, config, log=print, ranks=None, resume: bool = False) -> None:
@@ -154,18 +170,27 @@ def prepare_teacher_data(world, config, log=print, ranks=None, resume: bool = Fa
 
     A cache is used only if it was made by this teacher (:func:`check_recipe`) at this image
     size; one the trainer wrote must also match this run's sampling recipe (count, steps,
-    guidance, shift, seed, prompts), except on ``resume``, where it is the run's own data."""
+    guidance, shift, seed, prompts). The recipe of the data a run trains on is recorded in its
+    folder (:data:`RECIPE_FILE`): on ``resume`` the cache must still hold that data (a resume may
+    change ``run.seed`` or ``eval.teacher_steps``; a missing cache is made again from the recorded
+    recipe)."""
     from meanflow.train.distributed import Ranks
 
     ranks = ranks or Ranks.single()
     path = latents_path(config)
-    steps, num = max(config.eval.teacher_steps), config.data.num_teacher_latents
-    recipe = teacher_recipe(config, world.train_prompts(), num, steps, config.run.seed)
+    own_path = Path(config.run.out_dir) / RECIPE_FILE
+    own = json.loads(own_path.read_text()) if resume and own_path.is_file() else None
+    if own is not None:
+        recipe, whose = own, f"the data this run trained on (recorded in {own_path})"
+        num, steps, seed = own["num"], own["steps"], own["seed"]
+    else:
+        num, steps, seed = config.data.num_teacher_latents, max(config.eval.teacher_steps), config.run.seed
+        recipe, whose = teacher_recipe(config, world.train_prompts(), num, steps, seed), "this run"
     if not path.is_file():
         log(f"generating {num} teacher latents ({steps} steps) into {path}"
             + (f", {ranks.size} ranks sharing them" if ranks.size > 1 else ""))
         part = teacher_latents(world, world.train_prompts(), num, steps, config.method.guidance,
-                               shift=config.sample.shift, seed=config.run.seed, batch_size=config.eval.batch_size,
+                               shift=config.sample.shift, seed=seed, batch_size=config.eval.batch_size,
                                log=log, rows=ranks.share(num))
         parts = ranks.gather(part)
         if ranks.main:
@@ -175,10 +200,16 @@ def prepare_teacher_data(world, config, log=print, ranks=None, resume: bool = Fa
         ranks.barrier()
     latents, prompts = load_latents(path)
     info = read_info(path)
-    check_recipe(path, info, recipe, strict=info.get("writer") == "run" and not resume, log=log)
+    check_recipe(path, info, recipe, strict=own is not None or (info.get("writer") == "run" and not resume),
+                 log=log, whose=whose)
     if tuple(latents.shape[1:]) != tuple(world.latent_shape):
         raise ValueError(f"data.latents_cache: {str(path)!r} holds latents {tuple(latents.shape)}, this run "
                          f"wants (N, {', '.join(map(str, world.latent_shape))}) (another model.resolution?); "
                          "delete it or choose another data.latents_cache")
+    if own is None and ranks.main:
+        # What this run trains on: the file's recipe where it records one (a generate-data file's
+        # own settings), else this run's.
+        trained_on = {k: info.get(k, v) for k, v in recipe.items()}
+        atomic_write(own_path, lambda tmp: Path(tmp).write_text(json.dumps(trained_on, indent=2) + "\n"))
     log(f"training on {latents.shape[0]} teacher latents from {path}")
     world.use_latents(latents, prompts)

@@ -46,7 +46,7 @@ def _write(path, latents, info):
     ("method.guidance.scales", "[3.0]"), ("eval.teacher_steps", "[7]"), ("run.seed", "5"),
     ("data.num_teacher_latents", "4"),
 ])
-def test_a_trainer_cache_of_another_recipe_is_refused(run, key, value):
+def test_a_trainer_cache_of_another_recipe_is_refused(run, tmp_path, key, value):
     """A cache the trainer wrote is this run's data only for the settings that made it: another
     guidance scale, step count, seed or count would silently train on other data."""
     config, world, path, latents, recipe = run
@@ -54,12 +54,42 @@ def test_a_trainer_cache_of_another_recipe_is_refused(run, key, value):
     prepare_teacher_data(world, config, log=lambda *_: None)   # the same recipe: used
     assert torch.equal(world._latents[0], latents)
     changed = load_config("tiny", None, ["data.source=teacher", f"data.latents_cache={path.parent}",
-                                         "data.num_teacher_latents=3", f"{key}={value}"])
-    with pytest.raises(ValueError, match="data.latents_cache: .* made with"):
+                                         f"run.out_dir={tmp_path / 'other'}", "data.num_teacher_latents=3",
+                                         f"{key}={value}"])
+    with pytest.raises(ValueError, match=f"data.latents_cache: .* other settings than this run's: .*{key[:12]}"):
         prepare_teacher_data(world, changed, log=lambda *_: None)
-    notes = []   # on resume the cache is the run's own data: used, with a note
-    prepare_teacher_data(world, changed, log=notes.append, resume=True)
-    assert any(line.startswith("note:") for line in notes)
+
+
+@pytest.mark.parametrize("key, value", [("eval.teacher_steps", "[7]"), ("run.seed", "5")])
+def test_a_resumed_run_trains_on_its_own_data(run, tmp_path, key, value):
+    """A resume may change run.seed and eval.teacher_steps: the run keeps the data it trained on
+    (recorded in its folder), refuses a cache that another run has since replaced, and makes a
+    missing one again from the recorded recipe, not from the changed settings."""
+    config, world, path, latents, recipe = run
+    prepare_teacher_data(world, config, log=lambda *_: None)   # generates and records the recipe
+    own = world._latents[0].clone()
+    assert read_info(path) == dict(recipe, writer="run")
+    resumed = load_config("tiny", None, ["data.source=teacher", f"data.latents_cache={path.parent}",
+                                         f"run.out_dir={tmp_path / 'run'}", "data.num_teacher_latents=3",
+                                         f"{key}={value}"])
+    prepare_teacher_data(world, resumed, log=lambda *_: None, resume=True)   # its own data: used
+    assert torch.equal(world._latents[0], own)
+    other = dict(recipe, writer="run", seed=recipe["seed"] + 1)   # another run's, since
+    _write(path, latents, other)
+    with pytest.raises(ValueError, match="other settings than the data this run trained on"):
+        prepare_teacher_data(world, resumed, log=lambda *_: None, resume=True)
+    path.unlink()
+    prepare_teacher_data(world, resumed, log=lambda *_: None, resume=True)   # made again, as recorded
+    assert read_info(path) == dict(recipe, writer="run")
+    torch.testing.assert_close(world._latents[0], own)
+
+
+def test_without_guidance_the_scale_is_not_part_of_the_recipe(run):
+    config, world, _, _, _ = run
+    config.method.guidance.mode = "none"
+    a = teacher_recipe(config, world.train_prompts(), 3, 2, 0)
+    config.method.guidance.scales = (7.0,)
+    assert teacher_recipe(config, world.train_prompts(), 3, 2, 0) == a and a["guidance_scale"] is None
 
 
 def test_a_generated_dataset_of_another_recipe_is_used_with_a_note(run):
@@ -70,10 +100,10 @@ def test_a_generated_dataset_of_another_recipe_is_used_with_a_note(run):
     notes = []
     prepare_teacher_data(world, config, log=notes.append)
     assert torch.equal(world._latents[0], latents)
-    assert any("steps 50" in line for line in notes if line.startswith("note:"))
+    assert any("max(eval.teacher_steps) 50" in line for line in notes if line.startswith("note:"))
     for key, value in (("teacher", "some/other-teacher"), ("revision", "0123abc")):
         _write(path, latents, dict(recipe, writer="generate-data", **{key: value}))
-        with pytest.raises(ValueError, match=f"made with {key}"):
+        with pytest.raises(ValueError, match=f"other settings than this run's: model.{key}"):
             prepare_teacher_data(world, config, log=lambda *_: None)
 
 
@@ -84,7 +114,7 @@ def test_a_cache_of_an_older_version_is_checked_on_what_it_records(run):
     prepare_teacher_data(world, config, log=lambda *_: None)
     assert torch.equal(world._latents[0], latents)
     _write(path, latents, {"teacher": "some/other-teacher"})
-    with pytest.raises(ValueError, match="made with teacher"):
+    with pytest.raises(ValueError, match="other settings than this run's: model.teacher"):
         prepare_teacher_data(world, config, log=lambda *_: None)
 
 
