@@ -18,7 +18,8 @@ reach forward AD, the fused pass runs alone, with no autograd node (``needs_auto
 
 The tangent is never recorded for backward: gradients reach the inputs through y only, also
 where the given tangents carry autograd history (as forward-AD tangents do after any layer with
-trainable parameters). Tangents that are absent or forward AD's zero tensors are passed as None,
+trainable parameters); a torch.func.grad / vjp around torch.func.jvp is warned that the tangent
+carries no gradient. Tangents that are absent or forward AD's zero tensors are passed as None,
 so they cost no work. Forward-AD tangents are always unpacked here and handed to the fused pass
 as plain inputs: inside a torch.func transform the Function's ``jvp`` sees wrapped tensors, which
 Triton kernels cannot read.
@@ -26,6 +27,7 @@ Triton kernels cannot read.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -207,6 +209,15 @@ def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     return tangent
 
 
+def grad_around_jvp() -> bool:
+    """Whether a torch.func.grad / vjp transform wraps a torch.func.jvp one around this call."""
+    if retrieve_all_functorch_interpreters is None:
+        return False
+    levels = [(i.key(), i.level()) for i in retrieve_all_functorch_interpreters()]
+    jvp = [level for key, level in levels if key == TransformType.Jvp]
+    return any(key == TransformType.Grad and jvp and level < max(jvp) for key, level in levels)
+
+
 def forward_ad_tangents(op: PairOp, inputs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...] | None:
     """The forward-AD tangents of the inputs (``torch.func.jvp`` or a dual level), checked and
     prepared as the op's kernels need them; None where there are none.
@@ -224,6 +235,11 @@ def forward_ad_tangents(op: PairOp, inputs: Sequence[Tensor | None]) -> tuple[Te
     if nested_jvp_depth() > 1:
         raise ValueError(f"inputs of {op.name} carry tangents of nested torch.func.jvp transforms: its "
                          "tangent is computed outside autograd, so higher-order forward AD is not supported")
+    if torch._C._are_functorch_transforms_active() and grad_around_jvp():
+        warnings.warn(f"torch.func.grad / vjp around torch.func.jvp: the tangent {op.name} computes carries no "
+                      "gradient (it is computed outside autograd), so a loss that differentiates through it "
+                      "misses this op's part; fine where the tangent is under a stop-gradient, as in MeanFlow's "
+                      "target", stacklevel=3)
     return tangents if op.prepare is None else tuple(op.prepare(t) for t in tangents)
 
 

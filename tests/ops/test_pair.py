@@ -296,3 +296,27 @@ def test_forward_ad_around_the_pair_form_of_every_op_on_the_triton_backend(monke
     torch.testing.assert_close(y_tangent, expected_tangent)
     torch.testing.assert_close(y_dot, expected_y_dot)
     assert y_dot_tangent is None or not y_dot_tangent.any()  # y_dot is detached: no tangent of its own
+
+
+def test_grad_around_jvp_warns_that_the_tangent_carries_no_gradient(data):
+    """torch.func.grad over a function of the tangent would miss the op's part of the gradient
+    (the tangent is computed outside autograd): said with a warning, in both forms."""
+    x, x_dot, w, _ = data
+
+    def of_tangent(w, form):
+        def y(a):
+            return apply_pair(SCALE, (a, w), None)[0] if form == "drop_in" else apply_pair(SCALE, (a, w), (x_dot, None))
+        _, tangent = torch.func.jvp(y, (x,), (x_dot,))
+        return (tangent[0] if form == "pair" else tangent).sum()
+
+    for form in ("drop_in", "pair"):
+        with pytest.warns(UserWarning, match="carries no gradient"):
+            grad = torch.func.grad(of_tangent)(w, form)
+        assert not grad.any()  # what the warning says: the op's part is missing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        torch.func.jvp(lambda a: apply_pair(SCALE, (a, w), None)[0], (x,), (x_dot,))   # no grad around: silent
+        torch.func.jvp(lambda a: torch.func.grad(lambda b: apply_pair(SCALE, (b, w), None)[0].sum())(a),
+                       (x,), (x_dot,))   # forward over reverse: silent
