@@ -260,23 +260,22 @@ def apply_pair(
         ValueError: a forward-AD tangent whose dtype or device is not its primal's, pair-form
             tangents that do not match the inputs one to one, or nested torch.func.jvp.
     """
+    if tangents is not None and len(tangents) != len(inputs):
+        raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
+                         f"got {len(tangents)} tangents")
     functorch = torch._C._are_functorch_transforms_active()
     # Forward AD is on only inside a dual level or a torch.func transform: outside both (the
     # training step), one global and one flag instead of an unpack per input.
-    forward_ad = functorch or fwAD._current_level >= 0
+    found = forward_ad_tangents(op, inputs) if functorch or fwAD._current_level >= 0 else None
+    keep_for_jvp = found is not None
     outer = ()
     if tangents is None:
-        tangents = (forward_ad_tangents(op, inputs) if forward_ad else None) or (None,) * len(inputs)
-        keep_for_jvp = any(t is not None for t in tangents)
+        tangents = found or (None,) * len(inputs)
     else:
-        if len(tangents) != len(inputs):
-            raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
-                             f"got {len(tangents)} tangents")
         tangents = tuple(absent_if_zero(t) for t in tangents)
         # Dual inputs around a pair-form call: y's own forward-AD tangent comes from a second
         # fused pass over the inputs' tangents (the fused pass alone would drop it).
-        outer = (forward_ad_tangents(op, inputs) if forward_ad else None) or ()
-        keep_for_jvp = bool(outer)
+        outer = found or ()
     if not functorch:
         if not keep_for_jvp and not needs_autograd(inputs):
             # Nothing to differentiate: no autograd node, just the fused pass. Where a given
