@@ -198,10 +198,11 @@ def prepare_teacher_data(world, config, log=print, ranks=None, resume: bool = Fa
             prompts = [prompt for p in parts for prompt in p[1]]
             save_latents(path, latents, prompts, dict(recipe, writer="run"))
         ranks.barrier()
-    latents, prompts = load_latents(path)
+    # The recipe is read and checked before the latents are loaded (a refused FLUX cache is GBs).
     info = read_info(path)
     check_recipe(path, info, recipe, strict=own is not None or (info.get("writer") == "run" and not resume),
                  log=log, whose=whose)
+    latents, prompts = load_latents(path)
     if tuple(latents.shape[1:]) != tuple(world.latent_shape):
         raise ValueError(f"data.latents_cache: {str(path)!r} holds latents {tuple(latents.shape)}, this run "
                          f"wants (N, {', '.join(map(str, world.latent_shape))}) (another model.resolution?); "
