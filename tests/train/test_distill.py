@@ -137,6 +137,17 @@ def test_refuses_a_folder_left_by_a_run_without_checkpoint(tmp_path, capsys):
     assert {p: p.read_bytes() for p in run.rglob("*")} == before
 
 
+def _interrupted_at_step_3_then_resumed(run, monkeypatch, owner, name, patched):
+    """Runs with ``owner.name`` replaced by ``patched`` (which interrupts the run), checks that
+    it stopped with 130 and a checkpoint at step 3, then resumes it unpatched to the end."""
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, patched)
+    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
+    monkeypatch.setattr(owner, name, original)
+    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+
+
 def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_step = loop_module.Distiller.step
@@ -146,11 +157,7 @@ def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(loop_module.Distiller, "step", interrupted)
-    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
-    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
-    monkeypatch.setattr(loop_module.Distiller, "step", real_step)
-    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    _interrupted_at_step_3_then_resumed(run, monkeypatch, loop_module.Distiller, "step", interrupted)
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
 
 
@@ -171,11 +178,7 @@ def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch
             os.kill(os.getpid(), signal.SIGINT)
         real_update(self, module)
 
-    monkeypatch.setattr(ema_module.EMA, "update", update)
-    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
-    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
-    monkeypatch.setattr(ema_module.EMA, "update", real_update)
-    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    _interrupted_at_step_3_then_resumed(run, monkeypatch, ema_module.EMA, "update", update)
     a, b = _rows(whole), _rows(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert all(ra[k] == rb[k] for ra, rb in zip(a, b) for k in ("loss", "grad_norm", "fake"))
@@ -198,11 +201,7 @@ def test_ctrl_c_while_a_row_is_written_keeps_the_row(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         real_log(self, step, **values)
 
-    monkeypatch.setattr(logger_module.RunLogger, "log", log)
-    assert _distill(run, "run.eval_at_end=false", "run.checkpoint_every=100") == 130
-    assert (run / "checkpoints" / "latest").read_text().strip().endswith("3")
-    monkeypatch.setattr(logger_module.RunLogger, "log", real_log)
-    assert _distill(run, "run.eval_at_end=false", resume=True) == 0
+    _interrupted_at_step_3_then_resumed(run, monkeypatch, logger_module.RunLogger, "log", log)
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
 
 
