@@ -296,13 +296,13 @@ def _loss_values(variant: str, dtype: str, module: str) -> dict:
     from triton.runtime.jit import MockTensor
 
     loss = _kernel_module(module)
-    n_chunks = -(-LATENT // loss.CHUNK)
+    n_blocks = -(-LATENT // loss.BLOCK)
     fp32 = MockTensor(_torch_dtype("fp32"))
     partials = (dict(partial_ptr=fp32) if module == "adaptive_weighted_loss"
                 else dict(abs_partial_ptr=fp32, sq_partial_ptr=fp32))
     strides = {name: LATENT for name in ("s_ub", "s_tb", "s_xb", "s_fb")}
-    return dict(partials, **strides, n_elem=LATENT, n_chunks=n_chunks, STORE_D=variant == "fwd_jvp",
-                CHUNK=loss.CHUNK, BLOCK=loss.BLOCK)
+    return dict(partials, **strides, n_elem=LATENT, n_blocks=n_blocks, STORE_D=variant == "fwd_jvp",
+                BLOCK=loss.BLOCK)
 
 
 def _per_sample_scale_values(variant: str, dtype: str) -> dict:
@@ -345,8 +345,8 @@ FIXED_META = {
     "_jvp_rope_kernel": ("BLOCK_N",),
     "_jvp_gated_residual_fwd_kernel": ("BLOCK_N", "BLOCK_D"),
     "_jvp_gated_residual_bwd_kernel": ("CHUNK_N", "BLOCK_N", "BLOCK_D"),
-    "_adaptive_weighted_loss_fwd_kernel": ("CHUNK", "BLOCK"),
-    "_alignment_loss_fwd_kernel": ("CHUNK", "BLOCK"),
+    "_adaptive_weighted_loss_fwd_kernel": ("BLOCK",),
+    "_alignment_loss_fwd_kernel": ("BLOCK",),
     "_per_sample_scale_kernel": ("BLOCK",),
 }
 

@@ -2,10 +2,13 @@
 
     d = u − u_tgt        S_b = Σ_j d_bj²        (float32 accumulation)
 
-Forward: one pass over u and u_tgt. A grid of (chunks, B) programs, each walking CHUNK
-elements of one sample in BLOCK-wide steps, writes one float32 partial sum per (sample, chunk)
-and, when the gradient is needed, the residual d (in u's dtype). The partials are summed by
-torch in a fixed order, so the result is deterministic (no atomics).
+Forward: one pass over u and u_tgt. A grid of (blocks, B) programs, each reading one
+BLOCK-wide tile of one sample, writes one float32 partial sum per (sample, block) and, when the
+gradient is needed, the residual d (in u's dtype). The partials (N / BLOCK per sample) are
+summed by torch in a fixed order, so the result is deterministic (no atomics). One tile per
+program, not a loop over tiles: a program that stores d and then loads its next tile waits for
+each tile in turn (meanflow.kernels: loads first), and at FLUX's (8, 4096·64) a loop gave only
+128 programs, too few to keep an H100's memory busy.
 
 The adaptive weight w_b = 1/(S_b + c)^p is known only once the whole sample is reduced, so the
 gradient dloss/du = (2/B)·w_b·m_b·d cannot be finished in the same pass without reading u and
@@ -24,28 +27,24 @@ import triton.language as tl
 from meanflow.kernels.launch import cdiv, next_power_of_2
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
-BLOCK, NUM_WARPS = 1024, 4
-CHUNK = 16384  # elements of one sample per forward program
+BLOCK, NUM_WARPS = 4096, 8
 
 
 @triton.jit
 def _adaptive_weighted_loss_fwd_kernel(
-    u_ptr, t_ptr, d_ptr, partial_ptr, s_ub, s_tb, n_elem, n_chunks,
-    STORE_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    u_ptr, t_ptr, d_ptr, partial_ptr, s_ub, s_tb, n_elem, n_blocks,
+    STORE_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, CHUNK, BLOCK):
-        j = (chunk * CHUNK + start + tl.arange(0, BLOCK)).to(tl.int64)
-        mask = j < n_elem
-        u = tl.load(u_ptr + b * s_ub + j, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + b * s_tb + j, mask=mask, other=0.0).to(tl.float32)
-        d = u - t
-        acc += d * d
-        if STORE_D:
-            tl.store(d_ptr + b * n_elem + j, d.to(d_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
+    j = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = j < n_elem
+    u = tl.load(u_ptr + b * s_ub + j, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b * s_tb + j, mask=mask, other=0.0).to(tl.float32)
+    d = u - t
+    if STORE_D:
+        tl.store(d_ptr + b * n_elem + j, d.to(d_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + b * n_blocks + block, tl.sum(d * d, axis=0))
 
 
 def adaptive_weighted_loss_forward(
@@ -56,14 +55,13 @@ def adaptive_weighted_loss_forward(
     u, u_tgt (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
     u, u_tgt = unit_last(u), unit_last(u_tgt)
     batch, n_elem = u.shape
-    n_chunks = cdiv(n_elem, CHUNK)
     block = min(BLOCK, next_power_of_2(n_elem))
-    chunk = min(CHUNK, cdiv(n_elem, block) * block)  # a multiple of block
-    partial = torch.empty((batch, n_chunks), device=u.device, dtype=torch.float32)
+    n_blocks = cdiv(n_elem, block)
+    partial = torch.empty((batch, n_blocks), device=u.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=u.device, dtype=u.dtype) if need_residual else None
-    _adaptive_weighted_loss_fwd_kernel[(n_chunks, batch)](
-        u, u_tgt, u if d is None else d, partial, u.stride(0), u_tgt.stride(0), n_elem, n_chunks,
-        STORE_D=need_residual, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS,
+    _adaptive_weighted_loss_fwd_kernel[(n_blocks, batch)](
+        u, u_tgt, u if d is None else d, partial, u.stride(0), u_tgt.stride(0), n_elem, n_blocks,
+        STORE_D=need_residual, BLOCK=block, num_warps=NUM_WARPS,
     )
     return partial.sum(1), d
 

@@ -3,10 +3,10 @@
     A_b = Σ_j |x̂_bj − x0_teacher,bj|        S_b = Σ_j (x0_fake,bj − x0_teacher,bj)²
     d = x0_fake − x0_teacher                 (float32 accumulation)
 
-Forward: one pass over x̂, x0_fake and x0_teacher. A grid of (chunks, B) programs, each
-walking CHUNK elements of one sample, writes two float32 partial sums per (sample, chunk) and,
-when the gradient is needed, d (in x̂'s dtype). The partials are summed by torch in a fixed
-order: deterministic, no atomics. The op then forms the per-sample denominator
+Forward: one pass over x̂, x0_fake and x0_teacher. A grid of (blocks, B) programs, each
+reading one BLOCK-wide tile of one sample (one tile, not a loop: see adaptive_weighted_loss),
+writes two float32 partial sums per (sample, block) and, when the gradient is needed, d (in x̂'s
+dtype). The partials are summed by torch in a fixed order: deterministic, no atomics. The op then forms the per-sample denominator
 D_b = max(A_b / N, eps), the loss (1/B)·Σ_b ½·S_b / D_b² and the scale 1/(B·D_b).
 
 g = d / D_b needs D_b, known only once the sample is reduced, so the forward stores d and the
@@ -24,32 +24,26 @@ import triton.language as tl
 from meanflow.kernels.launch import cdiv, next_power_of_2
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
-BLOCK, NUM_WARPS = 1024, 4
-CHUNK = 16384  # elements of one sample per forward program
+BLOCK, NUM_WARPS = 4096, 8
 
 
 @triton.jit
 def _alignment_loss_fwd_kernel(
-    x_ptr, f_ptr, t_ptr, d_ptr, abs_partial_ptr, sq_partial_ptr, s_xb, s_fb, s_tb, n_elem, n_chunks,
-    STORE_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, f_ptr, t_ptr, d_ptr, abs_partial_ptr, sq_partial_ptr, s_xb, s_fb, s_tb, n_elem, n_blocks,
+    STORE_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    acc_abs = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_sq = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, CHUNK, BLOCK):
-        j = (chunk * CHUNK + start + tl.arange(0, BLOCK)).to(tl.int64)
-        mask = j < n_elem
-        x = tl.load(x_ptr + b * s_xb + j, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + b * s_fb + j, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + b * s_tb + j, mask=mask, other=0.0).to(tl.float32)
-        d = f - t
-        acc_abs += tl.abs(x - t)
-        acc_sq += d * d
-        if STORE_D:
-            tl.store(d_ptr + b * n_elem + j, d.to(d_ptr.dtype.element_ty), mask=mask)
-    tl.store(abs_partial_ptr + b * n_chunks + chunk, tl.sum(acc_abs, axis=0))
-    tl.store(sq_partial_ptr + b * n_chunks + chunk, tl.sum(acc_sq, axis=0))
+    j = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = j < n_elem
+    x = tl.load(x_ptr + b * s_xb + j, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + b * s_fb + j, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b * s_tb + j, mask=mask, other=0.0).to(tl.float32)
+    d = f - t
+    if STORE_D:
+        tl.store(d_ptr + b * n_elem + j, d.to(d_ptr.dtype.element_ty), mask=mask)
+    tl.store(abs_partial_ptr + b * n_blocks + block, tl.sum(tl.abs(x - t), axis=0))
+    tl.store(sq_partial_ptr + b * n_blocks + block, tl.sum(d * d, axis=0))
 
 
 def alignment_loss_forward(
@@ -61,16 +55,15 @@ def alignment_loss_forward(
     All inputs (B, N), one dtype (fp16 / bf16 / fp32), N >= 1."""
     x_hat, x0_fake, x0_teacher = (unit_last(t) for t in (x_hat, x0_fake, x0_teacher))
     batch, n_elem = x_hat.shape
-    n_chunks = cdiv(n_elem, CHUNK)
     block = min(BLOCK, next_power_of_2(n_elem))
-    chunk = min(CHUNK, cdiv(n_elem, block) * block)  # a multiple of block
-    abs_partial = torch.empty((batch, n_chunks), device=x_hat.device, dtype=torch.float32)
-    sq_partial = torch.empty((batch, n_chunks), device=x_hat.device, dtype=torch.float32)
+    n_blocks = cdiv(n_elem, block)
+    abs_partial = torch.empty((batch, n_blocks), device=x_hat.device, dtype=torch.float32)
+    sq_partial = torch.empty((batch, n_blocks), device=x_hat.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=x_hat.device, dtype=x_hat.dtype) if need_residual else None
-    _alignment_loss_fwd_kernel[(n_chunks, batch)](
+    _alignment_loss_fwd_kernel[(n_blocks, batch)](
         x_hat, x0_fake, x0_teacher, x_hat if d is None else d, abs_partial, sq_partial,
-        x_hat.stride(0), x0_fake.stride(0), x0_teacher.stride(0), n_elem, n_chunks,
-        STORE_D=need_residual, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS,
+        x_hat.stride(0), x0_fake.stride(0), x0_teacher.stride(0), n_elem, n_blocks,
+        STORE_D=need_residual, BLOCK=block, num_warps=NUM_WARPS,
     )
     return abs_partial.sum(1), sq_partial.sum(1), d
 

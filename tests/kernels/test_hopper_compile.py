@@ -97,7 +97,11 @@ def test_other_kernel_first_config_compiles_without_spills(rows, op, variant):
 LATE_LOADS_ALLOWED = {("layer_norm_modulate", "fwd_jvp"): 4}
 
 
-@pytest.mark.parametrize("op, variant", [(op, v) for op in OTHER_OPS for v in ("fwd_jvp", "fwd", "bwd")])
+MEMORY_BOUND = [(op, v) for op in OTHER_OPS for v in ("fwd_jvp", "fwd", "bwd")] + [
+    (op, variant) for op, variant in OTHER_VARIANTS if op not in OTHER_OPS]
+
+
+@pytest.mark.parametrize("op, variant", MEMORY_BOUND)
 def test_memory_bound_kernels_load_before_they_store(rows, op, variant):
     row = rows[op, variant]
     if "error" in row:

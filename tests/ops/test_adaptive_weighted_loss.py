@@ -67,8 +67,8 @@ def check_loss(shape, dtype, *, weights="none", p=1.0, c=1e-3, scale=1.0, gap=1.
 
 CASES = {
     "plain": dict(shape=(3, 4, 5, 6)),
-    "ragged_2d": dict(shape=(5, 1029)),  # one element over a block
-    "multi_chunk": dict(shape=(2, 16384 + 77)),  # more than one program per sample
+    "ragged_2d": dict(shape=(5, 4096 + 5)),  # a few elements over one block
+    "multi_block": dict(shape=(2, 3 * 4096 + 77)),  # several programs per sample, a ragged last
     "single_element": dict(shape=(1, 1)),
     "vector_batch": dict(shape=(4,)),  # (B,): one element per sample
     "random_weights": dict(shape=(3, 33), weights="random"),

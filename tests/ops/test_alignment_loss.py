@@ -62,8 +62,8 @@ def check_alignment(shape, dtype, *, scale=1.0, gap=0.3, equal=False, strided=Fa
 
 CASES = {
     "plain": dict(shape=(3, 4, 5, 6)),
-    "ragged_2d": dict(shape=(5, 1029)),
-    "multi_chunk": dict(shape=(2, 16384 + 77)),
+    "ragged_2d": dict(shape=(5, 4096 + 5)),  # a few elements over one block
+    "multi_block": dict(shape=(2, 3 * 4096 + 77)),  # several programs per sample, a ragged last
     "single_element": dict(shape=(1, 1)),
     "vector_batch": dict(shape=(4,)),
     "x_hat_is_teacher": dict(shape=(2, 30), equal=True),  # denominator at the eps floor
