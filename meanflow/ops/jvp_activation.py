@@ -14,7 +14,7 @@ import torch
 
 from meanflow.ops._checks import FLOAT_DTYPES, check_tangent, check_tensor, check_triton_dtype, zeros_if_none
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, backward_backend
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -27,17 +27,13 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     kind, backend = options
     if not needs_input_grad[0]:
         return (None,)
-    impl = implementation("jvp_activation", backward_backend(backend, grad_y, inputs[0]))
+    impl = implementation("jvp_activation", backward_backend(backend))
     return (impl.jvp_activation_backward(grad_y, inputs[0], kind),)
 
 
-def _raw(options):
-    return options[1] == "triton"
-
-
 # Input (x,), any shape and strides. Options (kind, backend). Nothing saved but x.
-JVP_GELU_TANH = PairOp("jvp_gelu_tanh", _forward, _backward, raw_tensors=_raw, input_names=("x",))
-JVP_SILU = PairOp("jvp_silu", _forward, _backward, raw_tensors=_raw, input_names=("x",))
+JVP_GELU_TANH = PairOp("jvp_gelu_tanh", _forward, _backward, input_names=("x",), **KERNEL_OP)
+JVP_SILU = PairOp("jvp_silu", _forward, _backward, input_names=("x",), **KERNEL_OP)
 _OPS = {"gelu_tanh": JVP_GELU_TANH, "silu": JVP_SILU}
 
 

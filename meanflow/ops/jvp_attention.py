@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 from meanflow.ops._checks import (TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor,
                                   unit_last_stride)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, refuse_double_backward
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, refuse_double_backward
 
 _TRITON_MAX_HEAD_DIM = 256
 
@@ -53,7 +53,7 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 # bool/float broadcastable to (B, Hq, Nq, Nk). Options (is_causal, scale, backend). Output
 # (B, Hq, Nq, Dv); extra: the row log-sum-exp (B, Hq, Nq) for the backward.
 JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
-                       raw_tensors=lambda options: options[2] == "triton",
+                       forward_ad_of_backward=False, **KERNEL_OP,
                        input_names=("query", "key", "value", "attn_mask"), prepare=unit_last_stride)
 
 

@@ -13,7 +13,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, check_like, check_tangent, check_tensor, check_triton_dtype,
                                   zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, backward_backend
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -25,14 +25,13 @@ def _forward(inputs, tangents, options):
 def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
     h, gate, y = inputs
     (backend,) = options
-    impl = implementation("jvp_gated_residual", backward_backend(backend, grad_out, *inputs))
+    impl = implementation("jvp_gated_residual", backward_backend(backend))
     return impl.jvp_gated_residual_backward(grad_out, gate, y, *needs_input_grad)
 
 
 # Inputs (h, gate, y): h, y (B, N, D), gate (B, D). Options (backend,). Output (B, N, D).
 JVP_GATED_RESIDUAL = PairOp("jvp_gated_residual", _forward, _backward,
-                            raw_tensors=lambda options: options[0] == "triton",
-                            input_names=("h", "gate", "y"))
+                            input_names=("h", "gate", "y"), **KERNEL_OP)
 
 
 def _validate(h, gate, y):

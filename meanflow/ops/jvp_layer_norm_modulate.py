@@ -26,7 +26,7 @@ import torch
 from meanflow.ops._checks import check_same_device, check_tangent, check_tensor, unit_last_stride
 from meanflow.ops.dispatch import implementation
 from meanflow.ops.jvp_rms_norm import check_backend, check_eps
-from meanflow.ops.pair import PairOp, apply_pair, backward_backend
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -40,13 +40,14 @@ def _forward(inputs, tangents, options):
 
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     eps, backend = options
-    impl = implementation("jvp_layer_norm_modulate", backward_backend(backend, grad_y, *inputs))
+    impl = implementation("jvp_layer_norm_modulate", backward_backend(backend))
     return impl.jvp_layer_norm_modulate_backward(grad_y, *inputs, eps, tuple(needs_input_grad))
 
 
 # Inputs (x (B, N, D), scale (B, D), shift (B, D)), unit last strides; options (eps, backend).
 JVP_LAYER_NORM_MODULATE = PairOp("jvp_layer_norm_modulate", _forward, _backward,
-                                 input_names=("x", "scale", "shift"), prepare=unit_last_stride)
+                                 input_names=("x", "scale", "shift"), prepare=unit_last_stride,
+                                 **KERNEL_OP)
 
 
 def _validate(x, scale, shift, eps) -> tuple[str, float]:

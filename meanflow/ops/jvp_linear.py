@@ -18,7 +18,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, autocast, check_like, check_tangent, check_tensor,
                                   zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair
 
 
 def _forward(inputs, tangents, options):
@@ -37,7 +37,7 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 # Inputs (x, weight, bias): x (..., Din), weight (Dout, Din), bias None or (Dout,). Options
 # (backend,). Output (..., Dout). Nothing saved but the inputs.
-JVP_LINEAR = PairOp("jvp_linear", _forward, _backward, input_names=("x", "weight", "bias"))
+JVP_LINEAR = PairOp("jvp_linear", _forward, _backward, input_names=("x", "weight", "bias"), **KERNEL_OP)
 
 
 def _validate(x, weight, bias) -> str:

@@ -25,7 +25,7 @@ import torch
 from meanflow.ops._checks import (TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor,
                                   unit_last_stride)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, backward_backend
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, backward_backend
 
 TRITON_MAX_DIM = 8192
 
@@ -41,12 +41,13 @@ def _forward(inputs, tangents, options):
 def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     x, weight = inputs
     eps, backend = options
-    return implementation("jvp_rms_norm", backward_backend(backend, grad_y, x, weight)).jvp_rms_norm_backward(
+    return implementation("jvp_rms_norm", backward_backend(backend)).jvp_rms_norm_backward(
         grad_y, x, weight, eps, needs_input_grad[0], needs_input_grad[1])
 
 
 # Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
-JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"), prepare=unit_last_stride)
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"), prepare=unit_last_stride,
+                      **KERNEL_OP)
 
 
 # --------------------------------------------------------------------------------------------

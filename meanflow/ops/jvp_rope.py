@@ -16,7 +16,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, check_same_device, check_tangent, check_tensor,
                                   check_triton_dtype, has_forward_tangent, zeros_if_none)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import PairOp, apply_pair, backward_backend
+from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, backward_backend
 
 
 def _forward(inputs, tangents, options):
@@ -31,14 +31,13 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
     (backend,) = options
     if not needs_input_grad[0]:
         return None, None, None
-    impl = implementation("jvp_rope", backward_backend(backend, grad_y, *inputs))
+    impl = implementation("jvp_rope", backward_backend(backend))
     dx = impl.jvp_rope_backward(grad_y, cos, sin)
     return dx, None, None
 
 
 # Inputs (x, cos, sin): x (B, H, N, D), cos/sin (N, D). Options (backend,). Output (B, H, N, D).
-JVP_ROPE = PairOp("jvp_rope", _forward, _backward, raw_tensors=lambda options: options[0] == "triton",
-                  input_names=("x", "cos", "sin"))
+JVP_ROPE = PairOp("jvp_rope", _forward, _backward, input_names=("x", "cos", "sin"), **KERNEL_OP)
 
 
 def _validate(x, cos, sin):

@@ -66,8 +66,15 @@ class PairOp:
             input (None where not needed). y is None unless ``save_output``.
         save_output: whether the backward reads y.
         raw_tensors: ``options -> bool``: whether ``forward``/``backward`` launch kernels that
-            need plain tensors (Triton) for these options; functorch's grad transform is then
-            refused with a clear error.
+            need plain tensors (Triton) for these options. Where torch.func's wrapped tensors
+            reach them (the backward inside torch.func.grad / vjp; the recomputed tangent under
+            torch.func.jvp around those), the op runs ``reference(options)`` instead, or, without
+            one, is refused with a clear error.
+        reference: ``options -> options`` that run the op's plain-torch reference, which reads
+            wrapped tensors; None where the op has no other implementation.
+        forward_ad_of_backward: whether forward AD through the backward (torch.func.jvp around
+            torch.func.grad / vjp, as in a Hessian-vector product) is right. False where the
+            backward reads extras, which carry no tangent: the op then refuses that nesting.
         input_names: the inputs' argument names, for messages ("input 0", ... when empty).
         prepare: applied to every forward-AD tangent unpacked from an input, as the op's entry
             point applies it to the inputs themselves (a layout fix the kernels need), or None.
@@ -78,11 +85,37 @@ class PairOp:
     backward: Callable[..., tuple]
     save_output: bool = False
     raw_tensors: Callable[[tuple], bool] = lambda options: False
+    reference: Callable[[tuple], tuple] | None = None
+    forward_ad_of_backward: bool = True
     input_names: tuple[str, ...] = ()
     prepare: Callable[[Tensor | None], Tensor | None] | None = None
 
     def input_name(self, i: int) -> str:
         return self.input_names[i] if i < len(self.input_names) else f"input {i}"
+
+    def options_for(self, options: tuple, *tensors: Tensor | None, where: str) -> tuple:
+        """``options``, or the reference's where torch.func wrappers among ``tensors`` would reach
+        kernels that need plain tensors (``where``: which pass, for the error)."""
+        if not (self.raw_tensors(options) and functorch_wrapped(*tensors)):
+            return options
+        if self.reference is None:
+            raise ValueError(f"{where} over {self.name}'s Triton kernels is not supported (they need plain "
+                             "tensors): use .backward() or torch.autograd.grad, or MEANFLOW_BACKEND=reference")
+        return self.reference(options)
+
+
+# The ops of meanflow.ops keep their backend ('triton' or 'reference') last in their options.
+def runs_kernels(options: tuple) -> bool:
+    """PairOp.raw_tensors of the package's ops: whether these options launch Triton kernels."""
+    return options[-1] == "triton"
+
+
+def on_reference(options: tuple) -> tuple:
+    """PairOp.reference of the package's ops: the same options on the plain-torch backend."""
+    return (*options[:-1], "reference")
+
+
+KERNEL_OP = dict(raw_tensors=runs_kernels, reference=on_reference)  # PairOp settings of those ops
 
 
 class PairFunction(torch.autograd.Function):
@@ -114,7 +147,8 @@ class PairFunction(torch.autograd.Function):
         # Held only until `jvp` takes it; never saved for backward.
         ctx.y_dot = tangent_of_y if keep_for_jvp else None
         if ctx.y_dot is None:
-            # Should tangents reach the Function without being unpacked first, `jvp` recomputes.
+            # Tangents apply_pair cannot see reach `jvp`, which recomputes: those of a torch.func.jvp
+            # around a torch.func.grad / vjp that wraps the call (forward over reverse).
             ctx.save_for_forward(*inputs[4:4 + n_inputs])
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
@@ -123,11 +157,8 @@ class PairFunction(torch.autograd.Function):
         op, n = ctx.op, ctx.n_inputs
         saved = ctx.saved_tensors
         # Under torch.func.vjp the cotangent may be plain while the saved inputs are wrapped.
-        if op.raw_tensors(ctx.options) and functorch_wrapped(grad_y, *saved):
-            raise ValueError(f"torch.func.grad / vjp over {op.name}'s Triton backward is not supported "
-                             "(its kernels need plain tensors): use .backward() or torch.autograd.grad, "
-                             "or MEANFLOW_BACKEND=reference")
-        grads = op.backward(saved[:n], saved[n], saved[n + 1:], ctx.options, grad_y, ctx.needs_input_grad[4:4 + n])
+        options = op.options_for(ctx.options, grad_y, *saved, where="torch.func.grad / vjp")
+        grads = op.backward(saved[:n], saved[n], saved[n + 1:], options, grad_y, ctx.needs_input_grad[4:4 + n])
         return (None, None, None, None, *grads, *([None] * ctx.n_tangent_inputs))
 
     @staticmethod
@@ -135,7 +166,10 @@ class PairFunction(torch.autograd.Function):
         y_dot, ctx.y_dot = ctx.y_dot, None
         input_tangents = tangents[:ctx.n_inputs]
         if y_dot is None and any(t is not None for t in input_tangents):
-            _, y_dot, _ = ctx.op.forward(tuple(ctx.saved_tensors), tuple(input_tangents), ctx.options)
+            saved = tuple(ctx.saved_tensors)
+            options = ctx.op.options_for(ctx.options, *saved, *input_tangents,
+                                         where="torch.func.jvp around torch.func.grad / vjp")
+            _, y_dot, _ = ctx.op.forward(saved, tuple(input_tangents), options)
         return (y_dot, None, *([None] * ctx.n_extras))
 
 
@@ -163,19 +197,16 @@ class EagerPairFunction(torch.autograd.Function):
     jvp = staticmethod(PairFunction.jvp)
 
 
-def backward_backend(backend: str, *tensors: Tensor | None) -> str:
-    """The backend of an op's backward given its tensors (the output gradient and the saved inputs).
+def backward_backend(backend: str) -> str:
+    """The backend of an op's backward whose plain-torch reference is itself differentiable.
 
-    The plain-torch reference, whose backward is itself differentiable, wherever the Triton
-    kernels' would be wrong: under ``create_graph=True`` (grad mode is on inside a backward only
-    then), where the kernels' gradients would carry no graph and a double backward (a gradient
-    penalty, say) would silently miss their part; and inside ``torch.func.grad`` / ``vjp``, whose
-    wrapped tensors Triton cannot read (under ``vjp`` the cotangent may be plain and the inputs
-    wrapped). An ordinary ``.backward()`` runs with grad mode off and keeps the kernels.
+    The reference under ``create_graph=True`` (grad mode is on inside a backward only then),
+    where the kernels' gradients would carry no graph and a double backward (a gradient penalty,
+    say) would silently miss their part. An ordinary ``.backward()`` runs with grad mode off and
+    keeps the kernels. (torch.func's wrapped tensors are routed to the reference before the
+    backward is called: ``PairOp.options_for``.)
     """
-    if backend == "triton" and (torch.is_grad_enabled() or functorch_wrapped(*tensors)):
-        return "reference"
-    return backend
+    return "reference" if backend == "triton" and torch.is_grad_enabled() else backend
 
 
 def refuse_double_backward(op_name: str, *tensors: Tensor | None) -> None:
@@ -207,6 +238,16 @@ def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     if tangent is not None and tangent._is_zerotensor():
         return None
     return tangent
+
+
+def jvp_around_grad() -> bool:
+    """Whether a torch.func.jvp transform wraps a torch.func.grad / vjp one around this call
+    (forward over reverse: the backward is differentiated in forward mode)."""
+    if retrieve_all_functorch_interpreters is None:
+        return False
+    levels = [(i.key(), i.level()) for i in retrieve_all_functorch_interpreters()]
+    grad = [level for key, level in levels if key == TransformType.Grad]
+    return any(key == TransformType.Jvp and grad and level < max(grad) for key, level in levels)
 
 
 def grad_around_jvp() -> bool:
@@ -264,6 +305,10 @@ def apply_pair(
         raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
                          f"got {len(tangents)} tangents")
     functorch = torch._C._are_functorch_transforms_active()
+    if functorch and not op.forward_ad_of_backward and jvp_around_grad():
+        raise ValueError(f"torch.func.jvp around torch.func.grad / vjp (forward over reverse, as in a "
+                         f"Hessian-vector product) through {op.name} is not supported: its backward reads "
+                         "saved statistics that carry no tangent, so the result would be wrong")
     # Forward AD is on only inside a dual level or a torch.func transform: outside both (the
     # training step), one global and one flag instead of an unpack per input.
     found = forward_ad_tangents(op, inputs) if functorch or fwAD._current_level >= 0 else None

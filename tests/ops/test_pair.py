@@ -206,45 +206,87 @@ def test_func_vjp_over_a_raw_tensor_backward_is_refused(data):
     tensors are checked too, so the kernel never receives a wrapper."""
     x, _, w, _ = data
     _, vjp = torch.func.vjp(lambda x: apply_pair(KERNEL, (x, w), None)[0], x)
-    with pytest.raises(ValueError, match="torch.func.grad / vjp over kernel's Triton backward"):
+    with pytest.raises(ValueError, match="torch.func.grad / vjp over kernel's Triton kernels is not supported"):
         vjp(torch.ones_like(x))
 
 
 # --------------------------------------------------------------------------------------------
-# torch.func.vjp over every op on the Triton backend: plain-torch backwards (and the norms,
-# which route wrapped tensors to the reference) work, kernel backwards refuse clearly.
+# torch.func.vjp over every op on the Triton backend: the wrapped tensors go to the op's
+# plain-torch reference (PairOp.reference), so each gives the gradient .backward() gives.
+# torch.func.jvp around torch.func.grad (forward over reverse, a Hessian-vector product): the
+# same route for the recomputed tangent, so it is right, except through attention, whose
+# backward reads the saved log-sum-exp without a tangent: refused.
 # --------------------------------------------------------------------------------------------
 
-def _op_cases():
-    x, sc = torch.randn(2, 3, 8), torch.randn(2, 8)
-    q, table = torch.randn(1, 2, 3, 8), torch.randn(3, 8)
-    weight, norm_weight = torch.randn(4, 8), torch.randn(8)
-    return {  # name: (function of one tensor, its input, whether the backward is a kernel)
-        "linear": (lambda a: ops.jvp_linear(a, weight), x, False),
-        "rms_norm": (lambda a: ops.jvp_rms_norm(a, norm_weight), x, False),
-        "layer_norm_modulate": (lambda a: ops.jvp_layer_norm_modulate(a, sc, sc), x, False),
-        "silu": (ops.jvp_silu, x, True),
-        "gelu_tanh": (ops.jvp_gelu_tanh, x, True),
-        "rope": (lambda a: ops.jvp_rope(a, table, table), q, True),
-        "gated_residual": (lambda a: ops.jvp_gated_residual(a, sc, a), x, True),
-        "attention": (lambda a: ops.jvp_attention(a, a * 0.5, a), q, True),
+def _op_cases(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)  # the same values in every dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x, sc = randn(2, 3, 8), randn(2, 8)
+    q, table = randn(1, 2, 3, 8), randn(3, 8)
+    weight, norm_weight = randn(4, 8), randn(8)
+    return {  # name: (function of one tensor, its input)
+        "linear": (lambda a: ops.jvp_linear(a, weight), x),
+        "rms_norm": (lambda a: ops.jvp_rms_norm(a, norm_weight), x),
+        "layer_norm_modulate": (lambda a: ops.jvp_layer_norm_modulate(a, sc, sc), x),
+        "silu": (ops.jvp_silu, x),
+        "gelu_tanh": (ops.jvp_gelu_tanh, x),
+        "rope": (lambda a: ops.jvp_rope(a, table, table), q),
+        "gated_residual": (lambda a: ops.jvp_gated_residual(a, sc, a), x),
+        "attention": (lambda a: ops.jvp_attention(a, a * 0.5, a), q),
     }
 
 
 @pytest.mark.parametrize("name", list(_op_cases()))
 def test_func_vjp_of_every_op_on_the_triton_backend(monkeypatch, name):
     monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
-    fn, inp, kernel_backward = _op_cases()[name]
+    fn, inp = _op_cases()[name]
     out, vjp = torch.func.vjp(fn, inp)
     cotangent = torch.randn_like(out)
-    if kernel_backward:
-        with pytest.raises(ValueError, match="torch.func.grad / vjp over"):
-            vjp(cotangent)
-        return
     (grad,) = vjp(cotangent)
     leaf = inp.clone().requires_grad_()
     fn(leaf).backward(cotangent)
     torch.testing.assert_close(grad, leaf.grad)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_forward_over_reverse_of_every_op(monkeypatch, name, backend_name):
+    """The Hessian-vector product of a cubic loss of each op, against a central difference of
+    its gradient in float64 (reference backend). The op's tangent is recomputed in the Function's
+    jvp there (the outer jvp's tangents are invisible to apply_pair)."""
+    fn, inp = _op_cases()[name]
+    direction = torch.randn_like(inp)
+
+    def hvp():
+        return torch.func.jvp(torch.func.grad(lambda a: fn(a).pow(3).sum()), (inp,), (direction,))[1]
+
+    monkeypatch.setenv("MEANFLOW_BACKEND", backend_name)
+    if name == "attention":
+        with pytest.raises(ValueError, match="forward over reverse.*through jvp_attention is not supported"):
+            hvp()
+        return
+    got = hvp()
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    fn64, inp64 = _op_cases(torch.float64)[name]
+
+    def grad_at(step):
+        a = (inp64 + step * direction.double()).requires_grad_()
+        return torch.autograd.grad(fn64(a).pow(3).sum(), a)[0]
+
+    step = 1e-5
+    expected = (grad_at(step) - grad_at(-step)) / (2 * step)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_forward_over_reverse_without_a_reference_is_refused(data):
+    """A kernel-only op (no plain-torch reference) cannot take the wrapped tangents of a
+    torch.func.jvp around torch.func.grad: refused by name, not handed to the kernel."""
+    x, x_dot, w, _ = data
+    with pytest.raises(ValueError, match="torch.func.jvp around torch.func.grad / vjp over kernel's Triton kernels"):
+        torch.func.jvp(torch.func.grad(lambda a: apply_pair(KERNEL, (a, w), None)[0].sum()), (x,), (x_dot,))
 
 
 # --------------------------------------------------------------------------------------------
