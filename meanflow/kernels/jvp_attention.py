@@ -38,8 +38,10 @@ import triton
 import triton.language as tl
 
 from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.reference.jvp_attention import MASK_FLOOR as _MASK_FLOOR
 
 LOG2E = 1.4426950408889634  # = 1 / ln 2
+MASK_FLOOR = tl.constexpr(_MASK_FLOOR)  # the lowest finite additive mask value (reference.jvp_attention)
 
 # Mask kinds (constexpr): no mask, one value per key (broadcast over queries: key padding),
 # a full (query, key) tile read through strides (stride 0 on broadcast dims).
@@ -205,7 +207,13 @@ def _masked_scores(
             if MASK_BOOL:
                 visible = visible & (mask_tile != 0)
             else:
-                scores = scores + mask_tile.to(tl.float32) * 1.4426950408889634
+                # Finite values below MASK_FLOOR count as it (the reference's floored_mask):
+                # finfo.min would overflow once scaled, −1e9 would drown the scores.
+                additive = mask_tile.to(tl.float32)
+                additive = tl.where(additive < MASK_FLOOR,
+                                    tl.where(additive == float("-inf"), additive, MASK_FLOOR), additive)
+                # One rounding (fma): padding rows' scores sit near −1.44e4, spaced 2^-10 apart.
+                scores = tl.fma(additive, 1.4426950408889634, scores)
         scores = tl.where(visible, scores, float("-inf"))
     return scores
 
@@ -428,7 +436,7 @@ def _jvp_attention_bwd_dkdv_kernel(
                 delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
             scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
                                     stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
-            p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+            p = tl.exp2(tl.fma(lse[:, None], -1.4426950408889634, scores))
             dv = tl.dot(tl.trans(p.to(q.dtype)), grad_out, dv, input_precision=PRECISION)
             dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -490,7 +498,7 @@ def _jvp_attention_bwd_dq_kernel(
         v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM, EVEN_N)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
-        p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+        p = tl.exp2(tl.fma(lse[:, None], -1.4426950408889634, scores))
         dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(q.dtype), tl.trans(k_t), dq, input_precision=PRECISION)

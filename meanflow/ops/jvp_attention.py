@@ -158,7 +158,9 @@ def jvp_attention(
         value: (B, Hk, Nk, Dv) or (B, Nk, Dv).
         attn_mask: None, or bool (True = attend) / floating (added to the scores), broadcastable
             to (B, Hq, Nq, Nk). A key-padding mask (B, 1, 1, Nk) is read as one row per key.
-            No gradient or tangent flows to the mask.
+            No gradient or tangent flows to the mask. Finite values below −1e4 count as −1e4
+            (a weight of exactly 0 beside any visible key; a row masked whole with −1e9 or
+            ``finfo.min`` gets the softmax of its scores, consistently in forward and backward).
         dropout_p: must be 0.0.
         is_causal: causal masking aligned top-left, as SDPA (query i sees keys j <= i).
         scale: softmax scale, default 1/sqrt(D).

@@ -14,6 +14,14 @@ rescaled by the same factor exp(m_old − m_new) because Ṡ does not enter the 
 Fully masked rows give O = 0, Ȯ = 0 and zero gradients, as SDPA does; their log-sum-exp is
 stored as +inf so that the backward's exp(S − lse) is 0 there.
 
+Finite additive mask values below ``MASK_FLOOR`` (−1e4) count as ``MASK_FLOOR``; −inf stays −inf.
+Beside any key within 1e4 of the row's best, such a key's weight exp(−1e4 + ...) is exactly 0 in
+every float format, so nothing changes. A row whose every key is that low (padding masked with
+−1e9 or ``finfo.min``, the usual idiom) gets softmax(S − M), what a constant mask means. Unclamped,
+S = s·QKᵀ − 1e9 keeps no digit of s·QKᵀ in float32 (the spacing of floats there is 64), the
+log-sum-exp m + log l rounds to m, and the backward's exp(S − lse) gives every key weight 1
+instead of the forward's 1/Nk; ``finfo.min`` overflows to −inf once scaled to base 2.
+
 Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) with Hq a multiple of Hk
 (query head h reads key/value head h // (Hq // Hk)); ``mask`` None or a bool / float tensor
 broadcastable to (B, Hq, Nq, Nk) (bool: True = attend; float: added to the scores).
@@ -28,6 +36,13 @@ import torch
 # Elements per (B·H·Nq × chunk) score buffer: 2^22 float32 is 16 MiB; a JVP step holds about
 # four such buffers, which keeps the reference far below 200 MiB of extra memory.
 _CHUNK_ELEMENTS = 1 << 22
+
+MASK_FLOOR = -1e4  # the lowest finite value an additive mask takes (see above); the kernels share it
+
+
+def floored_mask(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask with finite values below MASK_FLOOR raised to it; −inf and NaN kept."""
+    return torch.where(mask < MASK_FLOOR, torch.where(mask == float("-inf"), mask, MASK_FLOOR), mask)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,7 +89,7 @@ def _masked_scores(
         if m.dtype == torch.bool:
             scores = scores.masked_fill(~m, float("-inf"))
         else:
-            scores = scores + m.to(scores.dtype)
+            scores = scores + floored_mask(m.to(scores.dtype))
     if is_causal:
         # Top-left alignment, as SDPA: query i sees keys j <= i.
         rows = torch.arange(q.shape[-2], device=q.device)[:, None]
