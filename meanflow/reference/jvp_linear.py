@@ -10,6 +10,8 @@ primals or None. Launchers return y (..., Dout) and ẏ (or None when no tangent
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +56,12 @@ def jvp_linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dW, db), None where not needed: the standard linear backward."""
     dx = torch.matmul(grad_y, weight) if need_x else None
-    g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    dw = torch.matmul(g2.t(), x.reshape(-1, x.shape[-1])) if need_weight else None
+    g2 = _rows(grad_y)
+    dw = torch.matmul(g2.t(), _rows(x)) if need_weight else None
     db = g2.sum(0) if need_bias else None
     return dx, dw, db
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., D) as (rows, D); unlike reshape(-1, D), also for D = 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

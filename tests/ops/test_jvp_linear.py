@@ -31,6 +31,10 @@ CASES = {
     "bias_tangent_only": ((5, 19), 11, True, "b"),
     "no_tangent": ((5, 19), 11, True, ""),
     "single": ((1, 1, 8), 1, True, "xwb"),
+    # Empty sizes, as F.linear takes them (the backward's reshape(-1, 0) used to raise).
+    "no_input_features": ((3, 0), 5, True, "xwb"),
+    "no_output_features": ((2, 3, 4), 0, True, "xwb"),
+    "no_rows": ((0, 4), 5, True, "xwb"),
 }
 
 
@@ -56,10 +60,10 @@ def _pair(primals, tangents):
 def check_linear(x_shape, d_out, bias, which, dtype):
     d_in = x_shape[-1]
     x = _randn(*x_shape, dtype=dtype)
-    w = _randn(d_out, d_in, dtype=dtype, std=d_in ** -0.5)
+    w = _randn(d_out, d_in, dtype=dtype, std=max(d_in, 1) ** -0.5)
     b = _randn(d_out, dtype=dtype) if bias else None
     tangents = (_randn(*x_shape, dtype=dtype) if "x" in which else None,
-                _randn(d_out, d_in, dtype=dtype, std=d_in ** -0.5) if "w" in which else None,
+                _randn(d_out, d_in, dtype=dtype, std=max(d_in, 1) ** -0.5) if "w" in which else None,
                 _randn(d_out, dtype=dtype) if "b" in which and bias else None)
     grad = _randn(*x_shape[:-1], d_out, dtype=dtype)
     return check_pair_op(F.linear, jvp_linear, _pair, (x, w, b), tangents, (True, True, bias), grad,
