@@ -216,6 +216,26 @@ def check_pair_op(
 # Whole runs of `meanflow distill`: launching ranks and comparing run folders
 # --------------------------------------------------------------------------------------------
 
+def check_loss_under_transforms(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
+    """A scalar loss of x under torch.func.grad, torch.func.jvp, a forward-AD dual level and
+    torch.func.vmap (over a stacked copy) against its ``.backward()`` gradient g: the gradients
+    equal g and the tangents ⟨g, ẋ⟩, to float32 rounding."""
+    leaf = x.detach().clone().requires_grad_()
+    loss(leaf).backward()
+    g = leaf.grad
+    direction = torch.randn_like(x)
+    expected_tangent = (g.double() * direction.double()).sum()
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.func.grad(loss)(x), g, **tol)
+    _, tangent = torch.func.jvp(loss, (x,), (direction,))
+    torch.testing.assert_close(tangent.double(), expected_tangent, **tol)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(loss(fwAD.make_dual(x, direction))).tangent
+    torch.testing.assert_close(tangent.double(), expected_tangent, **tol)
+    batched = torch.func.vmap(torch.func.grad(loss))(torch.stack([x, x]))
+    torch.testing.assert_close(batched, torch.stack([g, g]), **tol)
+
+
 def torchrun(ranks: int, *args: str, timeout: float = 300):
     """``torchrun --standalone --nproc-per-node ranks ARGS`` on the CPU (plain-torch backend, one
     thread per rank); the ``subprocess.CompletedProcess`` with text stdout and stderr."""

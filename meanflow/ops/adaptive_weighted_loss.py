@@ -8,6 +8,9 @@ two-stage reduction) gives L and stores the residual u − u_tgt; the backward w
 dloss/du = grad_output · (2/B)·m_b·w_b·(u − u_tgt) in one elementwise pass. u_tgt and weights
 get no gradient (u_tgt sits under the stop-gradient; weights are constants). Note the mean is
 over all B samples, also where a 0/1 mask zeroes some of them.
+
+Under torch.func transforms (grad, vjp, jvp, vmap) and on a dual u (forward AD), the same
+formula runs as plain torch ops, which those transforms differentiate themselves.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from meanflow.ops._checks import (FLOAT_DTYPES, check_like, check_number, check_same_device, check_tensor,
                                   check_triton_dtype)
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import refuse_double_backward
+from meanflow.ops.pair import refuse_double_backward, under_transform
 
 STEM = "adaptive_weighted_loss"
 
@@ -53,6 +56,16 @@ class AdaptiveWeightedLoss(torch.autograd.Function):
             grad_u = implementation(STEM, ctx.backend).adaptive_weighted_loss_backward(
                 residual, row_scale * grad_loss.to(row_scale.dtype))
         return grad_u, None, None, None, None, None, None
+
+
+def _formula(u, u_tgt, weights, p, c):
+    """The loss as plain torch ops, with the Function's numerics (compute dtype), for transforms."""
+    dtype = _compute_dtype(u.dtype)
+    sums = (u.to(dtype) - u_tgt.to(dtype)).square().sum(1)
+    w = (sums.detach() + c).pow(-p)
+    if weights is not None:
+        w = w * weights.to(dtype)
+    return (w * sums).sum() / sums.shape[0], sums.detach()
 
 
 def _validate(u, u_tgt, weights, p, c) -> str:
@@ -99,6 +112,8 @@ def adaptive_weighted_loss(
     """
     backend = _validate(u, u_tgt, weights, p, c)
     u2 = u.reshape(u.shape[0], -1)
+    u_tgt2, weights = u_tgt.detach().reshape(u2.shape), None if weights is None else weights.detach()
+    if under_transform(u):
+        return _formula(u2, u_tgt2, weights, float(p), float(c))
     need_grad = torch.is_grad_enabled() and u.requires_grad
-    return AdaptiveWeightedLoss.apply(u2, u_tgt.detach().reshape(u2.shape), None if weights is None
-                                      else weights.detach(), float(p), float(c), backend, need_grad)
+    return AdaptiveWeightedLoss.apply(u2, u_tgt2, weights, float(p), float(c), backend, need_grad)

@@ -10,6 +10,9 @@ latent scale ~1 it caps the normalisation gain at 1e4 and never touches a realis
 One fused pass over the three inputs per sample (Triton, float32 accumulation, deterministic
 two-stage reduction) gives Σ|x̂ − x0_teacher| and Σ(x0_fake − x0_teacher)² and stores
 x0_fake − x0_teacher; the backward writes grad_output · g / B in one elementwise pass.
+
+Under torch.func transforms (grad, vjp, jvp, vmap) and on a dual x̂ (forward AD), the same loss
+runs as plain torch ops, which those transforms differentiate themselves.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from meanflow.ops._checks import FLOAT_DTYPES, check_like, check_number, check_tensor, check_triton_dtype
 from meanflow.ops.dispatch import implementation, resolve_backend
-from meanflow.ops.pair import refuse_double_backward
+from meanflow.ops.pair import refuse_double_backward, under_transform
 
 STEM = "alignment_loss"
 DEFAULT_EPS = 1e-4
@@ -54,6 +57,18 @@ class AlignmentLoss(torch.autograd.Function):
             grad_x = implementation(STEM, ctx.backend).alignment_loss_backward(
                 residual, row_scale * grad_loss.to(row_scale.dtype))
         return grad_x, None, None, None, None, None
+
+
+def _formula(x_hat, x0_fake, x0_teacher, eps):
+    """The loss as plain torch ops, with the Function's numerics, for transforms: the value
+    (1/B)·Σ½‖g_b‖² plus (x̂ − sg(x̂))·g / B, which is zero and gives x̂ the gradient g / B."""
+    dtype = _compute_dtype(x_hat.dtype)
+    x, f, t = x_hat.to(dtype), x0_fake.to(dtype), x0_teacher.to(dtype)
+    batch, n_elem = x.shape
+    denom = ((x.detach() - t).abs().sum(1) / n_elem).clamp_min(eps)
+    g = (f - t) / denom[:, None]
+    per_sample = 0.5 * (f - t).square().sum(1) / denom.square()
+    return (per_sample.sum() + ((x - x.detach()) * g).sum()) / batch, per_sample.detach()
 
 
 def _check_inputs(x_hat, x0_fake, x0_teacher, eps) -> float:
@@ -102,9 +117,11 @@ def alignment_loss(
     """
     backend = _validate(x_hat, x0_fake, x0_teacher, eps)
     x2 = x_hat.reshape(x_hat.shape[0], -1)
+    f2, t2 = x0_fake.detach().reshape(x2.shape), x0_teacher.detach().reshape(x2.shape)
+    if under_transform(x_hat):
+        return _formula(x2, f2, t2, float(eps))
     need_grad = torch.is_grad_enabled() and x_hat.requires_grad
-    return AlignmentLoss.apply(x2, x0_fake.detach().reshape(x2.shape), x0_teacher.detach().reshape(x2.shape),
-                               float(eps), backend, need_grad)
+    return AlignmentLoss.apply(x2, f2, t2, float(eps), backend, need_grad)
 
 
 def alignment_direction(

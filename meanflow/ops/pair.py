@@ -233,6 +233,15 @@ def forward_ad_active() -> bool:
     return fwAD._current_level >= 0 or nested_jvp_depth() > 0
 
 
+def under_transform(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform is active, or one of ``tensors`` carries a forward-AD
+    tangent (a dual level): where an op whose Function has no jvp or setup_context form must
+    run as plain torch ops, which every transform differentiates."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     """Forward AD's efficient zero tangents cost nothing: treat them as absent."""
     if tangent is not None and tangent._is_zerotensor():

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import adaptive_weighted_loss
-from meanflow.testing import assert_close_to_oracle, backend_dtypes
+from meanflow.testing import assert_close_to_oracle, backend_dtypes, check_loss_under_transforms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -185,3 +185,12 @@ def test_double_backward_is_refused(backend):
         torch.autograd.grad(loss, u, create_graph=True)
     loss.backward()  # an ordinary backward of the same graph still works
     assert u.grad is not None
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_torch_func_transforms_and_forward_ad(backend, weights):
+    """The Function has no jvp or setup_context form: under transforms the op runs its formula as
+    plain torch ops, which must give .backward()'s gradient (it used to fail with torch's error)."""
+    u, u_tgt = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    w = torch.rand(3) if weights else None
+    check_loss_under_transforms(lambda a: adaptive_weighted_loss(a, u_tgt, w, p=0.75)[0], u)

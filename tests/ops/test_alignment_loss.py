@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import alignment_direction, alignment_loss
-from meanflow.testing import assert_close_to_oracle, backend_dtypes
+from meanflow.testing import assert_close_to_oracle, backend_dtypes, check_loss_under_transforms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -197,3 +197,10 @@ def test_double_backward_is_refused(backend):
         torch.autograd.grad(loss, x_hat, create_graph=True)
     loss.backward()
     assert x_hat.grad is not None
+
+
+def test_torch_func_transforms_and_forward_ad(backend):
+    """The Function has no jvp or setup_context form: under transforms the op runs its formula as
+    plain torch ops, which must give .backward()'s gradient g / B (it used to fail with torch's error)."""
+    x_hat, x0_fake, x0_teacher = (torch.randn(3, 5, 4) for _ in range(3))
+    check_loss_under_transforms(lambda a: alignment_loss(a, x0_fake, x0_teacher)[0], x_hat)
