@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 4096, 8
@@ -35,8 +35,7 @@ def _adaptive_weighted_loss_fwd_kernel(
     u_ptr, t_ptr, d_ptr, partial_ptr, s_ub, s_tb, n_elem, n_blocks,
     STORE_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    block, b = split_program_id(n_blocks)
     j = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = j < n_elem
     u = tl.load(u_ptr + b * s_ub + j, mask=mask, other=0.0).to(tl.float32)
@@ -59,7 +58,7 @@ def adaptive_weighted_loss_forward(
     n_blocks = cdiv(n_elem, block)
     partial = torch.empty((batch, n_blocks), device=u.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=u.device, dtype=u.dtype) if need_residual else None
-    _adaptive_weighted_loss_fwd_kernel[(n_blocks, batch)](
+    _adaptive_weighted_loss_fwd_kernel[(n_blocks * batch,)](
         u, u_tgt, u if d is None else d, partial, u.stride(0), u_tgt.stride(0), n_elem, n_blocks,
         STORE_D=need_residual, BLOCK=block, num_warps=NUM_WARPS,
     )

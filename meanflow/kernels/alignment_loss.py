@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 4096, 8
@@ -32,8 +32,7 @@ def _alignment_loss_fwd_kernel(
     x_ptr, f_ptr, t_ptr, d_ptr, abs_partial_ptr, sq_partial_ptr, s_xb, s_fb, s_tb, n_elem, n_blocks,
     STORE_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    block, b = split_program_id(n_blocks)
     j = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = j < n_elem
     x = tl.load(x_ptr + b * s_xb + j, mask=mask, other=0.0).to(tl.float32)
@@ -60,7 +59,7 @@ def alignment_loss_forward(
     abs_partial = torch.empty((batch, n_blocks), device=x_hat.device, dtype=torch.float32)
     sq_partial = torch.empty((batch, n_blocks), device=x_hat.device, dtype=torch.float32)
     d = torch.empty((batch, n_elem), device=x_hat.device, dtype=x_hat.dtype) if need_residual else None
-    _alignment_loss_fwd_kernel[(n_blocks, batch)](
+    _alignment_loss_fwd_kernel[(n_blocks * batch,)](
         x_hat, x0_fake, x0_teacher, x_hat if d is None else d, abs_partial, sq_partial,
         x_hat.stride(0), x0_fake.stride(0), x0_teacher.stride(0), n_elem, n_blocks,
         STORE_D=need_residual, BLOCK=block, num_warps=NUM_WARPS,

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
 from meanflow.reference.jvp_attention import MASK_FLOOR as _MASK_FLOOR
 
 LOG2E = 1.4426950408889634  # = 1 / ln 2
@@ -277,8 +277,7 @@ def _jvp_attention_fwd_kernel(
     stride_tqb, stride_tqh, stride_tqm = _hint_aligned(stride_tqb, stride_tqh, stride_tqm, ROWS_ALIGNED)
     stride_tkb, stride_tkh, stride_tkn = _hint_aligned(stride_tkb, stride_tkh, stride_tkn, ROWS_ALIGNED)
     stride_tvb, stride_tvh, stride_tvn = _hint_aligned(stride_tvb, stride_tvh, stride_tvn, ROWS_ALIGNED)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = split_program_id(tl.cdiv(n_queries, BLOCK_M))
     batch, head = pid_bh // n_heads, pid_bh % n_heads
     kv_head = head // group
     scale_log2 = scale * 1.4426950408889634
@@ -397,8 +396,7 @@ def _jvp_attention_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
     stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
     stride_gb, stride_gh, stride_gm = _hint_aligned(stride_gb, stride_gh, stride_gm, ROWS_ALIGNED)
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bhk = split_program_id(tl.cdiv(n_keys, BLOCK_N))
     batch, kv_head = pid_bhk // n_kv_heads, pid_bhk % n_kv_heads
     scale_log2 = scale * 1.4426950408889634
 
@@ -468,8 +466,7 @@ def _jvp_attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
     stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
     stride_gb, stride_gh, stride_gm = _hint_aligned(stride_gb, stride_gh, stride_gm, ROWS_ALIGNED)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = split_program_id(tl.cdiv(n_queries, BLOCK_M))
     batch, head = pid_bh // n_heads, pid_bh % n_heads
     kv_head = head // group
     scale_log2 = scale * 1.4426950408889634
@@ -591,7 +588,7 @@ def jvp_attention_forward(
     aligned = _rows_aligned(q, k, v, q_dot, k_dot, v_dot)
 
     def grid(meta):
-        return (cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)
+        return (cdiv(n_queries, meta["BLOCK_M"]) * batch * n_heads,)
 
     _jvp_attention_fwd_kernel[grid](
         q, k, v, q if q_dot is None else q_dot, k if k_dot is None else k_dot, v if v_dot is None else v_dot,
@@ -650,11 +647,11 @@ def jvp_attention_backward(
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
-    _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)](
+    _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]) * batch * n_kv_heads,)](
         q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common,
         n_heads, n_kv_heads, n_queries, n_keys, group, scale, **flags,
     )
-    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(n_queries, meta["BLOCK_M"]), batch * n_heads)](
+    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(n_queries, meta["BLOCK_M"]) * batch * n_heads,)](
         q, k, v, mask_t, grad_out, lse, delta, dq, *common,
         n_heads, n_queries, n_keys, group, scale, **flags,
     )

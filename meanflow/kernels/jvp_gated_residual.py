@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv
+from meanflow.kernels.launch import cdiv, split_program_id
 
 # 8 tokens × 256 channels at 8 warps: one 16-byte vector per thread per tensor; the forward with
 # every tangent then takes 40 registers, 6 CTAs per SM (16 tokens: 73 registers, 3 CTAs per SM).
@@ -31,8 +31,8 @@ def _jvp_gated_residual_fwd_kernel(
     HAS_H_DOT: tl.constexpr, HAS_G_DOT: tl.constexpr, HAS_Y_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(2).to(tl.int64)
-    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    block, b = split_program_id(tl.cdiv(n_tokens, BLOCK_N))
+    n = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (n < n_tokens) & (d[None, :] < dim)
     # Loads first; the gate rows as (BLOCK_N, BLOCK_D) tiles of token stride 0 (meanflow.kernels).
@@ -67,8 +67,7 @@ def _jvp_gated_residual_bwd_kernel(
     NEED_Y: tl.constexpr, NEED_G: tl.constexpr,
     CHUNK_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
+    chunk, b = split_program_id(tl.cdiv(n_tokens, CHUNK_N))
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     g = tl.load(g_ptr + b * s_gb + d, mask=d < dim, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -108,7 +107,7 @@ def jvp_gated_residual_forward(
     out = torch.empty((batch, n_tokens, dim), device=h.device, dtype=h.dtype)
     has_tangent = any(t is not None for t in (h_dot, gate_dot, y_dot))
     out_dot = torch.empty_like(out) if has_tangent else None
-    grid = (cdiv(n_tokens, BLOCK_N), cdiv(dim, BLOCK_D), batch)
+    grid = (cdiv(n_tokens, BLOCK_N) * batch, cdiv(dim, BLOCK_D))
     _jvp_gated_residual_fwd_kernel[grid](
         h, gate, y, h if h_dot is None else h_dot, gate if gate_dot is None else gate_dot,
         y if y_dot is None else y_dot, out, out if out_dot is None else out_dot,
@@ -137,7 +136,7 @@ def jvp_gated_residual_backward(
     chunks = cdiv(n_tokens, CHUNK_N)
     dy = torch.empty((batch, n_tokens, dim), device=y.device, dtype=y.dtype) if need_y else None
     partial = torch.empty((chunks, batch, dim), device=y.device, dtype=torch.float32) if need_gate else None
-    _jvp_gated_residual_bwd_kernel[(chunks, cdiv(dim, BLOCK_D), batch)](
+    _jvp_gated_residual_bwd_kernel[(chunks * batch, cdiv(dim, BLOCK_D))](
         grad_out, gate, y, y if dy is None else dy, gate if partial is None else partial,
         *grad_out.stride()[:2], gate.stride(0), *y.stride()[:2], n_tokens, dim, batch,
         NEED_Y=need_y, NEED_G=need_gate, CHUNK_N=CHUNK_N, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,

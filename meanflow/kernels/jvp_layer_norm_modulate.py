@@ -33,7 +33,7 @@ import triton.language as tl
 
 from meanflow.kernels.jvp_rms_norm import (ROW_TILES, reduction_programs, row_block, row_configs, row_pruner,
                                            rows_per_program, sum3)
-from meanflow.kernels.launch import cdiv
+from meanflow.kernels.launch import cdiv, split_program_id
 
 
 @triton.jit
@@ -161,12 +161,11 @@ def _layer_norm_modulate_bwd_kernel(
     NEEDS_DX: tl.constexpr, NEEDS_DSCALE: tl.constexpr, NEEDS_DSHIFT: tl.constexpr,
     BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Program (p, b) walks the token blocks p, p + n_programs, ... of batch element b:
+    """Program (p, b) (split_program_id) walks the token blocks p, p + n_programs, ... of batch element b:
     ĝ = g·(1 + s_b),  dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)); and one partial row each of
     dscale_b = Σ_n g·x̂ and dshift_b = Σ_n g."""
     BLOCK_M: tl.constexpr = TILE // BLOCK_D if TILE > BLOCK_D else 1
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid, b = split_program_id(n_programs)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
     gain = 1.0 + tl.load(SCALE + b * stride_scale_b + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -245,7 +244,7 @@ def jvp_layer_norm_modulate_backward(
         return torch.empty((n_programs, batch, n_cols), device=x.device, dtype=torch.float32)
 
     dscale_partial, dshift_partial = partial(needs_dscale), partial(needs_dshift)
-    _layer_norm_modulate_bwd_kernel[(n_programs, batch)](
+    _layer_norm_modulate_bwd_kernel[(n_programs * batch,)](
         grad_y, x, scale, x if dx is None else dx, x if dscale_partial is None else dscale_partial,
         x if dshift_partial is None else dshift_partial,
         n_tokens, n_cols, grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), scale.stride(0),

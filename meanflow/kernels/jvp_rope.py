@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
 
 BLOCK_N = 16
 NUM_WARPS = 4
@@ -54,10 +54,10 @@ def _jvp_rope_kernel(
     n_heads, n_tokens, dim,
     HAS_TANGENT: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    block, bh = split_program_id(tl.cdiv(n_tokens, BLOCK_N))
+    b = bh // n_heads
+    h = bh % n_heads
+    n = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (n < n_tokens) & (d < dim)  # D is even: a pair is in or out as a whole
 
@@ -86,7 +86,7 @@ def _launch(x, t, cos, sin, transpose):
     y = torch.empty((batch, heads, n_tokens, dim), device=x.device, dtype=x.dtype)
     y_dot = None if t is None else torch.empty_like(y)
     tt = x if t is None else t
-    grid = (cdiv(n_tokens, BLOCK_N), batch * heads)
+    grid = (cdiv(n_tokens, BLOCK_N) * batch * heads,)
     _jvp_rope_kernel[grid](
         x, tt, cos, sin, y, y if y_dot is None else y_dot,
         x.stride(0), x.stride(1), x.stride(2), tt.stride(0), tt.stride(1), tt.stride(2),

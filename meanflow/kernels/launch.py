@@ -1,4 +1,4 @@
-"""Host-side integer helpers for the launchers.
+"""Integer helpers for the launchers, and the grid rule the kernels share.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects whose calls
 from Python cost about 5 µs each (argument unwrapping for use inside kernels); a launch makes
@@ -6,6 +6,9 @@ several, so the launchers use these plain versions instead. Inside ``@triton.jit
 ``tl.cdiv``.
 """
 from __future__ import annotations
+
+import triton
+import triton.language as tl
 
 
 def cdiv(numerator: int, denominator: int) -> int:
@@ -16,3 +19,13 @@ def cdiv(numerator: int, denominator: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@triton.jit
+def split_program_id(n_inner):
+    """(inner, outer) indices of a program of a 1-D grid of n_inner · n_outer programs, inner
+    fastest, as a (n_inner, n_outer) grid would order them. CUDA caps a grid's axes 1 and 2 at
+    65535 programs and axis 0 at 2^31 − 1, so a batch (or batch · heads) axis, which may exceed
+    65535, is folded into axis 0. outer is int64, for the offsets it scales."""
+    pid = tl.program_id(0)
+    return pid % n_inner, (pid // n_inner).to(tl.int64)

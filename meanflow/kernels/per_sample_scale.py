@@ -10,15 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
+from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
 
 BLOCK, NUM_WARPS = 1024, 4
 
 
 @triton.jit
 def _per_sample_scale_kernel(d_ptr, scale_ptr, grad_ptr, n_elem, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    j = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    block, b = split_program_id(tl.cdiv(n_elem, BLOCK))
+    j = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = j < n_elem
     scale = tl.load(scale_ptr + b)
     d = tl.load(d_ptr + b * n_elem + j, mask=mask, other=0.0).to(tl.float32)
@@ -40,7 +40,7 @@ def per_sample_scale(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     batch, n_elem = residual.shape
     grad = torch.empty_like(residual)
     block = min(BLOCK, next_power_of_2(n_elem))
-    _per_sample_scale_kernel[(cdiv(n_elem, block), batch)](
+    _per_sample_scale_kernel[(cdiv(n_elem, block) * batch,)](
         residual, scale.to(torch.float32).contiguous(), grad, n_elem, BLOCK=block, num_warps=NUM_WARPS,
     )
     return grad
