@@ -45,7 +45,8 @@ class GuidanceConfig:
     Attributes:
         mode: ``"embedded"`` (default, FLUX.1-dev), ``"cfg"`` or ``"none"``.
         scales: the set g (embedded) or w (cfg) is drawn from, uniformly per sample. Default
-            (4.0, 4.5, 5.0), T2I-Distill's FLUX choice. Must be non-empty.
+            (4.0, 4.5, 5.0), T2I-Distill's FLUX choice. Must be non-empty; one value in the cfg
+            mode, where nothing tells the student which w a target was guided with.
         omega: MeanFlow ω (default 1.0: off together with kappa = 0).
         kappa: MeanFlow κ (default 0.0).
         t_min, t_max: the ω/κ mixing applies on rows with t_min ≤ t ≤ t_max (default [0, 1]).
@@ -68,6 +69,12 @@ class GuidanceConfig:
             raise ValueError(f"scales: expected a sequence of numbers, got {self.scales!r}") from None
         if not self.scales:
             raise ValueError("scales: expected at least one guidance scale")
+        if self.mode == "cfg" and len(set(self.scales)) > 1:
+            # Embedded g reaches the student through its conditioning; a true-CFG w does not,
+            # so several would train it on a mixture of differently guided targets.
+            raise ValueError(f"scales: the cfg mode takes one guidance scale w, got {list(self.scales)}: the "
+                             "student has no input for w, so it would regress onto a mixture of targets "
+                             "guided with different w (the 'embedded' mode conditions the student on g)")
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
             raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1, "
                              f"got {self.t_min}, {self.t_max}")

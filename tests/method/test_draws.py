@@ -30,7 +30,7 @@ def _one_and_split(fn, total=12, ranks=3, seed=5, dim=0):
     ("randint", lambda g, b: draws.randint(7, (b,), g), 0),
     ("choose_rows", lambda g, b: draws.choose_rows(b, 0.25, g), 0),
     ("sample_times", lambda g, b: sample_times(b, TimeSamplerConfig(equal_fraction=0.5), generator=g), 0),
-    ("sample_scales", lambda g, b: sample_scales(b, GuidanceConfig(mode="cfg", scales=(1.0, 2.0, 3.5)), g), 0),
+    ("sample_scales", lambda g, b: sample_scales(b, GuidanceConfig(scales=(1.0, 2.0, 3.5)), g), 0),
     ("renoise_times", lambda g, b: renoise_times(b, AlignmentConfig(window="global"), generator=g), 0),
 ])
 def test_split_equals_whole(name, fn, dim):

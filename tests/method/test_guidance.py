@@ -83,6 +83,10 @@ def test_scales_and_errors():
             GuidanceConfig(scales=bad)
     with pytest.raises(ValueError, match="t_min"):
         GuidanceConfig(t_min=0.8, t_max=0.2)
+    # True CFG's w never reaches the student: several would make it regress onto a mixture.
+    with pytest.raises(ValueError, match="scales: the cfg mode takes one guidance scale w"):
+        GuidanceConfig(mode="cfg")
+    assert GuidanceConfig(mode="cfg", scales=(2.0, 2.0)).scales == (2.0, 2.0)
     with pytest.raises(ValueError, match="cond"):
         GuidedTeacher(teacher).prepare({"guidance": None}, 2)
     with pytest.raises(ValueError, match="uncond"):

@@ -139,6 +139,8 @@ def test_cross_field_rules(tmp_path):
     assert _error(None, None, ["eval.student_steps=[0]"]).startswith("eval.student_steps:")
     assert _error(None, None, ["eval.teacher_steps=[]"]).startswith("eval.teacher_steps:")
     assert _error("digits", None, ["run.dtype=bfloat16"]).startswith("run.dtype:")
+    assert _error("digits", None, ["method.guidance.scales=[1.5,2]"]).startswith(
+        "method.guidance.scales: the cfg mode takes one guidance scale w")
     msg = _error(None, None, ["method.target.kind=alphaflow"])
     assert "method.schedule.discrete_kind" in msg and "method.target.kind" in msg
     load_config(None, None, ["method.target.kind=alphaflow", "method.schedule.discrete_kind=alphaflow"])
