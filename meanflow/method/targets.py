@@ -195,8 +195,9 @@ def alphaflow_target(student: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tens
 
         u_tgt = [Δ·v + (t − Δ − r)·u_θ(z_t − Δ·v, r, t − Δ)] / (t − r),
 
-    v on rows with r = t. α = 1 is flow matching to the teacher (v); α → 0 recovers the
-    differential target (with an exact student the error is O(α²)).
+    v on rows with r = t. α = 1 is flow matching to the teacher (v). As α → 0 the target tends
+    to sg(u_θ) itself; what recovers the differential target is its direction: (u_tgt − u_θ)/α
+    → u_diff − u_θ, so the regression residual shrinks in proportion to α.
 
     Args:
         student: u(z, r, t) (called without gradient). z, v: (B, ...); r, t: (B,).
