@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -29,6 +30,12 @@ def requested_backend() -> str:
 
 
 def triton_interpreting() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when
+    a kernel is defined, so once the kernels are imported their own type decides (setting the
+    variable later changes nothing, and a launch on CPU tensors would fail inside Triton)."""
+    launch = sys.modules.get("meanflow.kernels.launch")
+    if launch is not None:
+        return type(launch.split_program_id).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -1,6 +1,10 @@
 """Backend selection (``meanflow.ops.dispatch``): MEANFLOW_BACKEND and the devices each backend runs on."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -30,11 +34,30 @@ def test_triton_refuses_devices_it_cannot_run_on(monkeypatch, device):
         resolve_backend(torch.device(device))
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        resolve_backend(torch.device("cpu"))
+def test_triton_on_cpu_needs_the_interpreter():
+    """Refused by name without the interpreter, also where TRITON_INTERPRET=1 is set only after
+    the kernels were defined (Triton read it then: the launch used to fail inside Triton)."""
+    script = """
+import os, torch
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["MEANFLOW_BACKEND"] = "triton"
+from meanflow.ops import jvp_silu
+from meanflow.ops.dispatch import resolve_backend
+for when in ("before", "after"):
+    if when == "after":
+        import meanflow.kernels.jvp_activation
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        jvp_silu(torch.randn(4))
+    except ValueError as error:
+        assert "TRITON_INTERPRET=1" in str(error), error
+    else:
+        raise AssertionError(when)
+print("refused twice")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "refused twice" in done.stdout, done.stderr
 
 
 def test_unknown_backend_is_refused(monkeypatch):
