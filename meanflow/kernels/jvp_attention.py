@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
+from meanflow.kernels.launch import autotuning, cdiv, interpreting, next_power_of_2, split_program_id
 from meanflow.reference.jvp_attention import MASK_FLOOR as _MASK_FLOOR
 
 LOG2E = 1.4426950408889634  # = 1 / ln 2
@@ -54,16 +53,6 @@ MASK_NONE, MASK_KEYS, MASK_FULL = 0, 1, 2
 # 0 (rescale whenever a max grows, p <= 1 as in the eager form), since P̃⊙Ṡ is rounded to fp16
 # for its product with V. A negative value leaves only the eager form: rescale on every block.
 RESCALE_THRESHOLD = 8.0
-
-
-def is_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def autotuning() -> bool:
-    """MEANFLOW_AUTOTUNE=0 pins each kernel to its first (default) configuration: fast start-up
-    and reproducible tiles; the interpreter cannot benchmark, so it always pins."""
-    return not is_interpreting() and os.environ.get("MEANFLOW_AUTOTUNE", "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +97,7 @@ def _configs(tiles: list[tuple[int, int, int, int]], **variants: tuple) -> list[
     """One configuration per tile and per combination of ``variants`` (meta-parameter -> its
     values, first value first: the order of the default). The interpreter gets exactly one (its
     tile; the launcher passes the variants), since autotuning over several fails there."""
-    if is_interpreting():
+    if interpreting():
         tiles, variants = [INTERPRETER_TILE], {}
     combos = [dict(zip(variants, values)) for values in itertools.product(*variants.values())]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **combo}, num_warps=w, num_stages=s)
@@ -600,7 +589,7 @@ def jvp_attention_forward(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
-        **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if is_interpreting() else {}),
+        **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if interpreting() else {}),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse

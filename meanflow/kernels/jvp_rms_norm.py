@@ -24,23 +24,12 @@ no autograd here.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2
-
-
-def is_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def autotuning() -> bool:
-    """MEANFLOW_AUTOTUNE=0 pins each kernel to its first (default) configuration; the
-    interpreter cannot benchmark, so it always pins."""
-    return not is_interpreting() and os.environ.get("MEANFLOW_AUTOTUNE", "1") != "0"
+from meanflow.kernels.launch import autotuning, cdiv, interpreting, next_power_of_2
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +52,7 @@ INTERPRETER_TILE = (4096, 4)  # the interpreter runs a tile as one numpy op: big
 
 
 def row_configs() -> list[triton.Config]:
-    tiles = [INTERPRETER_TILE] if is_interpreting() else ROW_TILES
+    tiles = [INTERPRETER_TILE] if interpreting() else ROW_TILES
     return [triton.Config({"TILE": tile}, num_warps=warps, num_stages=1) for tile, warps in tiles]
 
 

@@ -1,4 +1,4 @@
-"""Integer helpers for the launchers, and the grid rule the kernels share.
+"""Integer helpers for the launchers, the grid rule the kernels share, and how they run (interpreter, autotuning).
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects whose calls
 from Python cost about 5 µs each (argument unwrapping for use inside kernels); a launch makes
@@ -6,6 +6,8 @@ several, so the launchers use these plain versions instead. Inside ``@triton.jit
 ``tl.cdiv``.
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -29,3 +31,15 @@ def split_program_id(n_inner):
     65535, is folded into axis 0. outer is int64, for the offsets it scales."""
     pid = tl.program_id(0)
     return pid % n_inner, (pid // n_inner).to(tl.int64)
+
+
+def interpreting() -> bool:
+    """Whether these kernels run in Triton's interpreter: decided when they were defined (Triton
+    reads TRITON_INTERPRET then), so a later change of the variable does not count."""
+    return type(split_program_id).__name__ == "InterpretedFunction"
+
+
+def autotuning() -> bool:
+    """MEANFLOW_AUTOTUNE=0 pins each autotuned kernel to its first (default) configuration: fast
+    start-up and reproducible tiles; the interpreter cannot benchmark, so it always pins."""
+    return not interpreting() and os.environ.get("MEANFLOW_AUTOTUNE", "1") != "0"

@@ -35,7 +35,7 @@ def triton_interpreting() -> bool:
     variable later changes nothing, and a launch on CPU tensors would fail inside Triton)."""
     launch = sys.modules.get("meanflow.kernels.launch")
     if launch is not None:
-        return type(launch.split_program_id).__name__ == "InterpretedFunction"
+        return launch.interpreting()
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -173,6 +173,21 @@ class PairFunction(torch.autograd.Function):
         return (y_dot, None, *([None] * ctx.n_extras))
 
 
+    @staticmethod
+    def vmap(info, in_dims, op, options, keep_for_jvp, n_inputs, *tensors):
+        # torch.func.vmap (and jacrev, jacfwd, hessian): one fused call per slice of the batch,
+        # as functorch's own fallback for ops without a batching rule; the kernels take no
+        # extra batch dimension. Slices get the op's layout fix, as its entry point gives inputs.
+        prepare = op.prepare or (lambda t: t)
+        dims = in_dims[4:]
+        results = [PairFunction.apply(op, options, keep_for_jvp, n_inputs, *(
+            t if d is None or t is None else prepare(t.select(d, i)) for t, d in zip(tensors, dims)))
+            for i in range(info.batch_size)]
+        outputs = tuple(None if first is None else torch.stack([r[j] for r in results])
+                        for j, first in enumerate(results[0]))
+        return outputs, tuple(None if out is None else 0 for out in outputs)
+
+
 # autograd.Function.apply binds its arguments with inspect.signature(forward) at every call;
 # a cached signature saves rebuilding it (tens of microseconds of host time per call).
 PairFunction.forward.__signature__ = inspect.signature(PairFunction.forward)

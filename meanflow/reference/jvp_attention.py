@@ -215,16 +215,18 @@ def jvp_attention_backward(
             mask = mask.expand(b, h, nq, nk)
         delta = (do * out.to(dtype)).sum(-1, keepdim=True)
         lse = lse.to(dtype)[..., None]
-        dq = torch.zeros_like(qc)
-        dk = torch.zeros_like(kc)
-        dv = torch.zeros_like(vc)
+        # Out of place: under torch.func.vmap over this backward (jacrev) grad_out is batched and
+        # the saved tensors are not, and a batched value cannot be written into them.
+        dq, dk_chunks, dv_chunks = torch.zeros_like(qc), [], []
         chunk = _key_chunk(b * h * nq, nk)
         for start in range(0, nk, chunk):
             end = min(start + chunk, nk)
             p = torch.exp(_masked_scores(qc, kc[..., start:end, :], mask, is_causal, scale, start) - lse)
-            dv[..., start:end, :] = p.transpose(-1, -2) @ do
+            dv_chunks.append(p.transpose(-1, -2) @ do)
             ds = p * (do @ vc[..., start:end, :].transpose(-1, -2) - delta)
-            dq += (ds @ kc[..., start:end, :]) * scale
-            dk[..., start:end, :] = (ds.transpose(-1, -2) @ qc) * scale
+            dq = dq + (ds @ kc[..., start:end, :]) * scale
+            dk_chunks.append((ds.transpose(-1, -2) @ qc) * scale)
+        dk = torch.cat(dk_chunks, -2) if dk_chunks else torch.zeros_like(kc)
+        dv = torch.cat(dv_chunks, -2) if dv_chunks else torch.zeros_like(vc)
         dk, dv = _sum_groups(dk, group), _sum_groups(dv, group)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

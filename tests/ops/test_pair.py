@@ -281,6 +281,35 @@ def test_forward_over_reverse_of_every_op(monkeypatch, name, backend_name):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_vmap_jacrev_and_jacfwd_of_every_op(monkeypatch, name, backend_name):
+    """torch.func.vmap (PairFunction.vmap: a fused call per slice) equals a loop over the batch,
+    also over a middle dimension; jacrev (vmap over the backward) equals jacfwd (vmap over the
+    forward-AD tangent), two routes that share nothing but the op's formula."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", backend_name)
+    fn, inp = _op_cases()[name]
+    stacked = torch.stack([inp, 0.5 * inp, -inp])
+    torch.testing.assert_close(torch.func.vmap(fn)(stacked), torch.stack([fn(x) for x in stacked]))
+    torch.testing.assert_close(torch.func.vmap(fn, in_dims=1, out_dims=1)(stacked.movedim(0, 1)),
+                               torch.stack([fn(x) for x in stacked], 1))
+    head = inp.flatten()[:5]
+
+    def outputs(a):  # a few outputs of the op as a function of a few input elements
+        return fn(torch.cat([a, inp.flatten()[5:]]).reshape(inp.shape)).pow(2).flatten()[:4]
+
+    torch.testing.assert_close(torch.func.jacrev(outputs)(head), torch.func.jacfwd(outputs)(head),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_of_a_pair_form(monkeypatch, backend):
+    x, x_dot, weight = torch.randn(3, 4, 8), torch.randn(3, 4, 8), torch.randn(8)
+    y, y_dot = torch.func.vmap(lambda a, d: ops.jvp_rms_norm_pair(a, d, weight))(x, x_dot)
+    expected = [ops.jvp_rms_norm_pair(a, d, weight) for a, d in zip(x, x_dot)]
+    torch.testing.assert_close(y, torch.stack([e[0] for e in expected]))
+    torch.testing.assert_close(y_dot, torch.stack([e[1] for e in expected]))
+
+
 def test_forward_over_reverse_without_a_reference_is_refused(data):
     """A kernel-only op (no plain-torch reference) cannot take the wrapped tangents of a
     torch.func.jvp around torch.func.grad: refused by name, not handed to the kernel."""
