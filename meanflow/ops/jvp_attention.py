@@ -12,9 +12,11 @@ The tangent output carries no autograd history (no ``grad_fn``): gradients flow 
 through the primal output only. That is what MeanFlow needs (its target is under a
 stop-gradient) and it is the memory win: nothing of the tangent computation is kept for
 backward. Gradients never flow through the tangent, also where the incoming tangents carry
-autograd history. Nested ``torch.func.jvp`` (higher-order forward AD), ``torch.func.grad`` /
-``vjp`` over the Triton backward and double backward (``create_graph=True``: neither backward
-records a graph) are refused with a ValueError (``.backward()`` and ``torch.autograd.grad`` work).
+autograd history. ``torch.func.grad`` / ``vjp`` run the reference backward on torch.func's
+wrapped tensors, and ``vmap`` one fused call per slice. Refused with a ValueError: nested
+``torch.func.jvp`` (higher-order forward AD), forward over reverse (``jvp`` of ``grad``: the
+backward reads the saved log-sum-exp, which has no tangent) and double backward
+(``create_graph=True``: neither backward records a graph).
 """
 from __future__ import annotations
 
