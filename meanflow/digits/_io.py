@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 __all__ = ["ASSETS", "save_modules", "load_state"]
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")

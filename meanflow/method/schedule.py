@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from . import draws

@@ -344,8 +344,8 @@ class FluxWorld(World):
             self.log(f"training on {latents.shape[0]} cached dataset latents from {path}")
             return latents, prompts
         if image_dir is None:
-            raise ValueError(f"image_dir: data.source 'dataset' needs an image–caption folder; pass "
-                             f"image_dir or set data.images (or use data.source teacher)")
+            raise ValueError("image_dir: data.source 'dataset' needs an image–caption folder; pass "
+                             "image_dir or set data.images (or use data.source teacher)")
         pairs = find_captioned_images(image_dir, name)
         self.log(f"encoding {len(pairs)} captioned images from {image_dir} at {self.height}×{self.width} "
                  f"into {path}")

@@ -465,7 +465,6 @@ def plan_memory(config, gpus: int, *, transformer_config: dict | None = None) ->
     act = activation_values(transformer_config, n_img, n_txt, checkpointing=ckpt, dtype_bytes=a)
     graphs = 2 if align else 1
     kept = per_rank * act["kept"]
-    n_tok = n_img + n_txt
     rows.append(PlanRow(
         "activations (kept)", graphs * kept,
         f"{graphs} graph(s) × {per_rank} sample(s) × {act['kept']:,} B "

@@ -497,6 +497,8 @@ GPU_CASES = {
     "d256": Case(q_heads=4, kv_heads=4, n_queries=300, n_keys=513, head_dim=256, value_dim=256),
     "d96_empty_rows": Case(q_heads=4, kv_heads=4, n_queries=129, n_keys=200, head_dim=96, value_dim=96,
                            mask="empty_rows"),
+    "d128_padding_rows_min": Case(q_heads=4, kv_heads=4, n_queries=1000, n_keys=1100, head_dim=128,
+                                  value_dim=128, mask="padding_rows_min", grad_ratio=3.0),
 }
 
 

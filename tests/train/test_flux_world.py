@@ -4,7 +4,6 @@ sampling with an exported student, and a short ``distill`` run through the train
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
