@@ -514,6 +514,23 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like
     return mask, tuple(mask.stride()), kind, is_bool
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def check_head_spans(**tensors: torch.Tensor | None) -> None:
+    """Raises ValueError naming the tensor whose (rows, columns) of one batch element and head
+    span more than 2^31 − 1 elements: the kernels index within a head in 32 bits (the batch and
+    head offsets are 64-bit), which keeps the main loops' address arithmetic short."""
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
+        if span > _INT32_MAX:
+            raise ValueError(f"{name}: the rows of one batch element and head span {span:,} elements "
+                             f"(strides {tuple(t.stride())}), more than the 2^31 - 1 the Triton kernels "
+                             "index; use a layout with a smaller row stride, or MEANFLOW_BACKEND=reference")
+
+
 def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
     """True when every row of every tensor starts on a 16-byte boundary (strides and the base
     pointer multiples of 8 elements, and of 16 bytes), which the kernels may then assume."""
@@ -574,6 +591,8 @@ def jvp_attention_forward(
     out_dot = torch.empty_like(out) if has_tangent else None
     lse = torch.empty((batch, n_heads, n_queries), device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+    check_head_spans(query=q, key=k, value=v, query_tangent=q_dot, key_tangent=k_dot, value_tangent=v_dot,
+                     attn_mask=None if mask is None else mask_t)
     aligned = _rows_aligned(q, k, v, q_dot, k_dot, v_dot)
 
     def grid(meta):
@@ -626,6 +645,7 @@ def jvp_attention_backward(
     dk = torch.empty((batch, n_kv_heads, n_keys, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, n_kv_heads, n_keys, value_dim), device=q.device, dtype=v.dtype)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
+    check_head_spans(grad_output=grad_out)  # the inputs were checked in the forward
     aligned = _rows_aligned(q, k, v, grad_out)
     common = (
         *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned), *mask_strides,

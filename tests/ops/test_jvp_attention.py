@@ -473,6 +473,17 @@ def test_mask_tangent_raises():
             jvp_attention(q, k, v, attn_mask=fwAD.make_dual(mask, torch.ones_like(mask)))
 
 
+def test_head_spans_beyond_32_bits_are_refused():
+    """The kernels index within a head in 32 bits: a layout whose rows of one head span more is
+    refused by name (checked on meta tensors, which need no memory)."""
+    from meanflow.kernels.jvp_attention import check_head_spans
+
+    wide = torch.empty_strided((1, 1, 3, 8), (0, 0, 2**30, 1), device="meta")  # rows 2^30 apart
+    with pytest.raises(ValueError, match="key: the rows of one batch element and head span 2,147,483,655"):
+        check_head_spans(query=wide[..., :2, :], key=wide)
+    check_head_spans(query=wide[..., :2, :], attn_mask=None)
+
+
 def test_backend_errors(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="MEANFLOW_BACKEND must be one of"):
