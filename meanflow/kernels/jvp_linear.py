@@ -25,14 +25,10 @@ import os
 
 import torch
 
-from meanflow.reference.jvp_linear import add_parameter_tangent, jvp_linear_backward
+from meanflow.reference.jvp_linear import add_parameter_tangent, as_rows, jvp_linear_backward
 from meanflow.reference.jvp_linear import jvp_linear_forward as _two_gemms
 
 __all__ = ["jvp_linear_forward", "jvp_linear_backward"]
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 def jvp_linear_forward(
@@ -53,7 +49,7 @@ def jvp_linear_forward(
         return _two_gemms(x, weight, bias, x_dot, weight_dot, bias_dot)
     lead, d_out = x.shape[:-1], weight.shape[0]
     # (2M, Dout) from one GEMM, seen as (2, ..., Dout): [0] the primal rows, [1] the tangent.
-    out = torch.mm(torch.cat((_rows(x), _rows(x_dot))), weight.t()).view(2, *lead, d_out)
+    out = torch.mm(torch.cat((as_rows(x), as_rows(x_dot))), weight.t()).view(2, *lead, d_out)
     # A fresh buffer for y (never a view of the stacked output), made by the bias add.
     y = torch.add(out[0], bias) if bias is not None else out[0].clone()
     # The tangent rows as a plain tensor, not an autograd view: the output buffer is freed

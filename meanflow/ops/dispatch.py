@@ -36,7 +36,7 @@ def triton_interpreting() -> bool:
     launch = sys.modules.get("meanflow.kernels.launch")
     if launch is not None:
         return launch.interpreting()
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")  # as Triton
 
 
 def resolve_backend(device: torch.device) -> str:

@@ -14,9 +14,9 @@ stop-gradient) and it is the memory win: nothing of the tangent computation is k
 backward. Gradients never flow through the tangent, also where the incoming tangents carry
 autograd history. ``torch.func.grad`` / ``vjp`` run the reference backward on torch.func's
 wrapped tensors, and ``vmap`` one fused call per slice. Refused with a ValueError: nested
-``torch.func.jvp`` (higher-order forward AD), forward over reverse (``jvp`` of ``grad``: the
-backward reads the saved log-sum-exp, which has no tangent) and double backward
-(``create_graph=True``: neither backward records a graph).
+``torch.func.jvp`` (higher-order forward AD), any differentiation of the backward (``grad`` of
+``grad``, ``jvp`` of ``grad``, a backward inside a dual level: it reads the saved log-sum-exp,
+which has neither graph nor tangent) and double backward (``create_graph=True``).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 # bool/float broadcastable to (B, Hq, Nq, Nk). Options (is_causal, scale, backend). Output
 # (B, Hq, Nq, Dv); extra: the row log-sum-exp (B, Hq, Nq) for the backward.
 JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
-                       forward_ad_of_backward=False, **KERNEL_OP,
+                       differentiable_backward=False, **KERNEL_OP,
                        input_names=("query", "key", "value", "attn_mask"), prepare=unit_last_stride)
 
 

@@ -20,6 +20,8 @@ reference backend and inside ``torch.func`` transforms). y_dot carries no autogr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from meanflow.ops._checks import (TRITON_DTYPES, check_number, check_same_device, check_tangent, check_tensor,
@@ -92,7 +94,7 @@ def _validate(x, weight, eps) -> tuple[str, float]:
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """(..., D) -> (R, D) with unit last stride: a view whenever the layout allows."""
-    return None if t is None else unit_last_stride(t.reshape(-1, t.shape[-1]))
+    return None if t is None else unit_last_stride(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------

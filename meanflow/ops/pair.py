@@ -45,6 +45,12 @@ except ImportError:  # pragma: no cover - older or stripped builds
 Tensor = torch.Tensor
 
 
+def dual(*tensors: Tensor | None) -> bool:
+    """Whether a forward-AD dual level is open and any tensor carries a tangent in it."""
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def functorch_wrapped(*tensors: Tensor | None) -> bool:
     """Whether any tensor is a torch.func wrapper (inside torch.func.grad / vjp), which Triton
     kernels cannot read."""
@@ -72,9 +78,11 @@ class PairOp:
             one, is refused with a clear error.
         reference: ``options -> options`` that run the op's plain-torch reference, which reads
             wrapped tensors; None where the op has no other implementation.
-        forward_ad_of_backward: whether forward AD through the backward (torch.func.jvp around
-            torch.func.grad / vjp, as in a Hessian-vector product) is right. False where the
-            backward reads extras, which carry no tangent: the op then refuses that nesting.
+        differentiable_backward: whether the backward can itself be differentiated: in reverse
+            mode (torch.func.grad around torch.func.grad / vjp) and in forward mode
+            (torch.func.jvp or a dual level around a backward, as in a Hessian-vector product).
+            False where the backward reads extras, which carry neither graph nor tangent, or
+            runs without a graph: the op then refuses those nestings.
         input_names: the inputs' argument names, for messages ("input 0", ... when empty).
         prepare: applied to every forward-AD tangent unpacked from an input, as the op's entry
             point applies it to the inputs themselves (a layout fix the kernels need), or None.
@@ -86,7 +94,7 @@ class PairOp:
     save_output: bool = False
     raw_tensors: Callable[[tuple], bool] = lambda options: False
     reference: Callable[[tuple], tuple] | None = None
-    forward_ad_of_backward: bool = True
+    differentiable_backward: bool = True
     input_names: tuple[str, ...] = ()
     prepare: Callable[[Tensor | None], Tensor | None] | None = None
 
@@ -95,8 +103,9 @@ class PairOp:
 
     def options_for(self, options: tuple, *tensors: Tensor | None, where: str) -> tuple:
         """``options``, or the reference's where torch.func wrappers among ``tensors`` would reach
-        kernels that need plain tensors (``where``: which pass, for the error)."""
-        if not (self.raw_tensors(options) and functorch_wrapped(*tensors)):
+        kernels that need plain tensors, or where ``tensors`` carry forward-AD tangents that the
+        kernels would drop (``where``: which pass, for the error)."""
+        if not (self.raw_tensors(options) and (functorch_wrapped(*tensors) or dual(*tensors))):
             return options
         if self.reference is None:
             raise ValueError(f"{where} over {self.name}'s Triton kernels is not supported (they need plain "
@@ -156,6 +165,10 @@ class PairFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *unused):
         op, n = ctx.op, ctx.n_inputs
         saved = ctx.saved_tensors
+        if not op.differentiable_backward and dual(grad_y, *saved):
+            raise ValueError(f"forward AD through {op.name}'s backward (a backward inside a dual level, as in a "
+                             "Hessian-vector product) is not supported: it reads saved statistics that carry no "
+                             "tangent, so the result would be wrong")
         # Under torch.func.vjp the cotangent may be plain while the saved inputs are wrapped.
         options = op.options_for(ctx.options, grad_y, *saved, where="torch.func.grad / vjp")
         grads = op.backward(saved[:n], saved[n], saved[n + 1:], options, grad_y, ctx.needs_input_grad[4:4 + n])
@@ -180,10 +193,18 @@ class PairFunction(torch.autograd.Function):
         # extra batch dimension. Slices get the op's layout fix, as its entry point gives inputs.
         prepare = op.prepare or (lambda t: t)
         dims = in_dims[4:]
-        results = [PairFunction.apply(op, options, keep_for_jvp, n_inputs, *(
-            t if d is None or t is None else prepare(t.select(d, i)) for t, d in zip(tensors, dims)))
-            for i in range(info.batch_size)]
-        outputs = tuple(None if first is None else torch.stack([r[j] for r in results])
+
+        def slice_of(t, d, i):
+            if d is None or t is None:
+                return t
+            if info.batch_size == 0:  # an empty batch: one slice of zeros gives the outputs' shapes
+                return prepare(t.new_zeros(t.shape[:d] + t.shape[d + 1:]))
+            return prepare(t.select(d, i))
+
+        results = [PairFunction.apply(op, options, keep_for_jvp, n_inputs,
+                                      *(slice_of(t, d, i) for t, d in zip(tensors, dims)))
+                   for i in range(max(info.batch_size, 1))]
+        outputs = tuple(None if first is None else torch.stack([r[j] for r in results])[:info.batch_size]
                         for j, first in enumerate(results[0]))
         return outputs, tuple(None if out is None else 0 for out in outputs)
 
@@ -264,14 +285,28 @@ def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
     return tangent
 
 
-def jvp_around_grad() -> bool:
-    """Whether a torch.func.jvp transform wraps a torch.func.grad / vjp one around this call
-    (forward over reverse: the backward is differentiated in forward mode)."""
+def backward_differentiated() -> bool:
+    """Whether the backward of an op called here will itself be differentiated: a torch.func.grad
+    / vjp transform around this call with another grad / vjp, a torch.func.jvp or a dual level
+    outside it (reverse over reverse, forward over reverse)."""
     if retrieve_all_functorch_interpreters is None:
         return False
     levels = [(i.key(), i.level()) for i in retrieve_all_functorch_interpreters()]
     grad = [level for key, level in levels if key == TransformType.Grad]
-    return any(key == TransformType.Jvp and grad and level < max(grad) for key, level in levels)
+    if not grad:
+        return False
+    return (len(grad) > 1 or fwAD._current_level >= 0
+            or any(key == TransformType.Jvp and level < max(grad) for key, level in levels))
+
+
+def vmap_innermost() -> bool:
+    """Whether the innermost torch.func transform around this call is vmap: its batched tensors
+    cannot be unpacked for forward-AD tangents (those of a jvp outside it reach the Function's
+    ``jvp``, which recomputes)."""
+    if retrieve_all_functorch_interpreters is None:
+        return False
+    levels = [(i.level(), i.key()) for i in retrieve_all_functorch_interpreters()]
+    return bool(levels) and max(levels)[1] == TransformType.Vmap
 
 
 def grad_around_jvp() -> bool:
@@ -292,6 +327,8 @@ def forward_ad_tangents(op: PairOp, inputs: Sequence[Tensor | None]) -> tuple[Te
             torch.func.jvp transforms (the op's tangent is computed outside autograd, so it has
             no tangent of its own).
     """
+    if vmap_innermost():
+        return None
     tangents = tuple(None if t is None else absent_if_zero(fwAD.unpack_dual(t).tangent) for t in inputs)
     if all(t is None for t in tangents):
         return None
@@ -329,10 +366,11 @@ def apply_pair(
         raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
                          f"got {len(tangents)} tangents")
     functorch = torch._C._are_functorch_transforms_active()
-    if functorch and not op.forward_ad_of_backward and jvp_around_grad():
-        raise ValueError(f"torch.func.jvp around torch.func.grad / vjp (forward over reverse, as in a "
-                         f"Hessian-vector product) through {op.name} is not supported: its backward reads "
-                         "saved statistics that carry no tangent, so the result would be wrong")
+    if functorch and not op.differentiable_backward and backward_differentiated():
+        raise ValueError(f"differentiating {op.name}'s backward (torch.func.grad of grad, or torch.func.jvp / a dual "
+                         "level around torch.func.grad / vjp, as in a Hessian-vector product) is not supported: "
+                         "its backward reads saved statistics that carry neither graph nor tangent, so the result "
+                         "would be wrong")
     # Forward AD is on only inside a dual level or a torch.func transform: outside both (the
     # training step), one global and one flag instead of an unpack per input.
     found = forward_ad_tangents(op, inputs) if functorch or fwAD._current_level >= 0 else None

@@ -56,12 +56,12 @@ def jvp_linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dW, db), None where not needed: the standard linear backward."""
     dx = torch.matmul(grad_y, weight) if need_x else None
-    g2 = _rows(grad_y)
-    dw = torch.matmul(g2.t(), _rows(x)) if need_weight else None
+    g2 = as_rows(grad_y)
+    dw = torch.matmul(g2.t(), as_rows(x)) if need_weight else None
     db = g2.sum(0) if need_bias else None
     return dx, dw, db
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t (..., D) as (rows, D); unlike reshape(-1, D), also for D = 0."""
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., D) as (rows, D); unlike reshape(-1, D), also for D = 0 or no rows (under vmap too)."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
