@@ -64,3 +64,12 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="MEANFLOW_BACKEND must be one of"):
         resolve_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+def test_interpreter_variable_is_read_as_triton_reads_it(value, expected):
+    """Before any kernel is defined only the variable can tell; Triton takes true / on / yes too."""
+    script = "from meanflow.ops.dispatch import triton_interpreting; print(triton_interpreting())"
+    env = dict(os.environ, TRITON_INTERPRET=value)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == str(expected), done.stderr
