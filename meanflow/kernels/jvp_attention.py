@@ -423,7 +423,7 @@ def _jvp_attention_bwd_dkdv_kernel(
                 delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
             scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm,
                                     stride_mn, scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
-            p = tl.exp2(tl.fma(lse[:, None], -1.4426950408889634, scores))
+            p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
             dv = tl.dot(tl.trans(p.to(q.dtype)), grad_out, dv, input_precision=PRECISION)
             dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -484,7 +484,7 @@ def _jvp_attention_bwd_dq_kernel(
         v_t = _load_tile_t(v_base, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM, EVEN_N)
         scores = _masked_scores(q, k_t, mask_base, offs_m, offs_n, n_queries, n_keys, stride_mm, stride_mn,
                                 scale_log2, IS_CAUSAL, MASK_KIND, MASK_BOOL, PRECISION, EVEN_N)
-        p = tl.exp2(tl.fma(lse[:, None], -1.4426950408889634, scores))
+        p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
         dp = tl.dot(grad_out, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(q.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
