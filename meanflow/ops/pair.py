@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - older or stripped builds
 Tensor = torch.Tensor
 
 
-def dual(*tensors: Tensor | None) -> bool:
+def has_dual_tangent(*tensors: Tensor | None) -> bool:
     """Whether a forward-AD dual level is open and any tensor carries a tangent in it."""
     return fwAD._current_level >= 0 and any(
         t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
@@ -105,7 +105,7 @@ class PairOp:
         """``options``, or the reference's where torch.func wrappers among ``tensors`` would reach
         kernels that need plain tensors, or where ``tensors`` carry forward-AD tangents that the
         kernels would drop (``where``: which pass, for the error)."""
-        if not (self.raw_tensors(options) and (functorch_wrapped(*tensors) or dual(*tensors))):
+        if not (self.raw_tensors(options) and (functorch_wrapped(*tensors) or has_dual_tangent(*tensors))):
             return options
         if self.reference is None:
             raise ValueError(f"{where} over {self.name}'s Triton kernels is not supported (they need plain "
@@ -157,7 +157,8 @@ class PairFunction(torch.autograd.Function):
         ctx.y_dot = tangent_of_y if keep_for_jvp else None
         if ctx.y_dot is None:
             # Tangents apply_pair cannot see reach `jvp`, which recomputes: those of a torch.func.jvp
-            # around a torch.func.grad / vjp that wraps the call (forward over reverse).
+            # around a torch.func.grad / vjp (forward over reverse) or around a vmap (whose batched
+            # tensors are not unpacked) that wraps the call.
             ctx.save_for_forward(*inputs[4:4 + n_inputs])
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
@@ -165,7 +166,7 @@ class PairFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *unused):
         op, n = ctx.op, ctx.n_inputs
         saved = ctx.saved_tensors
-        if not op.differentiable_backward and dual(grad_y, *saved):
+        if not op.differentiable_backward and has_dual_tangent(grad_y, *saved):
             raise ValueError(f"forward AD through {op.name}'s backward (a backward inside a dual level, as in a "
                              "Hessian-vector product) is not supported: it reads saved statistics that carry no "
                              "tangent, so the result would be wrong")
@@ -184,7 +185,6 @@ class PairFunction(torch.autograd.Function):
                                          where="torch.func.jvp around torch.func.grad / vjp")
             _, y_dot, _ = ctx.op.forward(saved, tuple(input_tangents), options)
         return (y_dot, None, *([None] * ctx.n_extras))
-
 
     @staticmethod
     def vmap(info, in_dims, op, options, keep_for_jvp, n_inputs, *tensors):
@@ -273,9 +273,7 @@ def under_transform(*tensors: Tensor) -> bool:
     """Whether a torch.func transform is active, or one of ``tensors`` carries a forward-AD
     tangent (a dual level): where an op whose Function has no jvp or setup_context form must
     run as plain torch ops, which every transform differentiates."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return torch._C._are_functorch_transforms_active() or has_dual_tangent(*tensors)
 
 
 def absent_if_zero(tangent: Tensor | None) -> Tensor | None:
