@@ -5,8 +5,8 @@
 
 Forward: one pass over x̂, x0_fake and x0_teacher. A grid of (blocks, B) programs, each
 reading one BLOCK-wide tile of one sample (one tile, not a loop: see adaptive_weighted_loss),
-writes two float32 partial sums per (sample, block) and, when the gradient is needed, d (in x̂'s
-dtype). The partials are summed by torch in a fixed order: deterministic, no atomics. The op then forms the per-sample denominator
+writes two float32 partial sums per (sample, block) and, when the gradient is needed, d (in
+x̂'s dtype). The partials are summed by torch in a fixed order: deterministic, no atomics. The op then forms the per-sample denominator
 D_b = max(A_b / N, eps), the loss (1/B)·Σ_b ½·S_b / D_b² and the scale 1/(B·D_b).
 
 g = d / D_b needs D_b, known only once the sample is reduced, so the forward stores d and the

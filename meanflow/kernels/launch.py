@@ -1,4 +1,5 @@
-"""Integer helpers for the launchers, the grid rule the kernels share, and how they run (interpreter, autotuning).
+"""Integer helpers for the launchers, the grid rule the kernels share, and how they run
+(interpreter, autotuning).
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects whose calls
 from Python cost about 5 µs each (argument unwrapping for use inside kernels); a launch makes

@@ -36,7 +36,8 @@ def triton_interpreting() -> bool:
     launch = sys.modules.get("meanflow.kernels.launch")
     if launch is not None:
         return launch.interpreting()
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")  # as Triton
+    value = os.environ.get("TRITON_INTERPRET", "0").strip().lower()
+    return value in ("1", "true", "on", "yes", "y")  # the spellings Triton accepts
 
 
 def resolve_backend(device: torch.device) -> str:

@@ -48,8 +48,8 @@ def _backward(inputs, y, extras, options, grad_y, needs_input_grad):
 
 
 # Inputs (x (R, D) with unit last stride, weight (D,) or None); options (eps, backend).
-JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"), prepare=unit_last_stride,
-                      **KERNEL_OP)
+JVP_RMS_NORM = PairOp("jvp_rms_norm", _forward, _backward, input_names=("x", "weight"),
+                      prepare=unit_last_stride, **KERNEL_OP)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,8 +108,9 @@ class PairOp:
         if not (self.raw_tensors(options) and (functorch_wrapped(*tensors) or has_dual_tangent(*tensors))):
             return options
         if self.reference is None:
-            raise ValueError(f"{where} over {self.name}'s Triton kernels is not supported (they need plain "
-                             "tensors): use .backward() or torch.autograd.grad, or MEANFLOW_BACKEND=reference")
+            raise ValueError(f"{where} over {self.name}'s Triton kernels is not supported (they need "
+                             "plain tensors): use .backward() or torch.autograd.grad, or "
+                             "MEANFLOW_BACKEND=reference")
         return self.reference(options)
 
 
@@ -167,12 +168,13 @@ class PairFunction(torch.autograd.Function):
         op, n = ctx.op, ctx.n_inputs
         saved = ctx.saved_tensors
         if not op.differentiable_backward and has_dual_tangent(grad_y, *saved):
-            raise ValueError(f"forward AD through {op.name}'s backward (a backward inside a dual level, as in a "
-                             "Hessian-vector product) is not supported: it reads saved statistics that carry no "
-                             "tangent, so the result would be wrong")
+            raise ValueError(f"forward AD through {op.name}'s backward (a backward inside a dual level, "
+                             "as in a Hessian-vector product) is not supported: it reads saved statistics "
+                             "that carry no tangent, so the result would be wrong")
         # Under torch.func.vjp the cotangent may be plain while the saved inputs are wrapped.
         options = op.options_for(ctx.options, grad_y, *saved, where="torch.func.grad / vjp")
-        grads = op.backward(saved[:n], saved[n], saved[n + 1:], options, grad_y, ctx.needs_input_grad[4:4 + n])
+        grads = op.backward(saved[:n], saved[n], saved[n + 1:], options, grad_y,
+                            ctx.needs_input_grad[4:4 + n])
         return (None, None, None, None, *grads, *([None] * ctx.n_tangent_inputs))
 
     @staticmethod
@@ -365,10 +367,10 @@ def apply_pair(
                          f"got {len(tangents)} tangents")
     functorch = torch._C._are_functorch_transforms_active()
     if functorch and not op.differentiable_backward and backward_differentiated():
-        raise ValueError(f"differentiating {op.name}'s backward (torch.func.grad of grad, or torch.func.jvp / a dual "
-                         "level around torch.func.grad / vjp, as in a Hessian-vector product) is not supported: "
-                         "its backward reads saved statistics that carry neither graph nor tangent, so the result "
-                         "would be wrong")
+        raise ValueError(f"differentiating {op.name}'s backward (torch.func.grad of grad, or "
+                         "torch.func.jvp / a dual level around torch.func.grad / vjp, as in a Hessian-vector "
+                         "product) is not supported: its backward reads saved statistics that carry neither "
+                         "graph nor tangent, so the result would be wrong")
     # Forward AD is on only inside a dual level or a torch.func transform: outside both (the
     # training step), one global and one flag instead of an unpack per input.
     found = forward_ad_tangents(op, inputs) if functorch or fwAD._current_level >= 0 else None
