@@ -161,7 +161,8 @@ def _layer_norm_modulate_bwd_kernel(
     NEEDS_DX: tl.constexpr, NEEDS_DSCALE: tl.constexpr, NEEDS_DSHIFT: tl.constexpr,
     BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Program (p, b) (split_program_id) walks the token blocks p, p + n_programs, ... of batch element b:
+    """Program (p, b) (split_program_id) walks the token blocks p, p + n_programs, ... of batch
+    element b:
     ĝ = g·(1 + s_b),  dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)); and one partial row each of
     dscale_b = Σ_n g·x̂ and dshift_b = Σ_n g."""
     BLOCK_M: tl.constexpr = TILE // BLOCK_D if TILE > BLOCK_D else 1

@@ -24,7 +24,6 @@ no autograd here.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -59,16 +59,21 @@ class AlignmentLoss(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+def _direction(x, f, t, eps):
+    """(g (B, N), D (B,)) in plain torch from (B, N) x̂, x0_fake, x0_teacher in the compute dtype:
+    D_b = max(mean_j |x̂ − x0_teacher|, eps), g = (x0_fake − x0_teacher) / D_b."""
+    denom = (x - t).abs().mean(dim=1).clamp_min(eps)
+    return (f - t) / denom[:, None], denom
+
+
 def _formula(x_hat, x0_fake, x0_teacher, eps):
     """The loss as plain torch ops, with the Function's numerics, for transforms: the value
     (1/B)·Σ½‖g_b‖² plus (x̂ − sg(x̂))·g / B, which is zero and gives x̂ the gradient g / B."""
     dtype = _compute_dtype(x_hat.dtype)
     x, f, t = x_hat.to(dtype), x0_fake.to(dtype), x0_teacher.to(dtype)
-    batch, n_elem = x.shape
-    denom = ((x.detach() - t).abs().sum(1) / n_elem).clamp_min(eps)
-    g = (f - t) / denom[:, None]
+    g, denom = _direction(x.detach(), f, t, eps)
     per_sample = 0.5 * (f - t).square().sum(1) / denom.square()
-    return (per_sample.sum() + ((x - x.detach()) * g).sum()) / batch, per_sample.detach()
+    return (per_sample.sum() + ((x - x.detach()) * g).sum()) / x.shape[0], per_sample.detach()
 
 
 def _check_inputs(x_hat, x0_fake, x0_teacher, eps) -> float:
@@ -138,5 +143,4 @@ def alignment_direction(
     eps = _check_inputs(x_hat, x0_fake, x0_teacher, eps)
     dtype = _compute_dtype(x_hat.dtype)
     x, f, t = (a.detach().to(dtype).reshape(x_hat.shape[0], -1) for a in (x_hat, x0_fake, x0_teacher))
-    denom = (x - t).abs().mean(dim=1, keepdim=True).clamp_min(eps)
-    return ((f - t) / denom).reshape(x_hat.shape)
+    return _direction(x, f, t, eps)[0].reshape(x_hat.shape)

@@ -258,11 +258,18 @@ def refuse_double_backward(op_name: str, *tensors: Tensor | None) -> None:
                          "(backward with create_graph=True reached it)")
 
 
+def transform_levels(kind: str | None = None) -> list[int]:
+    """The levels of the torch.func transforms around this call, of ``kind`` ("Grad", "Jvp",
+    "Vmap": grad and vjp are "Grad") or all; a higher level is further in."""
+    if retrieve_all_functorch_interpreters is None:
+        return []
+    return [i.level() for i in retrieve_all_functorch_interpreters()
+            if kind is None or i.key() == getattr(TransformType, kind)]
+
+
 def nested_jvp_depth() -> int:
     """How many torch.func.jvp transforms are active around this call."""
-    if retrieve_all_functorch_interpreters is None:
-        return 0
-    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
+    return len(transform_levels("Jvp"))
 
 
 def forward_ad_active() -> bool:
@@ -289,33 +296,25 @@ def backward_differentiated() -> bool:
     """Whether the backward of an op called here will itself be differentiated: a torch.func.grad
     / vjp transform around this call with another grad / vjp, a torch.func.jvp or a dual level
     outside it (reverse over reverse, forward over reverse)."""
-    if retrieve_all_functorch_interpreters is None:
-        return False
-    levels = [(i.key(), i.level()) for i in retrieve_all_functorch_interpreters()]
-    grad = [level for key, level in levels if key == TransformType.Grad]
+    grad = transform_levels("Grad")
     if not grad:
         return False
     return (len(grad) > 1 or fwAD._current_level >= 0
-            or any(key == TransformType.Jvp and level < max(grad) for key, level in levels))
+            or any(level < max(grad) for level in transform_levels("Jvp")))
 
 
 def vmap_innermost() -> bool:
     """Whether the innermost torch.func transform around this call is vmap: its batched tensors
     cannot be unpacked for forward-AD tangents (those of a jvp outside it reach the Function's
     ``jvp``, which recomputes)."""
-    if retrieve_all_functorch_interpreters is None:
-        return False
-    levels = [(i.level(), i.key()) for i in retrieve_all_functorch_interpreters()]
-    return bool(levels) and max(levels)[1] == TransformType.Vmap
+    vmap = transform_levels("Vmap")
+    return bool(vmap) and max(vmap) == max(transform_levels())
 
 
 def grad_around_jvp() -> bool:
     """Whether a torch.func.grad / vjp transform wraps a torch.func.jvp one around this call."""
-    if retrieve_all_functorch_interpreters is None:
-        return False
-    levels = [(i.key(), i.level()) for i in retrieve_all_functorch_interpreters()]
-    jvp = [level for key, level in levels if key == TransformType.Jvp]
-    return any(key == TransformType.Grad and jvp and level < max(jvp) for key, level in levels)
+    jvp = transform_levels("Jvp")
+    return bool(jvp) and any(level < max(jvp) for level in transform_levels("Grad"))
 
 
 def forward_ad_tangents(op: PairOp, inputs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...] | None:
