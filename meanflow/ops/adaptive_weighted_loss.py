@@ -58,6 +58,11 @@ class AdaptiveWeightedLoss(torch.autograd.Function):
         return grad_u, None, None, None, None, None, None
 
 
+# The Function as Python runs it, never traced by Dynamo (under torch.compile the formula runs
+# instead, ``under_transform``; after a graph break the frames below would be compiled one by one).
+_apply_untraced = torch.compiler.disable(AdaptiveWeightedLoss.apply)
+
+
 def _formula(u, u_tgt, weights, p, c):
     """The loss as plain torch ops, with the Function's numerics (compute dtype), for transforms."""
     dtype = _compute_dtype(u.dtype)
@@ -116,4 +121,4 @@ def adaptive_weighted_loss(
     if under_transform(u):
         return _formula(u2, u_tgt2, weights, float(p), float(c))
     need_grad = torch.is_grad_enabled() and u.requires_grad
-    return AdaptiveWeightedLoss.apply(u2, u_tgt2, weights, float(p), float(c), backend, need_grad)
+    return _apply_untraced(u2, u_tgt2, weights, float(p), float(c), backend, need_grad)

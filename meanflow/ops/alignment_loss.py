@@ -66,6 +66,11 @@ def _direction(x, f, t, eps):
     return (f - t) / denom[:, None], denom
 
 
+# The Function as Python runs it, never traced by Dynamo (under torch.compile the formula runs
+# instead, ``under_transform``; after a graph break the frames below would be compiled one by one).
+_apply_untraced = torch.compiler.disable(AlignmentLoss.apply)
+
+
 def _formula(x_hat, x0_fake, x0_teacher, eps):
     """The loss as plain torch ops, with the Function's numerics, for transforms: the value
     (1/B)·Σ½‖g_b‖² plus (x̂ − sg(x̂))·g / B, which is zero and gives x̂ the gradient g / B."""
@@ -126,7 +131,7 @@ def alignment_loss(
     if under_transform(x_hat):
         return _formula(x2, f2, t2, float(eps))
     need_grad = torch.is_grad_enabled() and x_hat.requires_grad
-    return AlignmentLoss.apply(x2, f2, t2, float(eps), backend, need_grad)
+    return _apply_untraced(x2, f2, t2, float(eps), backend, need_grad)
 
 
 def alignment_direction(
