@@ -33,7 +33,9 @@ runs again with every tangent None: a primal-only pass. Both passes record exact
 sequence of differentiable ops (the tangent work happens inside the fused ops' forward, or on
 tensors that do not require grad, so it saves nothing), which is what checkpoint's
 saved-tensor check verifies. Cost: one pair forward plus one primal recompute per block, the
-same as a plain checkpointed step plus the tangent.
+same as a plain checkpointed step plus the tangent. Under ``torch.compile`` (which allows no
+side channel inside a checkpoint) the block returns its tangents, and the compiled backward
+recomputes the whole pair pass: the tangent is computed twice per block there.
 
 **The teacher** (:class:`FluxTeacher`) is frozen and evaluated under ``torch.no_grad``; it
 uses the same top-level forward (and fp32 time path) as the student, so the two agree exactly
@@ -555,6 +557,13 @@ def _checkpointed(block_fn: Callable, h, h_dot, c, c_dot, s, s_dot, rope, mask, 
     calls record the same differentiable ops (tangents live inside the fused ops or on tensors
     that do not require grad), so checkpoint's saved-tensor check passes.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo's checkpoint allows no side channel: the block returns its tangents too, and the
+        # compiled backward recomputes its whole pair pass (each fused op gives y and ẏ at once).
+        def pair(h_, c_, s_):
+            return block_fn(h_, h_dot, c_, c_dot, s_, s_dot, rope, mask, dtype)
+
+        return checkpoint(pair, h, c, s, use_reentrant=False, preserve_rng_state=False)
     tangents: list = []
 
     def run(h_, c_, s_):

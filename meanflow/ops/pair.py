@@ -265,7 +265,8 @@ def refuse_double_backward(op_name: str, *tensors: Tensor | None) -> None:
 def transform_levels(kind: str | None = None) -> list[int]:
     """The levels of the torch.func transforms around this call, of ``kind`` ("Grad", "Jvp",
     "Vmap": grad and vjp are "Grad") or all; a higher level is further in."""
-    if retrieve_all_functorch_interpreters is None:
+    # The flag first: it is cheap, and torch.compile can trace it (not the interpreter stack).
+    if retrieve_all_functorch_interpreters is None or not torch._C._are_functorch_transforms_active():
         return []
     return [i.level() for i in retrieve_all_functorch_interpreters()
             if kind is None or i.key() == getattr(TransformType, kind)]

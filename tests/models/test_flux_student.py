@@ -385,6 +385,35 @@ def test_func_jvp_through_the_student_skips_checkpointing_with_a_warning():
         assert torch.equal(actual[name], expected[name]), name
 
 
+@pytest.mark.parametrize("backend, checkpointing", [("reference", False), ("reference", True),
+                                                    triton_param(True)], indirect=["backend"])
+def test_the_meanflow_step_compiles_as_one_graph(backend, checkpointing):
+    """torch.compile(fullgraph=True) of a pair-mode MeanFlow loss (the fused ops are opaque
+    custom ops; a checkpointed block returns its tangents there) and of the plain forward: eager's
+    loss and gradients."""
+    import torch._dynamo
+
+    student = _student(_stock("guided", torch.float32), random_delta=True)
+    student.gradient_checkpointing = checkpointing
+    z, r, t, cond, v, _ = _inputs("guided", torch.float32)
+
+    def meanflow_loss(z, r, t, v):
+        u, u_dot = student.forward_with_tangent(z, r, t, cond, z_dot=v, r_dot=None, t_dot=1.0)
+        return _meanflow_loss(u, u_dot, v, r, t)
+
+    def flow_matching_loss(z, r, t, v):
+        return ((student(z, r, t, cond) - v) ** 2).mean()
+
+    for loss in (meanflow_loss, flow_matching_loss):
+        expected = loss(z, r, t, v)
+        expected_grads = _grads(student, expected)
+        torch._dynamo.reset()
+        got = torch.compile(loss, backend="aot_eager", fullgraph=True)(z, r, t, v)
+        torch.testing.assert_close(got, expected)
+        for name, grad in _grads(student, got).items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_plain_forward_checkpointing():
     """student(...) checkpoints diffusers' blocks too (flow-matching steps, the teacher-free
     discrete targets): the same gradients."""
