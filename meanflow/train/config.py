@@ -153,6 +153,10 @@ class ModelConfig:
         student_lora_alpha: their scale numerator α (update × α/r); default None = r.
         fake_lora_rank, fake_lora_alpha: the same for the fake velocity network of alignment
             (default 0: a full float32 copy of the teacher, trained).
+        compile: None (default: eager) or a ``torch.compile`` backend (``"inductor"``, or any
+            name ``torch._dynamo.list_backends`` knows) for the training step's forwards: the
+            student's pair mode and plain forward, the teacher's velocity, the fake network.
+            The modules themselves, their state and checkpoints are unchanged. One process only.
     """
 
     kind: str = "digits"
@@ -165,9 +169,14 @@ class ModelConfig:
     student_lora_alpha: float | None = None
     fake_lora_rank: int = 0
     fake_lora_alpha: float | None = None
+    compile: str | None = None
 
     def __post_init__(self):
         _one_of(self, "kind", ("digits", "flux"))
+        if self.compile is not None:
+            import torch._dynamo
+
+            _one_of(self, "compile", tuple(torch._dynamo.list_backends(exclude_tags=())))
         _int_at_least(self, "resolution", 16)
         for who in ("student", "fake"):
             _int_at_least(self, f"{who}_lora_rank", 0)

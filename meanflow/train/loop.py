@@ -142,7 +142,13 @@ class Distiller:
             self.fake_optimizer = torch.optim.AdamW([p for p in self.fake.parameters() if p.requires_grad],
                                                     lr=o.fake_lr, betas=tuple(o.betas))
         self.schedule = WarmupSchedule(config.method.schedule)
-        self.guided = GuidedTeacher(teacher.velocity, config.method.guidance)
+        # The step's forwards, compiled with model.compile; the modules stay as they are (EMA,
+        # sampling and checkpoints use them directly). Each looks its model up at every call.
+        compiled = _compiler(config.model.compile, ranks)
+        self.student_forward = compiled(lambda *args: self.student(*args))
+        self.student_pair = compiled(lambda *args: self.student.forward_with_tangent(*args))
+        self.fake_forward = compiled(lambda *args: self.fake(*args))
+        self.guided = GuidedTeacher(compiled(lambda *args: self.world.teacher.velocity(*args)), config.method.guidance)
         self._uncond_cache: dict = {}
         self.step_index = 0           # the next step to run
         self.nonfinite_in_a_row = 0
@@ -211,7 +217,7 @@ class Distiller:
 
         def student_no_grad(z_, r_, t_, c_=cond):
             with torch.no_grad():
-                return self.student(z_, r_, t_, c_)
+                return self.student_forward(z_, r_, t_, c_)
 
         v = v_teacher = teacher_v(z, t)
         if self.guided.config.mixing:  # the student's own r = t predictions, given c and given ∅
@@ -220,7 +226,7 @@ class Distiller:
         with self.autocast():
             target = u = None
             if objective.needs_differential:
-                u, du_dt = self.student.forward_with_tangent(z, r, t, cond, v, None, 1.0)
+                u, du_dt = self.student_pair(z, r, t, cond, v, None, 1.0)
                 target = differential_target(v, r, t, du_dt.to(v.dtype))
             if objective.needs_discrete:
                 discrete = discrete_target(replace(m.target, kind=objective.discrete_kind), z=z, r=r, t=t, v=v,
@@ -228,7 +234,7 @@ class Distiller:
                                            generator=rows, teacher_v=v_teacher)
                 if target is None:
                     target = discrete
-                    u = self.student(z, r, t, cond)
+                    u = self.student_forward(z, r, t, cond)
                 else:  # per-sample mixing in phase B
                     differential = objective.mask(batch, generator=rows).to(self.device)
                     target = torch.where(differential[:, None, None], target, discrete)
@@ -237,8 +243,8 @@ class Distiller:
             alignment = None
             if objective.alignment and self.fake is not None:
                 alignment = trajectory_alignment(
-                    lambda z_, r_, t_, c_: self.student(z_, r_, t_, c_), teacher_v,
-                    lambda x_, t_, c_: self.fake(x_, t_, c_),
+                    lambda z_, r_, t_, c_: self.student_forward(z_, r_, t_, c_), teacher_v,
+                    lambda x_, t_, c_: self.fake_forward(x_, t_, c_),
                     draws.randn((batch, *self.world.latent_shape), rows, device=self.device),
                     m.alignment, cond=cond, generator=rows, grid=self.alignment_grid())
                 total = total + m.alignment.weight * alignment.loss.float()
@@ -266,7 +272,7 @@ class Distiller:
         if alignment is not None and finite:
             for _ in range(m.alignment.fake_updates_per_student_step):
                 with self.autocast():
-                    loss_fake = fake_flow_matching_loss(lambda x_, t_, c_: self.fake(x_, t_, c_), alignment.x_hat,
+                    loss_fake = fake_flow_matching_loss(lambda x_, t_, c_: self.fake_forward(x_, t_, c_), alignment.x_hat,
                                                         m.alignment, cond=cond, generator=rows)
                 self.fake_optimizer.zero_grad(set_to_none=True)
                 loss_fake.backward()
@@ -388,6 +394,15 @@ def make_fake(transformer: torch.nn.Module, home: torch.device, config: TrainCon
     else:
         fake.requires_grad_(True)
     return fake.train()
+
+
+def _compiler(backend: str | None, ranks: Ranks):
+    """model.compile: ``torch.compile`` with that backend, or the callable as it is."""
+    if backend is None:
+        return lambda fn: fn
+    if ranks.sharded:
+        raise ConfigError("model.compile", "is not supported with several ranks (FSDP2) yet: leave it unset")
+    return lambda fn: torch.compile(fn, backend=backend)
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -171,3 +171,30 @@ def test_student_lora_trains_the_adapters_and_the_delta_embedder(world, tmp_path
     assert moved and moved <= trained and any("lora_down" in n for n in moved)
     with pytest.raises(ConfigError, match=r"^model\.student_lora_rank: .*exceeds"):
         _distiller(world, tmp_path, "model.student_lora_rank=100000")
+
+
+def test_compiled_steps_match_eager_ones(world, tmp_path):
+    """model.compile: the step's forwards through torch.compile (phases A, B and C: the discrete,
+    differential and alignment paths) give eager's losses and weights; the student module itself
+    is not replaced (EMA, sampling and checkpoints use it)."""
+    eager = _distiller(world, tmp_path / "eager")
+    compiled = _distiller(world, tmp_path / "compiled", "model.compile=aot_eager")
+    assert compiled.student_forward is not compiled.student
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(4):
+        want, got = eager.step(), compiled.step()
+        assert got.phase == want.phase
+        for field in ("loss", "meanflow", "align", "fake", "grad_norm"):
+            assert got.__dict__[field] == pytest.approx(want.__dict__[field], rel=1e-5, nan_ok=True), field
+    # The student's two forwards, the teacher's velocity and the fake network, each one graph.
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]
+    for (name, a), b in zip(eager.student.state_dict().items(), compiled.student.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compile_backend_is_checked(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.compile"):
+        _distiller(world, tmp_path, "model.compile=no_such_backend")
