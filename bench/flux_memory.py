@@ -18,6 +18,10 @@ trainer runs one process; B=2; MEANFLOW_BACKEND as set, default auto):
 - ``two_pass``: the common workaround: the JVP under ``no_grad``, then a second forward with grad;
 - ``two_pass_fused``: the same with the best attention kernel for its JVP pass (``jvp_attention``
   through ``enable_jvp_attention``) and the stock SDPA for the forward with grad;
+- ``pair_compiled``: ``pair`` with the step's forward and loss through ``torch.compile``
+  (``fullgraph=True``, ``--compile-backend``, default inductor); compiled by one unmeasured step
+  first (its time is the result's ``compile_s``, printed to stderr). On the CPU its memory is
+  not measured: the peak RSS only grows, and the compiling step has already set it;
 - ``*+ckpt``: the same with per-block activation checkpointing (``jvp+ckpt`` raises
   ``CheckpointError`` in PyTorch; reported as such).
 
@@ -47,7 +51,7 @@ import sys
 import time
 
 MODES = ["plain", "pair", "jvp", "two_pass", "two_pass_fused", "plain+ckpt", "pair+ckpt", "two_pass+ckpt",
-         "jvp+ckpt"]
+         "jvp+ckpt", "pair_compiled", "pair_compiled+ckpt"]
 
 
 def _rope_axes(head_dim: int) -> list[int]:
@@ -99,7 +103,7 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
     ones = torch.ones_like(t)
 
     base, ckpt = mode.split("+")[0], mode.endswith("+ckpt")
-    if base == "pair":
+    if base in ("pair", "pair_compiled"):
         model = FluxStudent.from_transformer(transformer)
         model.gradient_checkpointing = ckpt
     else:
@@ -136,12 +140,18 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def pair_loss():
+        u, u_dot = model.forward_with_tangent(z, r, t, cond, v, None, ones)
+        return meanflow_loss(u, u_dot)
+
+    if base == "pair_compiled":
+        pair_loss = torch.compile(pair_loss, backend=args.compile_backend, fullgraph=True)
+
     def step_loss():
         if base == "plain":
             loss = ((stock_with_grad(z, t) - v) ** 2).mean()
-        elif base == "pair":
-            u, u_dot = model.forward_with_tangent(z, r, t, cond, v, None, ones)
-            loss = meanflow_loss(u, u_dot)
+        elif base in ("pair", "pair_compiled"):
+            loss = pair_loss()
         elif base == "jvp":
             with sdpa_kernel(SDPBackend.MATH):
                 u, u_dot = torch.func.jvp(stock, (z, t), (v, ones))
@@ -157,9 +167,17 @@ def run_one(mode: str, grads_columns: list[str], args) -> dict:
         return loss
 
     params = [p for p in model.parameters() if p.requires_grad]
-    param_mib = sum(p.numel() * p.element_size() for p in params) / 2**20
-    return {grads: measure(step, params, grads, device, args.repeat) | {"param_mib": param_mib}
-            for grads in grads_columns}
+    extra = {"param_mib": sum(p.numel() * p.element_size() for p in params) / 2**20}
+    if base == "pair_compiled":  # compile outside the measured steps
+        start = time.perf_counter()
+        step()
+        extra["compile_s"] = round(time.perf_counter() - start, 1)
+    results = {grads: measure(step, params, grads, device, args.repeat) | extra for grads in grads_columns}
+    if base == "pair_compiled" and device.type == "cpu":
+        for res in results.values():  # the peak RSS only grows: the compiling step already set it
+            if "mib" in res:
+                res["mib"] = None
+    return results
 
 
 def _describe(error: Exception) -> str:
@@ -223,6 +241,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of pair_compiled")
     parser.add_argument("--allocator", choices=("both", "mmap", "default"), default="both")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS_COLUMNS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -281,6 +300,8 @@ def main(argv=None) -> None:
             res, ref = results[mode, key], results.get(("plain", key), {}).get("mib")
             if "error" in res:
                 cells += [res["error"], ""]
+            elif res["mib"] is None:
+                cells += ["n/a (compiled in this process)", ""]
             else:
                 cells += [f"{res['mib']:.1f}", f"{res['mib'] / ref:.2f}x" if ref else ""]
         timed = results[mode, keys[-1]]

@@ -15,11 +15,14 @@
 #    then STEPS=bench (at most 4.5 min);
 # 5. times a MeanFlow step on a FLUX-width stack (bench/flux_memory.py; needs diffusers, which
 #    the GPU image lacks: carry its wheel in .whl/);
-# 6. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
+# 6. opt-in (STEPS=...,compile; its own call, at most COMPILE_LIMIT_S): the same FLUX-width
+#    step in pair mode eager beside torch.compile (inductor), checkpointed or not;
+# 7. prints the markdown table of bench/summary.py last (also in $OUT/summary.md).
 #
 # Environment: OUT (default ./out), PYTHON (default python3), TESTS_LIMIT_S (default 180),
 # BENCH_LIMIT_S (default 270), FLUX_LIMIT_S (default 150), MEANFLOW_BENCH_N (sequence lengths, default 1024,4608,16384),
-# STEPS (which of tests,bench,flux to run; default all three).
+# COMPILE_LIMIT_S (default 240), STEPS (which of tests,bench,flux,compile to run; default the first
+# three).
 # Exit status: non-zero if the import check, the GPU tests or the benchmarks failed (the
 # benchmarks and the table still run after failing tests).
 set -euo pipefail
@@ -186,6 +189,16 @@ EOF
         else
             echo "diffusers' FluxTransformer2DModel not importable: carry diffusers' wheel (and its missing dependencies) in .whl/"
         fi
+    fi
+
+    if [[ $steps == *,compile,* ]]; then
+        section "FLUX-width stack: the pair-mode step eager and under torch.compile"
+        local compile_rc=0
+        run_capped "${COMPILE_LIMIT_S:-240}" "$OUT/flux_compiled.md" \
+            "$PY" bench/flux_memory.py --device cuda --autocast bfloat16 --hidden 3072 --head-dim 128 \
+            --double 1 --single 1 --image-tokens 4096 --text-tokens 512 --batch 1 --repeat 3 \
+            --modes plain,pair,pair_compiled,pair+ckpt,pair_compiled+ckpt || compile_rc=$?
+        [[ $compile_rc == 0 ]] || { echo "compiled step: FAILED or timed out ($compile_rc)"; status=1; }
     fi
 
     section "summary"
