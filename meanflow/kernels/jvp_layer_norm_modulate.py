@@ -10,8 +10,8 @@ with s = scale, h = shift (per batch element, broadcast over the tokens). Each p
 normalizes a (BLOCK_M, BLOCK_D) tile of whole rows (BLOCK_D the next power of two >= D,
 masked past D; BLOCK_M = TILE // BLOCK_D, at least one), so the statistics come from registers
 and every element is read once and written once. The variance is the centred two-pass form
-(mean first, then mean((x − μ)²)) on the row held in registers. The primal-only and tangent
-variants are one kernel with constexpr flags (HAS_X_DOT, HAS_SCALE_DOT, HAS_SHIFT_DOT).
+(the mean first, shifted by the row's first element, then mean((x − μ)²)) on the row held in
+registers. The primal-only and tangent variants are one kernel with constexpr flags (HAS_X_DOT, HAS_SCALE_DOT, HAS_SHIFT_DOT).
 
 Backward, from x, scale and the output gradient g (nothing saved but the inputs):
 
@@ -42,6 +42,15 @@ def _load_per_batch(ptr, batch, stride_b, cols, mask):
     return tl.load(ptr + batch[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _centre(x, first, mask, n_cols):
+    """x − mean(x) per row (zero outside ``mask``), the mean taken as x₀ + mean(x − x₀) with x₀
+    the row's first element (``first``, (BLOCK_M,)): as the reference's ``shifted_mean``, so
+    a constant row centres to exactly 0 and the sum rounds at the row's spread."""
+    mean = first + tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / n_cols
+    return tl.where(mask, x - mean[:, None], 0.0)
+
+
 @triton.autotune(configs=row_configs(), key=["BLOCK_D", "HAS_X_DOT", "HAS_SCALE_DOT", "HAS_SHIFT_DOT"],
                  prune_configs_by={"early_config_prune": row_pruner})
 @triton.jit
@@ -70,8 +79,8 @@ def _jvp_layer_norm_modulate_kernel(
         x_dot = tl.load(x_dot_rows + cols[None, :], mask=mask, other=0.0)
 
     x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / n_cols
-    centred = tl.where(mask, x - mean[:, None], 0.0)
+    first = tl.load(X + batch * stride_x_b + token * stride_x_n, mask=rows < n_rows, other=0.0)
+    centred = _centre(x, first.to(tl.float32), mask, n_cols)
     if HAS_X_DOT:
         # The tangent's sums share the variance's reduction (one round across the warps, not
         # three): mean(x̂·ẋ) = rstd·mean((x − μ)·ẋ).
@@ -179,8 +188,8 @@ def _layer_norm_modulate_bwd_kernel(
         g = tl.load(G + b * stride_g_b + tokens[:, None] * stride_g_n + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         g = g.to(tl.float32)
-        mean = tl.sum(x, axis=1) / n_cols
-        centred = tl.where(mask, x - mean[:, None], 0.0)
+        first = tl.load(X + b * stride_x_b + tokens * stride_x_n, mask=tokens < n_tokens, other=0.0)
+        centred = _centre(x, first.to(tl.float32), mask, n_cols)
         if NEEDS_DX:
             # One reduction round for the variance and dx's two sums (as in the forward).
             g_hat = g * gain

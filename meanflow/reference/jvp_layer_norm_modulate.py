@@ -23,10 +23,19 @@ def output_dtype(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     return torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
 
 
+def shifted_mean(x: torch.Tensor) -> torch.Tensor:
+    """mean(x) over the last dim as x₀ + mean(x − x₀), x₀ the row's first element (keepdim): the
+    sum then rounds at the row's spread, not its offset, and a constant row's mean is exactly
+    its value, so it normalizes to exactly 0 (a plain mean left c·1e-7-sized residuals that
+    1/sqrt(eps) amplified to c·1e-4). The kernels compute it the same way."""
+    first = x[..., :1].detach()  # the identity holds for any shift: no gradient needed through it
+    return first + (x - first).mean(-1, keepdim=True)
+
+
 def _normalize(x: torch.Tensor, eps: float, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂, 1/σ) in the compute dtype."""
     xf = x.to(ct)
-    centered = xf - xf.mean(-1, keepdim=True)
+    centered = xf - shifted_mean(xf)
     rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
     return centered * rstd, rstd
 

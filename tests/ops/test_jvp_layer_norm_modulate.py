@@ -358,3 +358,27 @@ def test_gpu_against_float64(monkeypatch, shape_name, dtype):
         print(f"GPU-ERR layer_norm_modulate {shape_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
               f"ratio {err / base_err:.2f}")
         assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+
+
+def test_constant_and_offset_rows_normalize_exactly(backend):
+    """A constant row normalizes to exactly 0 (y = shift, ẏ = ẋ's part 0), as F.layer_norm gives:
+    the mean is taken as x₀ + mean(x − x₀). A plain mean rounded to c + δ, and 1/sqrt(eps)
+    turned δ into c·7e-5. A row with a large offset keeps float32's accuracy at its spread."""
+    scale, shift = torch.randn(2, 40), torch.randn(2, 40)
+    x = torch.full((2, 3, 40), 3.7)
+    x[1] = -1234.5678
+    y, y_dot = jvp_layer_norm_modulate_pair(x, torch.zeros_like(x), scale, None, shift, None)
+    assert torch.equal(y, shift[:, None, :].expand_as(y))
+    assert not y_dot.any()
+    x.requires_grad_()
+    grad_y = torch.randn(2, 3, 40)
+    jvp_layer_norm_modulate(x, scale, shift).backward(grad_y)
+    expected = torch.func.vjp(lambda a: F.layer_norm(a, (40,), eps=1e-6), x.detach().double())[1](
+        (grad_y * (1 + scale[:, None, :])).double())[0]
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-4)  # |dx| ~ 1/sqrt(eps) = 1e3
+
+    offset = 1000.0 + 1e-2 * torch.randn(2, 3, 40)
+    y = jvp_layer_norm_modulate(offset, scale, shift)
+    exact = F.layer_norm(offset.double(), (40,), eps=1e-6) * (1 + scale[:, None].double()) \
+        + shift[:, None].double()
+    assert (y.double() - exact).abs().max() < 2e-2  # x − μ carries float32's rounding of 1000 (6e-5), /σ = 1e-2
