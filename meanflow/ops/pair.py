@@ -371,10 +371,13 @@ def apply_pair(
     if tangents is not None and len(tangents) != len(inputs):
         raise ValueError(f"{op.name} takes one tangent (or None) per input: {len(inputs)} inputs, "
                          f"got {len(tangents)} tangents")
-    if (torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-            and fwAD._current_level < 0):
+    if torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
+            return _apply_untraced(op, inputs, tangents, options)  # forward AD: a graph break
         # Dynamo traces neither the Function (it defines jvp) nor the Triton launchers.
         return pair_compile.apply_compiled(op, inputs, tangents or (None,) * len(inputs), options)
+    if dynamo_callback() is None:  # no compiled code around this call (the common case): 1 µs less
+        return _apply(op, inputs, tangents, options)
     return _apply_untraced(op, inputs, tangents, options)
 
 
@@ -413,10 +416,17 @@ def _apply(op: PairOp, inputs, tangents, options: tuple) -> tuple[Tensor, Tensor
     return y, y_dot
 
 
-# ``_apply`` as Python runs it, never traced by Dynamo: where torch.compile meets forward AD
-# (which it cannot trace through a Function) the graph breaks around the call, and the frames
-# below it (the Function, the launchers) are not compiled one by one either. 0.4 µs a call.
+# ``_apply`` as Python runs it, never traced by Dynamo, for calls inside compiled code: where
+# torch.compile meets forward AD (which it cannot trace through a Function) the graph breaks
+# around the call, and the frames below it (the Function, the launchers) are not compiled one by
+# one either.
 _apply_untraced = torch.compiler.disable(_apply)
+
+try:  # Dynamo's frame hook: None unless compiled code (or its eager remainder) is running
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as dynamo_callback
+except ImportError:  # pragma: no cover - builds without Dynamo's hook: always the untraced route
+    def dynamo_callback():
+        return True
 
 
 def needs_autograd(inputs: Sequence[Tensor | None]) -> bool:
