@@ -241,7 +241,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="timed steps after the measured one")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of pair_compiled")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of pair_compiled")
     parser.add_argument("--allocator", choices=("both", "mmap", "default"), default="both")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "GRADS_COLUMNS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,7 +11,8 @@ normalizes a (BLOCK_M, BLOCK_D) tile of whole rows (BLOCK_D the next power of tw
 masked past D; BLOCK_M = TILE // BLOCK_D, at least one), so the statistics come from registers
 and every element is read once and written once. The variance is the centred two-pass form
 (the mean first, shifted by the row's first element, then mean((x − μ)²)) on the row held in
-registers. The primal-only and tangent variants are one kernel with constexpr flags (HAS_X_DOT, HAS_SCALE_DOT, HAS_SHIFT_DOT).
+registers. The primal-only and tangent variants are one kernel with constexpr flags
+(HAS_X_DOT, HAS_SCALE_DOT, HAS_SHIFT_DOT).
 
 Backward, from x, scale and the output gradient g (nothing saved but the inputs):
 

@@ -3,9 +3,11 @@
 Dynamo cannot trace an ``autograd.Function`` that defines ``jvp``, nor the Triton launchers
 behind it, so while compiling ``apply_pair`` calls two ``torch.library`` custom ops instead:
 
-- ``meanflow::pair_forward(name, options, inputs, tangents) -> [y, y_dot, *extras]``: the op's
-  fused pass (``PairOp.forward``). Its fake implementation is the op's plain-torch reference on
-  fake tensors, so shapes and dtypes come from the same code that is the test oracle;
+- ``meanflow::pair_forward(name, options, tensors, present) -> [y, y_dot, *extras]``: the op's
+  fused pass (``PairOp.forward``) over its inputs and tangents, the absent ones left out of
+  ``tensors`` and marked in ``present``. Its fake implementation is the op's plain-torch
+  reference on fake tensors (``PairOp.reference``; the op's own pass where it has none), so
+  shapes and dtypes come from the same code that is the test oracle;
 - ``meanflow::pair_backward(name, options, inputs, y, extras, grad_y, needs) -> grads``: the
   op's backward, one gradient per input that needs one, registered as the forward's autograd
   formula.
@@ -91,7 +93,10 @@ def pair_forward(name: str, options: str, tensors: list[Tensor], present: list[b
 def _pair_forward_fake(name, options, tensors, present):
     op = _OPS[name]
     inputs, tangents = _split(_unpack(tensors, present))
-    y, y_dot, extras = op.forward(inputs, tangents, op.reference(decode_options(options)))
+    options = decode_options(options)
+    if op.reference is not None:
+        options = op.reference(options)
+    y, y_dot, extras = op.forward(inputs, tangents, options)
     return [t.clone(memory_format=torch.contiguous_format) for t in _outputs(y, y_dot, extras)]
 
 
@@ -104,7 +109,8 @@ def _split(tensors: tuple) -> tuple[tuple, tuple]:
 def pair_backward(name: str, options: str, inputs: list[Optional[Tensor]], y: Optional[Tensor],
                   extras: list[Tensor], grad_y: Tensor, needs: list[bool]) -> list[Tensor]:
     """The gradients of the op ``name``'s inputs, one per input whose ``needs`` is True."""
-    grads = _OPS[name].backward(tuple(inputs), y, tuple(extras), decode_options(options), grad_y, tuple(needs))
+    op = _OPS[name]
+    grads = op.backward(tuple(inputs), y, tuple(extras), decode_options(options), grad_y, tuple(needs))
     return [_fresh(torch.zeros_like(x) if g is None else g, [*inputs, y, *extras, grad_y])
             for x, g, need in zip(inputs, grads, needs) if need]
 

@@ -92,6 +92,9 @@ class Distiller:
         self.config = config
         self.ranks = ranks = ranks or Ranks.single()
         check_batch_split(config.data.batch_size, ranks.size)
+        if config.model.compile is not None and ranks.sharded:  # before anything is written
+            raise ConfigError("model.compile", "is not supported with several ranks (FSDP2) yet: "
+                                               "leave it unset")
         torch.manual_seed(config.run.seed)
         self.world = world if world is not None else _make_world(config, ranks, device)
         if config.method.guidance.mode == "embedded" and not getattr(
@@ -144,11 +147,12 @@ class Distiller:
         self.schedule = WarmupSchedule(config.method.schedule)
         # The step's forwards, compiled with model.compile; the modules stay as they are (EMA,
         # sampling and checkpoints use them directly). Each looks its model up at every call.
-        compiled = _compiler(config.model.compile, ranks)
+        compiled = _compiler(config.model.compile)
         self.student_forward = compiled(lambda *args: self.student(*args))
         self.student_pair = compiled(lambda *args: self.student.forward_with_tangent(*args))
         self.fake_forward = compiled(lambda *args: self.fake(*args))
-        self.guided = GuidedTeacher(compiled(lambda *args: self.world.teacher.velocity(*args)), config.method.guidance)
+        self.guided = GuidedTeacher(compiled(lambda *args: self.world.teacher.velocity(*args)),
+                                    config.method.guidance)
         self._uncond_cache: dict = {}
         self.step_index = 0           # the next step to run
         self.nonfinite_in_a_row = 0
@@ -272,8 +276,8 @@ class Distiller:
         if alignment is not None and finite:
             for _ in range(m.alignment.fake_updates_per_student_step):
                 with self.autocast():
-                    loss_fake = fake_flow_matching_loss(lambda x_, t_, c_: self.fake_forward(x_, t_, c_), alignment.x_hat,
-                                                        m.alignment, cond=cond, generator=rows)
+                    loss_fake = fake_flow_matching_loss(self.fake_forward, alignment.x_hat, m.alignment,
+                                                        cond=cond, generator=rows)
                 self.fake_optimizer.zero_grad(set_to_none=True)
                 loss_fake.backward()
                 _clip_grad_norm(self.fake, cfg.optim.grad_clip)
@@ -396,12 +400,10 @@ def make_fake(transformer: torch.nn.Module, home: torch.device, config: TrainCon
     return fake.train()
 
 
-def _compiler(backend: str | None, ranks: Ranks):
+def _compiler(backend: str | None):
     """model.compile: ``torch.compile`` with that backend, or the callable as it is."""
     if backend is None:
         return lambda fn: fn
-    if ranks.sharded:
-        raise ConfigError("model.compile", "is not supported with several ranks (FSDP2) yet: leave it unset")
     return lambda fn: torch.compile(fn, backend=backend)
 
 

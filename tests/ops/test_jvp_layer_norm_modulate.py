@@ -381,4 +381,5 @@ def test_constant_and_offset_rows_normalize_exactly(backend):
     y = jvp_layer_norm_modulate(offset, scale, shift)
     exact = F.layer_norm(offset.double(), (40,), eps=1e-6) * (1 + scale[:, None].double()) \
         + shift[:, None].double()
-    assert (y.double() - exact).abs().max() < 2e-2  # x − μ carries float32's rounding of 1000 (6e-5), /σ = 1e-2
+    # x − μ carries float32's rounding of 1000 (6e-5), divided by σ = 1e-2
+    assert (y.double() - exact).abs().max() < 2e-2

@@ -34,7 +34,8 @@ def _cases():
                    [x, randn(7, 12), randn(7)], [randn(2, 5, 12), randn(7, 12), randn(7)]),
         "rms_norm": (lambda p, t: ops.jvp_rms_norm_pair(p[0], t[0], p[1], 1e-6, t[1]),
                      [x, randn(12)], [randn(2, 5, 12), randn(12)]),
-        "layer_norm_modulate": (lambda p, t: ops.jvp_layer_norm_modulate_pair(p[0], t[0], p[1], t[1], p[2], t[2]),
+        "layer_norm_modulate": (lambda p, t: ops.jvp_layer_norm_modulate_pair(p[0], t[0], p[1], t[1],
+                                                                              p[2], t[2]),
                                 [x, mod, randn(2, 12)], [randn(2, 5, 12), randn(2, 12), randn(2, 12)]),
         "silu": (lambda p, t: ops.jvp_silu_pair(p[0], t[0]), [x], [randn(2, 5, 12)]),
         "gelu_tanh": (lambda p, t: ops.jvp_gelu_tanh_pair(p[0], t[0]), [x], [randn(2, 5, 12)]),
@@ -44,7 +45,7 @@ def _cases():
         "attention_masked": (lambda p, t: ops.jvp_attention_pair(*p, *t, attn_mask=keys),
                              [q, k, v], attention_tangents),
         "attention_causal_no_key_tangent": (
-            lambda p, t: ops.jvp_attention_pair(p[0], p[1], p[2], t[0], None, t[2], is_causal=True, scale=0.3),
+            lambda p, t: ops.jvp_attention_pair(*p, t[0], None, t[2], is_causal=True, scale=0.3),
             [q, k, v], attention_tangents),
     }
 
@@ -91,7 +92,8 @@ def _drop_in_cases():
     q, k, v = randn(1, 2, 7, 8), randn(1, 2, 13, 8), randn(1, 2, 13, 8)
     return {
         "rms_norm_then_linear": (lambda a, b: ops.jvp_linear(ops.jvp_rms_norm(a, b), proj), [x, w]),
-        "attention_then_silu": (lambda a, b, c: ops.jvp_silu(ops.jvp_attention(a, b, c, is_causal=True)), [q, k, v]),
+        "attention_then_silu": (lambda a, b, c: ops.jvp_silu(ops.jvp_attention(a, b, c, is_causal=True)),
+                                [q, k, v]),
     }
 
 
