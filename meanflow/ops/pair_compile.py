@@ -80,6 +80,12 @@ def _unpack(tensors: list[Tensor], present: list[bool]) -> tuple[Tensor | None, 
     return tuple(next(given) if p else None for p in present)
 
 
+def _split(tensors: tuple) -> tuple[tuple, tuple]:
+    """(inputs, tangents) of the unpacked (*inputs, *tangents)."""
+    n = len(tensors) // 2
+    return tensors[:n], tensors[n:]
+
+
 @torch.library.custom_op("meanflow::pair_forward", mutates_args=())
 def pair_forward(name: str, options: str, tensors: list[Tensor], present: list[bool]) -> list[Tensor]:
     """[y, y_dot (empty where the pass gives none), *extras] of the op ``name``'s fused pass over
@@ -98,11 +104,6 @@ def _pair_forward_fake(name, options, tensors, present):
         options = op.reference(options)
     y, y_dot, extras = op.forward(inputs, tangents, options)
     return [t.clone(memory_format=torch.contiguous_format) for t in _outputs(y, y_dot, extras)]
-
-
-def _split(tensors: tuple) -> tuple[tuple, tuple]:
-    n = len(tensors) // 2
-    return tensors[:n], tensors[n:]
 
 
 @torch.library.custom_op("meanflow::pair_backward", mutates_args=())

@@ -247,8 +247,7 @@ class Distiller:
             alignment = None
             if objective.alignment and self.fake is not None:
                 alignment = trajectory_alignment(
-                    lambda z_, r_, t_, c_: self.student_forward(z_, r_, t_, c_), teacher_v,
-                    lambda x_, t_, c_: self.fake_forward(x_, t_, c_),
+                    self.student_forward, teacher_v, self.fake_forward,
                     draws.randn((batch, *self.world.latent_shape), rows, device=self.device),
                     m.alignment, cond=cond, generator=rows, grid=self.alignment_grid())
                 total = total + m.alignment.weight * alignment.loss.float()
