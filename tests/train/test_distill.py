@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ from meanflow.train import loop as loop_module  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("reference_one_thread")
+
+
+@pytest.fixture
+def sigint_handler():
+    """Python's own Ctrl-C handler for the test, and the previous one back after it. A shell
+    starts background jobs with SIGINT ignored, and Python then keeps it ignored: a test of what
+    a Ctrl-C does needs a process that takes one."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _distill(out, *overrides, resume=False):
@@ -161,12 +172,10 @@ def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
 
 
-def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch):
+def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch, sigint_handler):
     """A real SIGINT after the optimizer step of step 2 but before its EMA update: the step
     completes, the checkpoint is at step 3, and the resumed run equals an uninterrupted one
     (the interrupt used to save the moved weights with step 2 still to run: done twice)."""
-    import signal
-
     from meanflow.train import ema as ema_module
 
     whole, run = tmp_path / "whole", tmp_path / "run"
@@ -186,11 +195,9 @@ def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ctrl_c_while_a_row_is_written_keeps_the_row(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_row_is_written_keeps_the_row(tmp_path, monkeypatch, sigint_handler):
     """A SIGINT that lands as step 2's metrics row is being written: the row is written, the
     checkpoint is at step 3, and the resumed run logs every step once."""
-    import signal
-
     from meanflow.train import logger as logger_module
 
     run = tmp_path / "run"
@@ -203,6 +210,30 @@ def test_ctrl_c_while_a_row_is_written_keeps_the_row(tmp_path, monkeypatch):
 
     _interrupted_at_step_3_then_resumed(run, monkeypatch, logger_module.RunLogger, "log", log)
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
+
+
+def test_an_ignored_sigint_leaves_the_run_to_its_end(tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (a background job of a shell) keeps it ignored: the
+    SIGINT that lands in step 2 changes nothing, and the run ends with 0 and every row."""
+    from meanflow.train import ema as ema_module
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        real_update = ema_module.EMA.update
+
+        def update(self, module):
+            if self.num_updates == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            real_update(self, module)
+
+        monkeypatch.setattr(ema_module.EMA, "update", update)
+        run = tmp_path / "run"
+        assert _distill(run, "run.eval_at_end=false") == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]  # the tiny preset's 4 steps
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("4")
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
