@@ -156,7 +156,8 @@ class ModelConfig:
         compile: None (default: eager) or a ``torch.compile`` backend (``"inductor"``, or any
             name ``torch._dynamo.list_backends`` knows) for the training step's forwards: the
             student's pair mode and plain forward, the teacher's velocity, the fake network.
-            The modules themselves, their state and checkpoints are unchanged. One process only.
+            The modules themselves, their state and checkpoints are unchanged. Under FSDP2 the
+            graphs break at each sharded module's hooks, which FSDP2 keeps out of Dynamo.
     """
 
     kind: str = "digits"

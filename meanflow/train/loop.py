@@ -92,9 +92,6 @@ class Distiller:
         self.config = config
         self.ranks = ranks = ranks or Ranks.single()
         check_batch_split(config.data.batch_size, ranks.size)
-        if config.model.compile is not None and ranks.sharded:  # before anything is written
-            raise ConfigError("model.compile", "is not supported with several ranks (FSDP2) yet: "
-                                               "leave it unset")
         torch.manual_seed(config.run.seed)
         self.world = world if world is not None else _make_world(config, ranks, device)
         if config.method.guidance.mode == "embedded" and not getattr(

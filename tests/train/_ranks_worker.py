@@ -8,6 +8,9 @@
         the tiny preset's 4 steps with run.dtype bfloat16 forced onto the CPU (FSDP2's bf16
         mixed-precision policy under bf16 autocast), then 1-step samples of the EMA student;
         rank 0 writes the losses and the samples to OUT (JSON). Also runs on one process.
+    _ranks_worker.py compiled OUT ARGS...
+        meanflow ARGS... (a run with model.compile set); rank 0 writes to OUT (JSON) Dynamo's
+        count of the graphs it compiled and the reasons of its graph breaks
     _ranks_worker.py save-fail DIR
         a sharded checkpoint save whose shard writing fails on rank 1: every rank must raise and
         leave no checkpoint; then a save that succeeds. Exit 0 when so.
@@ -64,6 +67,19 @@ def measure(out, overrides):
             json.dump({"measured": measured, "planned": planned, "ranks": ranks.size}, f)
     shutdown()
     return 0
+
+
+def compiled(out, argv):
+    from torch._dynamo.utils import counters
+
+    from meanflow.cli import main
+
+    code = main(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out, "w") as f:
+            json.dump({"unique_graphs": counters["stats"]["unique_graphs"],
+                       "graph_breaks": dict(counters["graph_break"])}, f)
+    return code
 
 
 def bf16_config(overrides):
@@ -144,4 +160,4 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit((measure if mode == "measure" else bf16)(rest[0], rest[1:]))
+    sys.exit({"measure": measure, "bf16": bf16, "compiled": compiled}[mode](rest[0], rest[1:]))
