@@ -3,6 +3,7 @@ shipped digits teacher, a few steps), resume exactness, Ctrl-C, the non-finite g
 errors that must leave everything untouched."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -24,14 +25,38 @@ from meanflow.train import loop as loop_module  # noqa: E402
 pytestmark = pytest.mark.usefixtures("reference_one_thread")
 
 
+@contextlib.contextmanager
+def _sigint(handler):
+    """SIGINT handled by ``handler`` inside the block, the previous handler back after it."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def sigint_handler():
-    """Python's own Ctrl-C handler for the test, and the previous one back after it. A shell
-    starts background jobs with SIGINT ignored, and Python then keeps it ignored: a test of what
-    a Ctrl-C does needs a process that takes one."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+    """Python's own Ctrl-C handler for the test. A shell starts background jobs with SIGINT
+    ignored, and Python then keeps it ignored: a test of what a Ctrl-C does needs a process
+    that takes one."""
+    with _sigint(signal.default_int_handler):
+        yield
+
+
+def _ema_update_sending_sigint_in_step_2():
+    """``EMA.update`` that sends this process a real SIGINT first when called in step 2 (after
+    that step's ``optimizer.step()``)."""
+    from meanflow.train import ema as ema_module
+
+    real_update = ema_module.EMA.update
+
+    def update(self, module):
+        if self.num_updates == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_update(self, module)
+
+    return update
 
 
 def _distill(out, *overrides, resume=False):
@@ -180,14 +205,8 @@ def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch
 
     whole, run = tmp_path / "whole", tmp_path / "run"
     assert _distill(whole, "run.eval_at_end=false") == 0
-    real_update = ema_module.EMA.update
-
-    def update(self, module):
-        if self.num_updates == 2:  # inside step 2, after optimizer.step()
-            os.kill(os.getpid(), signal.SIGINT)
-        real_update(self, module)
-
-    _interrupted_at_step_3_then_resumed(run, monkeypatch, ema_module.EMA, "update", update)
+    _interrupted_at_step_3_then_resumed(run, monkeypatch, ema_module.EMA, "update",
+                                        _ema_update_sending_sigint_in_step_2())
     a, b = _rows(whole), _rows(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert all(ra[k] == rb[k] for ra, rb in zip(a, b) for k in ("loss", "grad_norm", "fake"))
@@ -217,21 +236,11 @@ def test_an_ignored_sigint_leaves_the_run_to_its_end(tmp_path, monkeypatch):
     SIGINT that lands in step 2 changes nothing, and the run ends with 0 and every row."""
     from meanflow.train import ema as ema_module
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        real_update = ema_module.EMA.update
-
-        def update(self, module):
-            if self.num_updates == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            real_update(self, module)
-
-        monkeypatch.setattr(ema_module.EMA, "update", update)
-        run = tmp_path / "run"
+    monkeypatch.setattr(ema_module.EMA, "update", _ema_update_sending_sigint_in_step_2())
+    run = tmp_path / "run"
+    with _sigint(signal.SIG_IGN):
         assert _distill(run, "run.eval_at_end=false") == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]  # the tiny preset's 4 steps
     assert (run / "checkpoints" / "latest").read_text().strip().endswith("4")
 
