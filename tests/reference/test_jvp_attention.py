@@ -1,6 +1,7 @@
 """The plain-torch reference: gradcheck in float64 and its memory bound."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -60,8 +61,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def _extra_peak_mib(which: str) -> float:
+    # A fixed mmap threshold: glibc otherwise raises it after each freed large block, so later
+    # chunk buffers come from the heap, whose fragments make the peak vary (135-261 MiB seen
+    # for the same run); with it, every buffer over 1 MiB is mapped and unmapped (109 MiB each time).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which], capture_output=True, text=True,
-                            check=True)
+                            check=True, env=env)
     return float(result.stdout.strip().splitlines()[-1])
 
 
