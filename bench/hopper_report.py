@@ -122,12 +122,14 @@ def _jvp_attention_module():
 # Kernel arguments, as the launchers pass them
 # --------------------------------------------------------------------------------------------
 
-def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False, mask: str = "none") -> dict:
+def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False, mask: str = "none",
+                varlen: bool = False) -> dict:
     """Name -> value of every argument of the variant's kernel except BLOCK_M / BLOCK_N and what
     the kernel's heuristics derive from them (``with_heuristics`` adds those).
 
     Tensors are ``MockTensor`` (16-byte aligned); ``mask`` is "none" or "keys" (a bool
-    (B, 1, 1, Nk) key-padding mask, read as one row per key).
+    (B, 1, 1, Nk) key-padding mask, read as one row per key); ``varlen``: packed sequences
+    (``jvp_attention_varlen``) of FLUX's length, with the launcher's (N, H, D) strides.
     """
     import torch
     from triton.runtime.jit import MockTensor
@@ -135,10 +137,13 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
     ja = _jvp_attention_module()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     b, h, n, d = FLUX["batch"], FLUX["heads"], FLUX["tokens"], head_dim
-    layout = (h * n * d, n * d, d)  # contiguous (B, H, N, D): strides of b, h, and the token axis
+    # Strides of b, h and the token axis: contiguous (B, H, N, D), or packed (N, H, D) viewed so.
+    layout = (b * n * h * d, d, h * d) if varlen else (h * n * d, n * d, d)
+    outputs = layout  # out, out_dot, dq, dk, dv: the same layout, strides in elements
     if d % 8 == 0:  # rows on 16-byte boundaries: the launcher passes strides in units of 8
         layout = tuple(s // 8 for s in layout)
     strides = {p: layout for p in ("q", "k", "v", "tq", "tk", "tv", "g")}
+    strides.update({p: outputs for p in ("o", "dq", "dk", "dv")}, l=(h * n, n))
     if mask == "none":
         mask_strides, mask_kind, mask_bool = (0, 0, 0, 0), ja.MASK_NONE, False
         mask_t = MockTensor(torch_dtype)
@@ -150,6 +155,7 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
     tangent = variant == "fwd_jvp"
     values = dict(
         Mask=mask_t, Lse=MockTensor(torch.float32), Delta=MockTensor(torch.float32),
+        Cu_q=MockTensor(torch.int32), Cu_k=MockTensor(torch.int32), VARLEN=varlen,
         n_heads=h, n_kv_heads=h, n_queries=n, n_keys=n, HEAD_DIM=d, VALUE_DIM=d, group=1, scale=d ** -0.5,
         rescale_threshold=ja._rescale_threshold(torch_dtype),
         ROWS_ALIGNED=d % 8 == 0,  # contiguous rows of d elements: the launcher's check
@@ -395,7 +401,7 @@ def case_args(case: dict) -> dict:
     """Name -> value of every argument of the case's kernel except the autotuned meta-parameters."""
     if case["op"] == "attention":
         return launch_args(case["variant"], case["dtype"], case["d"], causal=case["causal"],
-                           mask=case["mask"])
+                           mask=case["mask"], varlen=case.get("varlen", False))
     kernel = _kernel(case)
     _, _, values_of, extras = OPS[case["op"]]
     values = values_of(case["variant"], case["dtype"], **{k: case[k] for k in extras[0]})
@@ -580,6 +586,8 @@ def tasks(quick: bool) -> list[dict]:
              for t in DTYPES for d in HEAD_DIMS for v in VARIANTS]
     cases += [dict(op="attention", variant=v, dtype="bf16", d=128, causal=c, mask=m)
               for c, m in ((True, "none"), (False, "keys")) for v in VARIANTS]
+    cases += [dict(op="attention", variant=v, dtype="bf16", d=128, causal=False, mask="none", varlen=True)
+              for v in VARIANTS]  # jvp_attention_varlen: packed sequences
     if quick:
         cases = [c for c in cases if c["dtype"] == "bf16" and c["d"] == 128 and not c["causal"]
                  and c["mask"] == "none"]
@@ -633,12 +641,13 @@ def _label(row: dict) -> str:
     if row["op"] != "attention":
         return row["variant"] + "".join(f"+{row[k]}" for k in OPS[row["op"]][3][0])
     causal = "+causal" if row["causal"] else ""
-    return row["variant"] + causal + ("+keymask" if row["mask"] != "none" else "")
+    return (row["variant"] + causal + ("+keymask" if row["mask"] != "none" else "")
+            + ("+varlen" if row.get("varlen") else ""))
 
 
 def _order(row: dict) -> tuple:
     if row["op"] == "attention":
-        return (0, row["causal"], row["mask"] != "none", VARIANTS.index(row["variant"]),
+        return (0, row.get("varlen", False), row["causal"], row["mask"] != "none", VARIANTS.index(row["variant"]),
                 DTYPES.index(row["dtype"]), row["d"], row["config"])
     _, kernels, _, extras = OPS[row["op"]]
     return (1, list(OPS).index(row["op"]), extras.index({k: row[k] for k in extras[0]}),

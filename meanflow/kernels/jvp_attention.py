@@ -152,15 +152,18 @@ def _pruner(shared_memory, fits_registers=lambda bm, bn, kw: True):
     return prune
 
 
-_FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND",
+_FORWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND", "VARLEN",
                 "HAS_Q_DOT", "HAS_K_DOT", "HAS_V_DOT", "rescale_threshold"]
-_BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND"]
+_BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "VALUE_DIM", "IS_CAUSAL", "MASK_KIND", "VARLEN"]
 
 # A sequence edge needs no mask when its length is a multiple of the tile side the autotuner chose
 # (FLUX's 4608 tokens are 36 × 128; a multiple of 64 takes the unmasked path with 64-wide tiles).
 # Decided per configuration, after the autotuner's choice: heuristics see BLOCK_M and BLOCK_N.
-_EVEN_KEYS = {"EVEN_N": lambda args: args["n_keys"] % args["BLOCK_N"] == 0}
-_EVEN_QUERIES_AND_KEYS = dict(_EVEN_KEYS, EVEN_M=lambda args: args["n_queries"] % args["BLOCK_M"] == 0)
+# Packed sequences (VARLEN) have edges wherever a sequence ends: n_queries and n_keys are then
+# only the longest lengths, so the edges stay masked.
+_EVEN_KEYS = {"EVEN_N": lambda args: not args["VARLEN"] and args["n_keys"] % args["BLOCK_N"] == 0}
+_EVEN_QUERIES_AND_KEYS = dict(
+    _EVEN_KEYS, EVEN_M=lambda args: not args["VARLEN"] and args["n_queries"] % args["BLOCK_M"] == 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +241,30 @@ def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN
     return tl.load(ptr + offs_rows[None, :] * stride_rows + offs_cols[:, None], mask=mask, other=0.0)
 
 
+@triton.jit
+def _packed_sequence(Cu_q, Cu_k, sequence):
+    """(first query row, first key row, n_queries, n_keys) of a sequence of tensors packed along
+    their rows (VARLEN: one batch element): its queries are rows cu_q[i] .. cu_q[i + 1] − 1, and
+    likewise its keys."""
+    q_first = tl.load(Cu_q + sequence)
+    k_first = tl.load(Cu_k + sequence)
+    n_queries = tl.load(Cu_q + sequence + 1) - q_first
+    n_keys = tl.load(Cu_k + sequence + 1) - k_first
+    return q_first.to(tl.int64), k_first.to(tl.int64), n_queries, n_keys
+
+
+@triton.jit
+def _key_end(pid_m, n_queries, n_keys, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key that query block pid_m can see (0 for a block past a packed
+    sequence's end: the grid covers the longest sequence)."""
+    hi = n_keys
+    if IS_CAUSAL:
+        hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
+    if VARLEN:
+        hi = tl.where(pid_m * BLOCK_M < n_queries, hi, 0)
+    return hi
+
+
 # --------------------------------------------------------------------------------------------
 # Forward (primal, or primal + tangent)
 # --------------------------------------------------------------------------------------------
@@ -247,15 +274,15 @@ def _load_tile_t(ptr, offs_rows, offs_cols, stride_rows, n_rows, n_cols, ROWS_IN
 @triton.heuristics(_EVEN_KEYS)
 @triton.jit
 def _jvp_attention_fwd_kernel(
-    Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse,
+    Q, K, V, Q_dot, K_dot, V_dot, Mask, Out, Out_dot, Lse, Cu_q, Cu_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_tqb, stride_tqh, stride_tqm, stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
     n_heads, n_queries, n_keys, group, scale, rescale_threshold,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
     HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    VARLEN: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HAS_TANGENT: tl.constexpr = HAS_Q_DOT or HAS_K_DOT or HAS_V_DOT
@@ -270,24 +297,28 @@ def _jvp_attention_fwd_kernel(
     batch, head = pid_bh // n_heads, pid_bh % n_heads
     kv_head = head // group
     scale_log2 = scale * 1.4426950408889634
+    q_start, k_start = 0, 0
+    if VARLEN:  # the batch axis numbers the packed sequences; n_queries, n_keys were the longest
+        q_start, k_start, n_queries, n_keys = _packed_sequence(Cu_q, Cu_k, batch)
+        batch = 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
+    k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_kn
+    v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vn
     mask_base = Mask + batch * stride_mb + head * stride_mh
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM,
-                   False)
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh + q_start * stride_qm, offs_m, offs_d, stride_qm,
+                   n_queries, HEAD_DIM, False)
     if HAS_Q_DOT:
-        q_dot = _load_tile(Q_dot + batch * stride_tqb + head * stride_tqh, offs_m, offs_d, stride_tqm,
-                           n_queries, HEAD_DIM, False)
+        q_dot = _load_tile(Q_dot + batch * stride_tqb + head * stride_tqh + q_start * stride_tqm, offs_m, offs_d,
+                           stride_tqm, n_queries, HEAD_DIM, False)
     if HAS_K_DOT:
-        k_dot_base = K_dot + batch * stride_tkb + kv_head * stride_tkh
+        k_dot_base = K_dot + batch * stride_tkb + kv_head * stride_tkh + k_start * stride_tkn
     if HAS_V_DOT:
-        v_dot_base = V_dot + batch * stride_tvb + kv_head * stride_tvh
+        v_dot_base = V_dot + batch * stride_tvb + kv_head * stride_tvh + k_start * stride_tvn
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -296,9 +327,7 @@ def _jvp_attention_fwd_kernel(
         acc_dot = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         lse_dot = tl.zeros([BLOCK_M], tl.float32)
 
-    hi = n_keys
-    if IS_CAUSAL:
-        hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
+    hi = _key_end(pid_m, n_queries, n_keys, IS_CAUSAL, VARLEN, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, EVEN_N)
@@ -353,10 +382,11 @@ def _jvp_attention_fwd_kernel(
     # lse in natural units: (m₂ + log2 l)·ln 2.
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(denom)) * 0.6931471805599453)
     row_ok = offs_m < n_queries
-    out_offsets = pid_bh * n_queries * VALUE_DIM + offs_m[:, None] * VALUE_DIM + offs_dv[None, :]
+    out_offsets = (batch * stride_ob + head * stride_oh + (q_start + offs_m)[:, None] * stride_om
+                   + offs_dv[None, :])
     out_mask = row_ok[:, None] & (offs_dv < VALUE_DIM)[None, :]
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=out_mask)
-    tl.store(Lse + pid_bh * n_queries + offs_m, lse, mask=row_ok)
+    tl.store(Lse + batch * stride_lb + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
     if HAS_TANGENT:
         mu = lse_dot / denom
         out_dot = acc_dot / denom[:, None] - mu[:, None] * out
@@ -372,13 +402,14 @@ def _jvp_attention_fwd_kernel(
 @triton.heuristics(_EVEN_QUERIES_AND_KEYS)
 @triton.jit
 def _jvp_attention_bwd_dkdv_kernel(
-    Q, K, V, Mask, Grad_out, Lse, Delta, DK, DV,
+    Q, K, V, Mask, Grad_out, Lse, Delta, DK, DV, Cu_q, Cu_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm, stride_lb, stride_lh,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     n_heads, n_kv_heads, n_queries, n_keys, group, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    VARLEN: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
@@ -388,15 +419,19 @@ def _jvp_attention_bwd_dkdv_kernel(
     pid_n, pid_bhk = split_program_id(tl.cdiv(n_keys, BLOCK_N))
     batch, kv_head = pid_bhk // n_kv_heads, pid_bhk % n_kv_heads
     scale_log2 = scale * 1.4426950408889634
+    q_start, k_start = 0, 0
+    if VARLEN:  # the batch axis numbers the packed sequences; n_queries, n_keys were the longest
+        q_start, k_start, n_queries, n_keys = _packed_sequence(Cu_q, Cu_k, batch)
+        batch = 0
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM,
-                   EVEN_N)
-    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, n_keys, VALUE_DIM,
-                   EVEN_N)
+    k = _load_tile(K + batch * stride_kb + kv_head * stride_kh + k_start * stride_kn, offs_n, offs_d, stride_kn,
+                   n_keys, HEAD_DIM, EVEN_N)
+    v = _load_tile(V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vn, offs_n, offs_dv,
+                   stride_vn, n_keys, VALUE_DIM, EVEN_N)
     k_t = tl.trans(k)
     v_t = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -405,13 +440,16 @@ def _jvp_attention_bwd_dkdv_kernel(
     lo = 0
     if IS_CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    hi = n_queries
+    if VARLEN:  # a key block past its sequence's end (the grid covers the longest) has no work
+        hi = tl.where(pid_n * BLOCK_N < n_keys, hi, 0)
     for g in range(0, group):
         head = kv_head * group + g
-        q_base = Q + batch * stride_qb + head * stride_qh
-        g_base = Grad_out + batch * stride_gb + head * stride_gh
+        q_base = Q + batch * stride_qb + head * stride_qh + q_start * stride_qm
+        g_base = Grad_out + batch * stride_gb + head * stride_gh + q_start * stride_gm
         mask_base = Mask + batch * stride_mb + head * stride_mh
-        row_base = (batch * n_heads + head) * n_queries
-        for start_m in range(lo, n_queries, BLOCK_M):
+        row_base = batch * stride_lb + head * stride_lh + q_start
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q = _load_tile(q_base, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM, EVEN_M)
             grad_out = _load_tile(g_base, offs_m, offs_dv, stride_gm, n_queries, VALUE_DIM, EVEN_M)
@@ -429,10 +467,11 @@ def _jvp_attention_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
 
-    offs_k = pid_bhk * n_keys * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    rows_k = (k_start + offs_n)[:, None]
+    offs_k = batch * stride_dkb + kv_head * stride_dkh + rows_k * stride_dkn + offs_d[None, :]
     tl.store(DK + offs_k, (dk * scale).to(DK.dtype.element_ty),
              mask=(offs_n < n_keys)[:, None] & (offs_d < HEAD_DIM)[None, :])
-    offs_v = pid_bhk * n_keys * VALUE_DIM + offs_n[:, None] * VALUE_DIM + offs_dv[None, :]
+    offs_v = batch * stride_dvb + kv_head * stride_dvh + rows_k * stride_dvn + offs_dv[None, :]
     tl.store(DV + offs_v, dv.to(DV.dtype.element_ty),
              mask=(offs_n < n_keys)[:, None] & (offs_dv < VALUE_DIM)[None, :])
 
@@ -442,13 +481,14 @@ def _jvp_attention_bwd_dkdv_kernel(
 @triton.heuristics(_EVEN_QUERIES_AND_KEYS)
 @triton.jit
 def _jvp_attention_bwd_dq_kernel(
-    Q, K, V, Mask, Grad_out, Lse, Delta, DQ,
+    Q, K, V, Mask, Grad_out, Lse, Delta, DQ, Cu_q, Cu_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm, stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm,
     n_heads, n_queries, n_keys, group, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    VARLEN: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qb, stride_qh, stride_qm = _hint_aligned(stride_qb, stride_qh, stride_qm, ROWS_ALIGNED)
@@ -459,25 +499,28 @@ def _jvp_attention_bwd_dq_kernel(
     batch, head = pid_bh // n_heads, pid_bh % n_heads
     kv_head = head // group
     scale_log2 = scale * 1.4426950408889634
+    q_start, k_start = 0, 0
+    if VARLEN:  # the batch axis numbers the packed sequences; n_queries, n_keys were the longest
+        q_start, k_start, n_queries, n_keys = _packed_sequence(Cu_q, Cu_k, batch)
+        batch = 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, n_queries, HEAD_DIM,
-                   EVEN_M)
-    grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh, offs_m, offs_dv, stride_gm,
-                          n_queries, VALUE_DIM, EVEN_M)
-    lse = tl.load(Lse + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
+    q = _load_tile(Q + batch * stride_qb + head * stride_qh + q_start * stride_qm, offs_m, offs_d, stride_qm,
+                   n_queries, HEAD_DIM, EVEN_M)
+    grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh + q_start * stride_gm, offs_m, offs_dv,
+                          stride_gm, n_queries, VALUE_DIM, EVEN_M)
+    row_base = batch * stride_lb + head * stride_lh + q_start
+    lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_kn
+    v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vn
     mask_base = Mask + batch * stride_mb + head * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = n_keys
-    if IS_CAUSAL:
-        hi = tl.minimum(n_keys, (pid_m + 1) * BLOCK_M)
+    hi = _key_end(pid_m, n_queries, n_keys, IS_CAUSAL, VARLEN, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k_t = _load_tile_t(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, EVEN_N)
@@ -489,7 +532,7 @@ def _jvp_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(q.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
 
-    offs_q = pid_bh * n_queries * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    offs_q = batch * stride_dqb + head * stride_dqh + (q_start + offs_m)[:, None] * stride_dqm + offs_d[None, :]
     tl.store(DQ + offs_q, (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_m < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
@@ -558,6 +601,23 @@ def _strides3(t: torch.Tensor | None, like: torch.Tensor, aligned: bool) -> tupl
     return t.stride(0) // unit, t.stride(1) // unit, t.stride(2) // unit
 
 
+def _empty_rows(q: torch.Tensor, last_dim: int, packed: bool) -> torch.Tensor:
+    """An uninitialised (B, H, N, last_dim) tensor like q: contiguous, or for packed sequences
+    (B = 1) a view of a (N, H, last_dim) tensor, the layout the packed inputs came in."""
+    batch, heads, rows = q.shape[:3]
+    if packed:
+        return torch.empty((batch, rows, heads, last_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty((batch, heads, rows, last_dim), device=q.device, dtype=q.dtype)
+
+
+def _sequence_args(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+                   cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int):
+    """(programs along the batch, query rows and key rows per program's sequence, Cu_q, Cu_k)."""
+    if cu_seqlens_q is None:
+        return q.shape[0], q.shape[2], k.shape[2], q, q  # (Cu_q, Cu_k unread)
+    return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k
+
+
 def jvp_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -568,6 +628,10 @@ def jvp_attention_forward(
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Fused attention forward, with the tangent when any of q_dot, k_dot, v_dot is given.
 
@@ -577,38 +641,45 @@ def jvp_attention_forward(
         q_dot, k_dot, v_dot: None (zero tangent, no work) or shaped and typed like q, k, v.
         mask: None, or bool / float broadcastable to (B, Hq, Nq, Nk); a (B, 1, 1, Nk) mask is
             read as one row per key.
-        is_causal: top-left causal masking; scale: default 1/sqrt(D).
+        is_causal: top-left causal masking (per sequence when packed); scale: default 1/sqrt(D).
+        cu_seqlens_q, cu_seqlens_k: None, or packed sequences (B = 1, no mask): int32 (S + 1,) on
+            q's device, the first row of each of S sequences and then Nq (Nk); sequence i attends
+            within its own rows only. max_seqlen_q, max_seqlen_k: their longest lengths (>= 1).
 
     Returns:
-        out (B, Hq, Nq, Dv) q.dtype; out_dot (same) or None; lse (B, Hq, Nq) float32.
+        out (B, Hq, Nq, Dv) q.dtype (packed: a view of (Nq, Hq, Dv)); out_dot (same) or None;
+        lse (B, Hq, Nq) float32.
     """
     batch, n_heads, n_queries, head_dim = q.shape
     n_keys, value_dim = k.shape[2], v.shape[3]
     group = n_heads // k.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     has_tangent = any(t is not None for t in (q_dot, k_dot, v_dot))
-    out = torch.empty((batch, n_heads, n_queries, value_dim), device=q.device, dtype=q.dtype)
-    out_dot = torch.empty_like(out) if has_tangent else None
+    packed = cu_seqlens_q is not None
+    out = _empty_rows(q, value_dim, packed)
+    out_dot = _empty_rows(q, value_dim, packed) if has_tangent else None
     lse = torch.empty((batch, n_heads, n_queries), device=q.device, dtype=torch.float32)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
     check_head_spans(query=q, key=k, value=v, query_tangent=q_dot, key_tangent=k_dot, value_tangent=v_dot,
                      attn_mask=None if mask is None else mask_t)
     aligned = _rows_aligned(q, k, v, q_dot, k_dot, v_dot)
+    programs, rows_q, rows_k, cu_q, cu_k = _sequence_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k)
 
     def grid(meta):
-        return (cdiv(n_queries, meta["BLOCK_M"]) * batch * n_heads,)
+        return (cdiv(rows_q, meta["BLOCK_M"]) * programs * n_heads,)
 
     _jvp_attention_fwd_kernel[grid](
         q, k, v, q if q_dot is None else q_dot, k if k_dot is None else k_dot, v if v_dot is None else v_dot,
-        mask_t, out, out if out_dot is None else out_dot, lse,
+        mask_t, out, out if out_dot is None else out_dot, lse, cu_q, cu_k,
         *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned),
         *_strides3(q_dot, q, aligned), *_strides3(k_dot, k, aligned), *_strides3(v_dot, v, aligned),
-        *mask_strides,
-        n_heads, n_queries, n_keys, group, scale, _rescale_threshold(q.dtype),
+        *mask_strides, *out.stride()[:3], *lse.stride()[:2],
+        n_heads, rows_q, rows_k, group, scale, _rescale_threshold(q.dtype),
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None, HAS_V_DOT=v_dot is not None,
-        **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if interpreting() else {}),
+        VARLEN=packed, **({"LAZY_RESCALE": RESCALE_THRESHOLD >= 0} if interpreting() else {}),
         BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
     return out, out_dot, lse
@@ -624,15 +695,20 @@ def jvp_attention_backward(
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the primal output from the saved lse (FlashAttention-2).
 
     Args:
-        grad_out: (B, Hq, Nq, Dv), last dimension contiguous; q, k, v, mask, is_causal, scale
-            as in ``jvp_attention_forward``; out, lse: its outputs.
+        grad_out: (B, Hq, Nq, Dv), last dimension contiguous; q, k, v, mask, is_causal, scale and
+            the packed sequences as in ``jvp_attention_forward``; out, lse: its outputs.
 
     Returns:
-        dq (B, Hq, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, Dv), contiguous, in the inputs' dtype.
+        dq (B, Hq, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, Dv) in the inputs' dtype: contiguous,
+        or for packed sequences views of (N, H, D) tensors.
     """
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys, value_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -640,28 +716,31 @@ def jvp_attention_backward(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)
-    dq = torch.empty((batch, n_heads, n_queries, head_dim), device=q.device, dtype=q.dtype)
-    dk = torch.empty((batch, n_kv_heads, n_keys, head_dim), device=q.device, dtype=k.dtype)
-    dv = torch.empty((batch, n_kv_heads, n_keys, value_dim), device=q.device, dtype=v.dtype)
+    lse = lse.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # read with lse's strides
+    packed = cu_seqlens_q is not None
+    dq = _empty_rows(q, head_dim, packed)
+    dk, dv = _empty_rows(k, head_dim, packed), _empty_rows(v, value_dim, packed)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
     check_head_spans(grad_output=grad_out)  # the inputs were checked in the forward
     aligned = _rows_aligned(q, k, v, grad_out)
+    programs, rows_q, rows_k, cu_q, cu_k = _sequence_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k)
     common = (
         *_strides3(q, q, aligned), *_strides3(k, k, aligned), *_strides3(v, v, aligned), *mask_strides,
-        *_strides3(grad_out, grad_out, aligned),
+        *_strides3(grad_out, grad_out, aligned), *lse.stride()[:2],
     )
     flags = dict(
         HEAD_DIM=head_dim, VALUE_DIM=value_dim, ROWS_ALIGNED=aligned,
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
-        BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
+        VARLEN=packed, BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
-    _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(n_keys, meta["BLOCK_N"]) * batch * n_kv_heads,)](
-        q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common,
-        n_heads, n_kv_heads, n_queries, n_keys, group, scale, **flags,
+    _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(rows_k, meta["BLOCK_N"]) * programs * n_kv_heads,)](
+        q, k, v, mask_t, grad_out, lse, delta, dk, dv, cu_q, cu_k, *common, *dk.stride()[:3], *dv.stride()[:3],
+        n_heads, n_kv_heads, rows_q, rows_k, group, scale, **flags,
     )
-    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(n_queries, meta["BLOCK_M"]) * batch * n_heads,)](
-        q, k, v, mask_t, grad_out, lse, delta, dq, *common,
-        n_heads, n_queries, n_keys, group, scale, **flags,
+    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(rows_q, meta["BLOCK_M"]) * programs * n_heads,)](
+        q, k, v, mask_t, grad_out, lse, delta, dq, cu_q, cu_k, *common, *dq.stride()[:3],
+        n_heads, rows_q, rows_k, group, scale, **flags,
     )
     return dq, dk, dv

@@ -33,22 +33,25 @@ from meanflow.ops.pair import KERNEL_OP, PairOp, apply_pair, refuse_double_backw
 _TRITON_MAX_HEAD_DIM = 256
 
 
+# Both ops below share these two: inputs (q, k, v, mask[, cu_seqlens_q, cu_seqlens_k]), options
+# (is_causal, scale[, max_seqlen_q, max_seqlen_k], backend); the bracketed ones are the packed
+# sequences of jvp_attention_varlen, passed on to the launchers as they are.
 def _forward(inputs, tangents, options):
-    q, k, v, mask = inputs
-    q_dot, k_dot, v_dot, _ = tangents
-    is_causal, scale, backend = options
+    q, k, v, mask, *sequences = inputs
+    is_causal, scale, *lengths, backend = options
     out, out_dot, lse = implementation("jvp_attention", backend).jvp_attention_forward(
-        q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale)
+        q, k, v, *tangents[:3], mask, is_causal, scale, *sequences, *lengths)
     return out, out_dot, (lse,)
 
 
 def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
-    q, k, v, mask = inputs
-    is_causal, scale, backend = options
+    q, k, v, mask, *sequences = inputs
+    is_causal, scale, *lengths, backend = options
     refuse_double_backward("jvp_attention", grad_out, q, k, v)  # neither backend's records a graph
     dq, dk, dv = implementation("jvp_attention", backend).jvp_attention_backward(
-        grad_out, q, k, v, out, extras[0], mask, is_causal, scale)
-    return tuple(g if need else None for g, need in zip((dq, dk, dv), needs_input_grad)) + (None,)
+        grad_out, q, k, v, out, extras[0], mask, is_causal, scale, *sequences, *lengths)
+    grads = tuple(g if need else None for g, need in zip((dq, dk, dv), needs_input_grad))
+    return grads + (None,) * (len(inputs) - 3)
 
 
 # Inputs (q, k, v, mask): q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), mask None or
@@ -57,6 +60,14 @@ def _backward(inputs, out, extras, options, grad_out, needs_input_grad):
 JVP_ATTENTION = PairOp("jvp_attention", _forward, _backward, save_output=True,
                        differentiable_backward=False, **KERNEL_OP,
                        input_names=("query", "key", "value", "attn_mask"), prepare=unit_last_stride)
+
+# Packed sequences. Inputs (q, k, v, None, cu_seqlens_q, cu_seqlens_k): q (1, Hq, Tq, D), k and v
+# (1, Hk, Tk, D / Dv), views of the packed (T, H, D) tensors; cu_seqlens int32 (S + 1,). Options
+# (is_causal, scale, max_seqlen_q, max_seqlen_k, backend). Output (1, Hq, Tq, Dv), lse (1, Hq, Tq).
+JVP_ATTENTION_VARLEN = PairOp("jvp_attention_varlen", _forward, _backward, save_output=True,
+                              differentiable_backward=False, **KERNEL_OP,
+                              input_names=("query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k"),
+                              prepare=unit_last_stride)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +146,54 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise ValueError(f"head dims up to {_TRITON_MAX_HEAD_DIM} are supported by the Triton backend, "
                              f"got query {q.shape[-1]}, value {v.shape[-1]}")
     return backend, float(scale), attn_mask
+
+
+def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                     enable_gqa):
+    """Checks jvp_attention_varlen's arguments; returns (backend, scale, cu_seqlens_q, cu_seqlens_k
+    as int32 on q's device, max_seqlen_q, max_seqlen_k). Reads cu_seqlens on the host: one
+    device-to-host copy when they are CUDA tensors, none when they are given on the CPU."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        check_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be packed as (total tokens, heads, head dim), got shape {tuple(t.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"value has {v.shape[0]} tokens and key {k.shape[0]}: they must be packed alike")
+    backend, scale, _ = _validate(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), None, 0.0, is_causal,
+                                  scale, enable_gqa)
+    bounds = []
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 or int64 tensor of (sequences + 1) offsets, "
+                             f"got {cu.dtype} of shape {tuple(cu.shape)}")
+        if cu.device.type != "cpu":
+            check_same_device(name, cu, "query", q)
+        if cu.requires_grad or fwAD.unpack_dual(cu).tangent is not None:
+            raise ValueError(f"{name} must not carry a gradient or tangent")
+        offsets = cu.tolist()
+        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{name} must rise from 0 to the {total} packed tokens, never falling; "
+                             f"got {_abridged(offsets)}")
+        bounds.append(offsets)
+    if len(bounds[0]) != len(bounds[1]):
+        raise ValueError(f"cu_seqlens_q holds {len(bounds[0]) - 1} sequences and cu_seqlens_k "
+                         f"{len(bounds[1]) - 1}: one key sequence per query sequence")
+    lengths = []
+    for name, offsets, given in (("max_seqlen_q", bounds[0], max_seqlen_q), ("max_seqlen_k", bounds[1], max_seqlen_k)):
+        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, int) or given < longest:
+                raise ValueError(f"{name} must be an int of at least the longest sequence ({longest}), got {given!r}")
+            longest = given
+        lengths.append(longest)
+    cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32, non_blocking=True) for cu in (cu_seqlens_q, cu_seqlens_k))
+    return backend, scale, cu_q, cu_k, *lengths
+
+
+def _abridged(values: list[int], keep: int = 8) -> str:
+    return str(values) if len(values) <= keep else f"[{', '.join(map(str, values[:keep]))}, ...] ({len(values)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,3 +285,95 @@ def jvp_attention_pair(
     if squeeze:
         out, out_dot = out.squeeze(1), out_dot.squeeze(1)
     return out, out_dot
+
+
+def jvp_attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Attention over sequences of different lengths packed along the token axis, with no padding
+    (flash-attn's ``varlen`` layout); works under forward-mode AD as ``jvp_attention`` does.
+
+    Sequence i is query rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] − 1, attending to key rows
+    cu_seqlens_k[i] .. cu_seqlens_k[i + 1] − 1 only: one call gives what ``jvp_attention`` gives
+    each sequence alone.
+
+    Args:
+        query: (Tq, Hq, D), Tq the total of the query lengths; float16, bfloat16, float32 (float64
+            on the reference backend).
+        key: (Tk, Hk, D); value: (Tk, Hk, Dv); query's dtype and device, Hk = Hq unless enable_gqa.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 (S + 1,), rising from 0 to Tq (Tk); on query's
+            device or on the CPU. They are read on the host to be checked: given on the CPU, that
+            costs no device synchronisation.
+        max_seqlen_q, max_seqlen_k: the longest lengths, or None to take them from the offsets;
+            a value below the longest is refused.
+        is_causal: causal within each sequence, aligned top-left as SDPA (query i of a sequence
+            sees its keys j <= i; the same as bottom-right alignment where a sequence has as many
+            queries as keys).
+        scale, enable_gqa: as ``jvp_attention``.
+
+    Returns:
+        (Tq, Hq, Dv) in query's dtype. Its tangent under ``torch.func.jvp`` or forward AD comes
+        from the same kernel and carries no ``grad_fn``; a query row with no key gives zeros.
+    """
+    out, _ = _varlen(query, key, value, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                     scale, enable_gqa)
+    return out
+
+
+def jvp_attention_varlen_pair(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_dot: torch.Tensor | None,
+    k_dot: torch.Tensor | None,
+    v_dot: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit (primal, tangent) form of ``jvp_attention_varlen``.
+
+    Args:
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+            enable_gqa: as ``jvp_attention_varlen``.
+        q_dot, k_dot, v_dot: tangents shaped and typed like q, k, v, or None (zero, no work).
+
+    Returns:
+        out (Tq, Hq, Dv), differentiable to q, k, v; out_dot the same shape, detached (zeros when
+        every tangent is None).
+    """
+    for name, tangent, primal in (("q_dot", q_dot, q), ("k_dot", k_dot, k), ("v_dot", v_dot, v)):
+        check_tensor(name.removesuffix("_dot"), primal)
+        check_tangent(name, tangent, primal)
+    out, out_dot = _varlen(q, k, v, (q_dot, k_dot, v_dot), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           is_causal, scale, enable_gqa)
+    return out, torch.zeros_like(out) if out_dot is None else out_dot
+
+
+def _varlen(q, k, v, tangents, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+            enable_gqa):
+    """Both varlen forms: ``tangents`` (q_dot, k_dot, v_dot) for the pair form, None for forward AD."""
+    q, k, v, *tangents_cast = autocast(q, k, v, *(tangents or ()))
+    backend, scale, cu_q, cu_k, max_q, max_k = _validate_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, enable_gqa)
+
+    def as_heads(t):  # (T, H, D) -> (1, H, T, D), a view: the kernels read the packed rows in place
+        return None if t is None else unit_last_stride(t.transpose(0, 1).unsqueeze(0))
+
+    inputs = (as_heads(q), as_heads(k), as_heads(v), None, cu_q, cu_k)
+    pair_tangents = None if tangents is None else (*map(as_heads, tangents_cast), None, None, None)
+    out, out_dot = apply_pair(JVP_ATTENTION_VARLEN, inputs, pair_tangents, (is_causal, scale, max_q, max_k, backend))
+    return tuple(None if t is None else t.squeeze(0).transpose(0, 1) for t in (out, out_dot))

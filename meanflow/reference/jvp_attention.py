@@ -73,6 +73,16 @@ def _sum_groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.view(b, h // group, group, n, d).sum(2)
 
 
+def _sequences(cu_seqlens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position within it) of each of n_rows packed rows, int64 (n_rows,), from
+    cu_seqlens (S + 1,): sequence i holds rows cu_seqlens[i] .. cu_seqlens[i + 1] − 1. Device ops
+    only (no host read), so it also runs on fake and wrapped tensors."""
+    rows = torch.arange(n_rows, device=cu_seqlens.device)
+    cu = cu_seqlens.to(torch.int64)
+    index = torch.searchsorted(cu[1:], rows, right=True)
+    return index, rows - cu[index]
+
+
 def _masked_scores(
     q: torch.Tensor,
     k_chunk: torch.Tensor,
@@ -80,8 +90,11 @@ def _masked_scores(
     is_causal: bool,
     scale: float,
     key_start: int,
+    sequences: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """Scaled scores s·Q Kᵀ with the mask and causal rule applied: (B, H, Nq, chunk)."""
+    """Scaled scores s·Q Kᵀ with the mask and causal rule applied: (B, H, Nq, chunk).
+    ``sequences``: packed sequences, (index, position) of the queries and then of every key
+    (``_sequences``): a query sees the keys of its own sequence only, causal within it."""
     scores = torch.matmul(q, k_chunk.transpose(-1, -2)) * scale
     key_end = key_start + k_chunk.shape[-2]
     if mask is not None:
@@ -90,12 +103,25 @@ def _masked_scores(
             scores = scores.masked_fill(~m, float("-inf"))
         else:
             scores = scores + floored_mask(m.to(scores.dtype))
-    if is_causal:
-        # Top-left alignment, as SDPA: query i sees keys j <= i.
+    if sequences is None:
         rows = torch.arange(q.shape[-2], device=q.device)[:, None]
         cols = torch.arange(key_start, key_end, device=q.device)[None, :]
+    else:
+        seq_q, rows, seq_k, cols = sequences
+        rows, cols = rows[:, None], cols[None, key_start:key_end]
+        scores = scores.masked_fill(seq_q[:, None] != seq_k[None, key_start:key_end], float("-inf"))
+    if is_causal:
+        # Top-left alignment, as SDPA: query i sees keys j <= i.
         scores = scores.masked_fill(cols > rows, float("-inf"))
     return scores
+
+
+def _packed(cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, n_queries: int,
+            n_keys: int) -> tuple[torch.Tensor, ...] | None:
+    """``_masked_scores``'s sequences of packed rows, or None."""
+    if cu_seqlens_q is None:
+        return None
+    return (*_sequences(cu_seqlens_q, n_queries), *_sequences(cu_seqlens_k, n_keys))
 
 
 def jvp_attention_forward(
@@ -108,6 +134,10 @@ def jvp_attention_forward(
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Attention output, its tangent and the row log-sum-exp, chunked over keys.
 
@@ -115,8 +145,11 @@ def jvp_attention_forward(
         q, k, v: (B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv); one floating dtype.
         q_dot, k_dot, v_dot: tangents shaped like q, k, v, or None for a zero tangent.
         mask: None, or bool / float broadcastable to (B, Hq, Nq, Nk).
-        is_causal: top-left causal masking.
+        is_causal: top-left causal masking (per sequence when packed).
         scale: softmax scale, default 1/sqrt(D).
+        cu_seqlens_q, cu_seqlens_k: None, or packed sequences (B = 1): integer (S + 1,), the first
+            row of each sequence and then Nq (Nk); a query attends to its own sequence's keys.
+        max_seqlen_q, max_seqlen_k: the kernels' grid sizes; unused here.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; out_dot (same) or None when every tangent is None;
@@ -143,10 +176,11 @@ def jvp_attention_forward(
         acc_dot = qc.new_zeros((b, h, nq, dv)) if has_tangent else None
         lse_dot = qc.new_zeros((b, h, nq)) if has_tangent else None
 
+        sequences = _packed(cu_seqlens_q, cu_seqlens_k, nq, nk)
         chunk = _key_chunk(b * h * nq, nk)
         for start in range(0, nk, chunk):
             end = min(start + chunk, nk)
-            scores = _masked_scores(qc, kc[..., start:end, :], mask, is_causal, scale, start)
+            scores = _masked_scores(qc, kc[..., start:end, :], mask, is_causal, scale, start, sequences)
             new_max = torch.maximum(row_max, scores.amax(-1))
             # A row with nothing visible yet keeps max −inf; exponentiate against 0 there.
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
@@ -190,6 +224,10 @@ def jvp_attention_backward(
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the primal output (FlashAttention-2 style, from the saved lse).
 
@@ -197,8 +235,8 @@ def jvp_attention_backward(
     dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − Δ), dQ = s·dS K, dK = s·dSᵀ Q.
 
     Args:
-        grad_out, out: (B, Hq, Nq, Dv); q, k, v as in ``jvp_attention_forward``;
-        lse: (B, Hq, Nq) from the forward.
+        grad_out, out: (B, Hq, Nq, Dv); q, k, v, mask and the packed sequences as in
+        ``jvp_attention_forward``; lse: (B, Hq, Nq) from the forward.
 
     Returns:
         dq, dk, dv shaped and typed like q, k, v.
@@ -218,10 +256,11 @@ def jvp_attention_backward(
         # Out of place: under torch.func.vmap over this backward (jacrev) grad_out is batched and
         # the saved tensors are not, and a batched value cannot be written into them.
         dq, dk_chunks, dv_chunks = torch.zeros_like(qc), [], []
+        sequences = _packed(cu_seqlens_q, cu_seqlens_k, nq, nk)
         chunk = _key_chunk(b * h * nq, nk)
         for start in range(0, nk, chunk):
             end = min(start + chunk, nk)
-            p = torch.exp(_masked_scores(qc, kc[..., start:end, :], mask, is_causal, scale, start) - lse)
+            p = torch.exp(_masked_scores(qc, kc[..., start:end, :], mask, is_causal, scale, start, sequences) - lse)
             dv_chunks.append(p.transpose(-1, -2) @ do)
             ds = p * (do @ vc[..., start:end, :].transpose(-1, -2) - delta)
             dq = dq + (ds @ kc[..., start:end, :]) * scale

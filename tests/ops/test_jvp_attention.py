@@ -187,9 +187,11 @@ def test_even_flags_follow_the_chosen_tile():
     ja = importlib.import_module("meanflow.kernels.jvp_attention")
     for kernel in (ja._jvp_attention_bwd_dkdv_kernel, ja._jvp_attention_bwd_dq_kernel):
         even = kernel.fn.values
-        args = dict(n_queries=192, n_keys=4608, BLOCK_M=64, BLOCK_N=128)
+        args = dict(n_queries=192, n_keys=4608, BLOCK_M=64, BLOCK_N=128, VARLEN=False)
         assert even["EVEN_M"](args) and even["EVEN_N"](args)
         assert not even["EVEN_M"](dict(args, BLOCK_M=128))
+        # Packed sequences end anywhere: their lengths are only the longest.
+        assert not even["EVEN_M"](dict(args, VARLEN=True)) and not even["EVEN_N"](dict(args, VARLEN=True))
     assert set(ja._jvp_attention_fwd_kernel.fn.values) == {"EVEN_N"}
     block_m, block_n = ja.INTERPRETER_TILE[:2]
     for name in ("even", "even_causal", "even_key_padding"):
