@@ -8,6 +8,10 @@ Cases (one pytest-benchmark group per case and shape, so the ratios sit side by 
   ``(out * tan.detach()).sum()``; 22·Nq·Nk·d.
 - ``fwd``: the primal forward only; 4·Nq·Nk·d.
 - ``bwd``: the primal backward only (the forward runs untimed in the set-up); 10·Nq·Nk·d.
+- ``fwd_jvp_ragged``: ``torch.func.jvp`` over four self-attention sequences of N, 3N/4, N/2 and N/4
+  tokens (B is ignored): ``ours_varlen`` packs them (``jvp_attention_varlen``), ``ours_padded``
+  pads them to N and masks the padding keys ((4, 1, 1, N) key-padding mask). TFLOP/s counts the
+  work the sequences need, 12·Σ nᵢ²·d per head, for both.
 
 Providers: ``ours`` (Triton on CUDA, the plain-torch reference on CPU), ``ours_pair``
 (fwd_jvp and fwd_jvp_bwd: the same kernels called in pair form, ``jvp_attention_pair``, as the
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meanflow.ops import jvp_attention, jvp_attention_pair
+from meanflow.ops import jvp_attention, jvp_attention_pair, jvp_attention_varlen
 from meanflow.ops.dispatch import resolve_backend
 
 import _timing as timing  # bench/ is on sys.path (bench/conftest.py)
@@ -214,3 +218,39 @@ def test_bwd(measure, bench_cfg, provider, n_ctx):
             flop_factor=FLOP_FACTOR["bwd"],
             nxn_buffers=MATH_NXN_BUFFERS["bwd"] if provider == "math_sdpa" else 0,
             backend=_backend_label(provider, bench_cfg))
+
+
+def _ragged_lengths(n_ctx: int) -> list[int]:
+    return [n_ctx, 3 * n_ctx // 4, n_ctx // 2, n_ctx // 4]
+
+
+@pytest.mark.parametrize("provider", ["ours_varlen", "ours_padded"])
+def test_fwd_jvp_ragged(measure, bench_cfg, provider, n_ctx):
+    lengths = _ragged_lengths(n_ctx)
+    gen = torch.Generator(device=bench_cfg.device).manual_seed(0)
+    h, d = bench_cfg.heads, bench_cfg.head_dim
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=bench_cfg.device, dtype=bench_cfg.dtype)
+
+    if provider == "ours_varlen":
+        primals = tuple(randn(sum(lengths), h, d) for _ in range(3))
+        # On the CPU, as a caller that knows its lengths gives them: checked without a device sync.
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+        def attention(q, k, v):
+            return jvp_attention_varlen(q, k, v, cu, cu, max_seqlen_q=n_ctx, max_seqlen_k=n_ctx)
+    else:
+        primals = tuple(randn(len(lengths), h, n_ctx, d) for _ in range(3))
+        mask = (torch.arange(n_ctx)[None, :] < torch.tensor(lengths)[:, None]).to(bench_cfg.device)[:, None, None]
+
+        def attention(q, k, v):
+            return jvp_attention(q, k, v, attn_mask=mask)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def target():
+        return torch.func.jvp(attention, primals, tangents)
+
+    measure(case="fwd_jvp_ragged", provider=provider, n_ctx=n_ctx, target=target,
+            flop_factor=FLOP_FACTOR["fwd_jvp"], attended_pairs=sum(n * n for n in lengths),
+            backend=provider.replace("ours", f"ours/{resolve_backend(torch.device(bench_cfg.device))}", 1))

@@ -146,6 +146,7 @@ class Measure:
         nxn_buffers: int = 0,
         tolerate_errors: bool = False,
         backend: str | None = None,
+        attended_pairs: int | None = None,
     ) -> dict:
         """Time ``target(*setup())`` and record it.
 
@@ -159,10 +160,13 @@ class Measure:
             nxn_buffers: how many float32 (B, H, Nq, Nk) buffers the provider holds at its
                 peak (math SDPA); skipped without running when they exceed the budget.
             tolerate_errors: for a peer package: any error is recorded as a skip.
+            attended_pairs: the (query, key) pairs per head that the work needs, B·N² unless
+                given (packed sequences of different lengths: the sum of their squares).
         """
         cfg = self.cfg
         b, h, d = cfg.batch, cfg.heads, cfg.head_dim
-        flops = flop_factor * b * h * n_ctx * n_ctx * d
+        pairs = b * n_ctx * n_ctx if attended_pairs is None else attended_pairs
+        flops = flop_factor * h * pairs * d
         info = {
             "case": case, "provider": provider, "shape": cfg.shape(n_ctx), "backend": backend or provider,
             "B": b, "H": h, "N": n_ctx, "d": d, "dtype": str(cfg.dtype).removeprefix("torch."),

@@ -2,7 +2,7 @@
 attention kernels use wgmma (the row and elementwise kernels have no matrix products).
 
 Runs ``bench/hopper_report.py --quick`` (per kernel variant in bf16 at FLUX shapes, attention at
-d=128, the first autotune configuration that the pruning keeps, or the one configuration of a
+d=128 with and without packed sequences, the first autotune configuration that the pruning keeps, or the one configuration of a
 kernel without autotuning) in a subprocess: the CPU test session runs Triton in interpreter
 mode, which has no compiler and its own single configuration, so the kernels must be imported
 afresh without TRITON_INTERPRET. About 25 s on 2 cores.
@@ -40,13 +40,14 @@ def rows(tmp_path_factory):
     assert out.exists(), f"report failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     by_variant = {}
     for row in json.loads(out.read_text())["rows"]:
-        key = row["op"], row["variant"]
+        key = row["op"], row["variant"] + ("+varlen" if row.get("varlen") else "")
         assert key not in by_variant, f"two --quick rows for {key}"
         by_variant[key] = row
     return by_variant
 
 
-VARIANTS = ["fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq"]  # attention
+VARIANTS = ["fwd_jvp", "fwd", "bwd_dkdv", "bwd_dq"]  # attention, and with packed sequences (varlen)
+VARIANTS += [f"{variant}+varlen" for variant in VARIANTS]
 OTHER_OPS = ["rms_norm", "layer_norm_modulate", "activation", "rope", "gated_residual"]
 OTHER_VARIANTS = [(op, variant) for op in OTHER_OPS for variant in ("fwd_jvp", "fwd", "bwd")] + [
     ("adaptive_weighted_loss", "fwd_jvp"), ("adaptive_weighted_loss", "fwd"),

@@ -157,6 +157,24 @@ def test_offsets_on_the_cpu_and_a_larger_max_seqlen_change_nothing(backend):
     torch.testing.assert_close(given, expected, rtol=0, atol=0)
 
 
+def test_compiled_repeats_eager():
+    """torch.compile runs it, with a graph break at the host check of the offsets (their values
+    decide what is valid, which a graph cannot guard on)."""
+    case = CASES["causal_gqa"]
+    (q, k, v), _, grad_out = case.inputs(torch.float32)
+
+    def loss(q, k, v, cu_q, cu_k):
+        return (jvp_attention_varlen(q, k, v, cu_q, cu_k, is_causal=True, enable_gqa=True) * grad_out).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager")):
+        primals = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        value = fn(*primals, *case.cu_seqlens())
+        results.append((value, *torch.autograd.grad(value, primals)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
 def _packed_qkv(tokens=(3, 4), heads=2, dim=8):
     total = sum(tokens)
     q, k, v = (torch.randn(total, heads, dim) for _ in range(3))
@@ -192,3 +210,36 @@ def test_bad_max_seqlen_and_heads_raise_value_error():
         jvp_attention_varlen(q, k[:, :1], v[:, :1], cu, cu)
     with pytest.raises(ValueError, match="is_causal must be a bool"):
         jvp_attention_varlen(q, k, v, cu, cu, is_causal=1)
+
+
+GPU_CASES = {
+    "flux_mixed": Packed(query_lengths=(4608, 1536, 777), q_heads=8, kv_heads=8, head_dim=128, value_dim=128),
+    "causal_gqa_cross": Packed(query_lengths=(1000, 129, 2048), key_lengths=(1031, 300, 2048), q_heads=8,
+                               kv_heads=2, head_dim=72, value_dim=72, is_causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case_name", list(GPU_CASES))
+def test_gpu_varlen_against_float64(monkeypatch, case_name, dtype):
+    """Relative errors of the kernels in 16 bits within twice math SDPA's own (run per sequence in
+    the same dtype), against float64; printed as GPU-ERR lines for bench/gpu_check.sh."""
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    case = GPU_CASES[case_name]
+    cu_q, cu_k = case.cu_seqlens()
+    primals, tangents, grad_out = case.inputs(dtype)
+    ours = _jvp_and_grads(
+        lambda q, k, v: jvp_attention_varlen(q, k, v, cu_q, cu_k, is_causal=case.is_causal,
+                                             enable_gqa=case.q_heads != case.kv_heads),
+        primals, tangents, grad_out)
+    oracle = _per_sequence_math_sdpa(case, tuple(p.double() for p in primals), tuple(t.double() for t in tangents),
+                                     grad_out.double())
+    baseline = _per_sequence_math_sdpa(case, primals, tangents, grad_out)
+    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
+        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
+                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
+        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
+        print(f"GPU-ERR varlen_{case_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
+              f"ratio {err / base_err:.2f}")
+        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
