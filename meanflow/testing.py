@@ -69,6 +69,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def assert_gpu_errors(label: str, dtype: torch.dtype, names: Sequence[str], ours: Sequence[torch.Tensor],
+                      oracle: Sequence[torch.Tensor], baseline: Sequence[torch.Tensor]) -> None:
+    """The GPU tests' rule: each relative error of ``ours`` against the float64 ``oracle`` is at most
+    twice PyTorch's own in ``dtype`` (``baseline``), itself taken as at least 1e-3 in float16 and
+    8e-3 otherwise; each is printed as a ``GPU-ERR {label} {dtype} {name}`` line for gpu_check.sh."""
+    for name, actual, expected, base in zip(names, ours, oracle, baseline, strict=True):
+        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
+                       float((base.double() - expected).norm() / expected.norm()))
+        err = float((actual.double() - expected).norm() / expected.norm())
+        print(f"GPU-ERR {label} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
+              f"ratio {err / base_err:.2f}")
+        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+
+
 def assert_close_to_oracle(
     name: str,
     actual: torch.Tensor,

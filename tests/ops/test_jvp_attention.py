@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow.ops import jvp_attention, jvp_attention_pair
 from meanflow.reference.jvp_attention import floored_mask
-from meanflow.testing import assert_close_to_oracle, backend_dtypes
+from meanflow.testing import assert_close_to_oracle, assert_gpu_errors, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -548,13 +548,7 @@ def check_gpu_case(monkeypatch, case_name: str, case: Case, dtype: torch.dtype) 
                             grad_out.double(), **case.kwargs(mask64))
     # PyTorch's own computation in `dtype`: math SDPA under torch.func.jvp.
     baseline = _jvp_and_grads(_math_sdpa, primals, tangents, grad_out, **case.sdpa_kwargs(mask, dtype))
-    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
-        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
-                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
-        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
-        print(f"GPU-ERR {case_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
-              f"ratio {err / base_err:.2f}")
-        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+    assert_gpu_errors(case_name, dtype, ("out", "out_dot", "dq", "dk", "dv"), ours, oracle, baseline)
 
 
 def test_nested_jvp_raises(backend):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow.ops import jvp_attention_varlen, jvp_attention_varlen_pair
-from meanflow.testing import assert_close_to_oracle, backend_dtypes
+from meanflow.testing import assert_close_to_oracle, assert_gpu_errors, backend_dtypes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -236,10 +236,5 @@ def test_gpu_varlen_against_float64(monkeypatch, case_name, dtype):
     oracle = _per_sequence_math_sdpa(case, tuple(p.double() for p in primals), tuple(t.double() for t in tangents),
                                      grad_out.double())
     baseline = _per_sequence_math_sdpa(case, primals, tangents, grad_out)
-    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
-        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
-                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
-        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
-        print(f"GPU-ERR varlen_{case_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
-              f"ratio {err / base_err:.2f}")
-        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+    assert_gpu_errors(f"varlen_{case_name}", dtype, ("out", "out_dot", "dq", "dk", "dv"), ours, oracle,
+                      baseline)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_layer_norm_modulate, jvp_layer_norm_modulate_pair
-from meanflow.testing import assert_close_to_oracle, backend_dtypes, finite_or_none
+from meanflow.testing import assert_close_to_oracle, assert_gpu_errors, backend_dtypes, finite_or_none
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -351,13 +351,7 @@ def test_gpu_against_float64(monkeypatch, shape_name, dtype):
     oracle = jvp_and_grads(torch_modulate, tuple(p.double() for p in primals), tuple(t.double() for t in tangents),
                            grad_y.double(), 1e-6)
     baseline = jvp_and_grads(torch_modulate, primals, tangents, grad_y, 1e-6)
-    for i, name in enumerate(NAMES):
-        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
-                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
-        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
-        print(f"GPU-ERR layer_norm_modulate {shape_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
-              f"ratio {err / base_err:.2f}")
-        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+    assert_gpu_errors(f"layer_norm_modulate {shape_name}", dtype, NAMES, ours, oracle, baseline)
 
 
 def test_constant_and_offset_rows_normalize_exactly(backend):

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meanflow.ops import jvp_rms_norm, jvp_rms_norm_pair
-from meanflow.testing import assert_close_to_oracle, backend_dtypes, finite_or_none
+from meanflow.testing import assert_close_to_oracle, assert_gpu_errors, backend_dtypes, finite_or_none
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -381,13 +381,7 @@ def test_gpu_against_float64(monkeypatch, shape_name, dtype):
     ours = jvp_and_grads(jvp_rms_norm, x, w, x_dot, w_dot, grad_y, 1e-6)
     oracle = jvp_and_grads(torch_rms_norm, *(t.double() for t in (x, w, x_dot, w_dot, grad_y)), 1e-6)
     baseline = jvp_and_grads(torch_rms_norm, x, w, x_dot, w_dot, grad_y, 1e-6)
-    for i, name in enumerate(("y", "y_dot", "dx", "dw")):
-        base_err = max(1e-3 if dtype == torch.float16 else 8e-3,
-                       float((baseline[i].double() - oracle[i]).norm() / oracle[i].norm()))
-        err = float((ours[i].double() - oracle[i]).norm() / oracle[i].norm())
-        print(f"GPU-ERR rms_norm {shape_name} {dtype} {name}: ours {err:.2e} baseline {base_err:.2e} "
-              f"ratio {err / base_err:.2f}")
-        assert err <= 2 * base_err, f"{name}: {err:.3e} > 2 x {base_err:.3e}"
+    assert_gpu_errors(f"rms_norm {shape_name}", dtype, ("y", "y_dot", "dx", "dw"), ours, oracle, baseline)
 
 
 def test_pair_form_refuses_a_weight_that_is_not_a_tensor_by_name():
