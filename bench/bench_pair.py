@@ -15,9 +15,10 @@ calls. Providers:
 ``test_triton_route`` times the host side of each fused op's Triton route in pair form, with
 its kernel launch replaced by a no-op (so it runs on a CPU too): validation, the pair mechanism,
 dispatch, output allocation, the launcher's arithmetic. Set beside an op's wall time and its
-``device_ms`` on a GPU, it tells how much of a call is Triton's own launch. ``test_loss_route``
-does the same for the two losses, forward and backward (their kernels stubbed), beside the
-eager formula of ``bench/bench_<loss>.py`` on the same inputs (whose kernels are not stubbed).
+``device_ms`` on a GPU, it tells how much of a call is Triton's own launch.
+``test_attention_route`` does the same for ``jvp_attention``: the pair form with and without its
+backward, and ``torch.func.jvp`` over the drop-in. ``test_loss_route`` does the same for the two
+losses, forward and backward (their kernels stubbed), beside the eager formula of ``bench/bench_<loss>.py`` on the same inputs (whose kernels are not stubbed).
 """
 from __future__ import annotations
 
@@ -116,6 +117,48 @@ def test_triton_route(benchmark, monkeypatch, op):
     timing.run(benchmark, op=op, case="host, launch stubbed", provider="ours/triton",
                shape="(1, 64, 96) / (1, 64, 4, 32) float32, 100 calls per round",
                target=lambda: call(*args), calls=CALLS)
+
+
+ATTENTION_KERNELS = ("_jvp_attention_fwd_kernel", "_jvp_attention_bwd_dq_kernel", "_jvp_attention_bwd_dkdv_kernel")
+
+
+def _attention_target(case: str, q, k, v, tangents):
+    """One call of ``case`` on (q, k, v) leaves and their tangents: the pair form's forward + JVP
+    (pair), with the backward through the output (pair + backward), or ``torch.func.jvp`` over
+    the drop-in (func.jvp)."""
+    if case == "pair":
+        return lambda: ops.jvp_attention_pair(q, k, v, *tangents)
+    if case == "func.jvp":
+        return lambda: torch.func.jvp(ops.jvp_attention, (q, k, v), tangents)
+
+    def pair_backward():
+        for t in (q, k, v):
+            t.grad = None
+        out, _ = ops.jvp_attention_pair(q, k, v, *tangents)
+        out.backward(out)
+    return pair_backward
+
+
+@pytest.mark.parametrize("case", ["pair", "pair + backward", "func.jvp"])
+def test_attention_route(benchmark, monkeypatch, case):
+    """The host side of ``jvp_attention`` on its Triton route, its three kernels stubbed:
+    validation, the pair mechanism, dispatch, allocation and the launchers' arithmetic (the
+    backward's included), on (1, 4, 64, 32) float32 q, k, v that require grad."""
+    import importlib
+
+    module = importlib.import_module("meanflow.kernels.jvp_attention")
+    for kernel in ATTENTION_KERNELS:
+        monkeypatch.setattr(module, kernel, _NoLaunch())
+    monkeypatch.setenv("MEANFLOW_BACKEND", "triton")
+    if not timing.CUDA:
+        monkeypatch.setattr("meanflow.ops.dispatch.triton_interpreting", lambda: True)
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
+    q, k, v, *tangents = (torch.randn((1, 4, 64, 32), generator=gen, device=timing.DEVICE) for _ in range(6))
+    for t in (q, k, v):
+        t.requires_grad_()
+    timing.run(benchmark, op="jvp_attention", case=f"host, {case}, launches stubbed", provider="ours/triton",
+               shape="(1, 4, 64, 32) float32, 100 calls per round",
+               target=_attention_target(case, q, k, v, tuple(tangents)), calls=CALLS)
 
 
 # loss -> (the kernels to stub as (module, name), the loss of (u, a, b) (B, N, C) = (4, 64, 96) inputs)

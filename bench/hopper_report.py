@@ -144,6 +144,8 @@ def launch_args(variant: str, dtype: str, head_dim: int, *, causal: bool = False
         layout = tuple(s // 8 for s in layout)
     strides = {p: layout for p in ("q", "k", "v", "tq", "tk", "tv", "g")}
     strides.update({p: outputs for p in ("o", "dq", "dk", "dv")}, l=(h * n, n))
+    if variant == "bwd_dq":  # reads the forward's output (for Δ) with the inputs' aligned strides
+        strides["o"] = layout
     if mask == "none":
         mask_strides, mask_kind, mask_bool = (0, 0, 0, 0), ja.MASK_NONE, False
         mask_t = MockTensor(torch_dtype)

@@ -20,6 +20,8 @@ The primal-only forward is the same kernel with every tangent flag off. The back
 FlashAttention-2's, from the saved lse: P = exp(S − lse), Δ = rowsum(dO ⊙ O),
 dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − Δ), dK = s·dSᵀ Q (one program per key block, looping over the
 query heads that share it, so GQA needs no atomics), dQ = s·dS K (one program per query block).
+The dQ kernel runs first and its programs also compute Δ for their rows, from the dO tile they
+load anyway: no separate pass over dO and O, and no float32 copies of them.
 
 Every kernel scores through ``_masked_scores``, which applies the sequence edge, the causal
 rule (top-left, as SDPA) and the mask (none, one row per key broadcast over queries for
@@ -481,10 +483,10 @@ def _jvp_attention_bwd_dkdv_kernel(
 @triton.heuristics(_EVEN_QUERIES_AND_KEYS)
 @triton.jit
 def _jvp_attention_bwd_dq_kernel(
-    Q, K, V, Mask, Grad_out, Lse, Delta, DQ, Cu_q, Cu_k,
+    Q, K, V, Mask, Grad_out, Out, Lse, Delta, DQ, Cu_q, Cu_k,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm, stride_lb, stride_lh,
-    stride_dqb, stride_dqh, stride_dqm,
+    stride_ob, stride_oh, stride_om, stride_dqb, stride_dqh, stride_dqm,
     n_heads, n_queries, n_keys, group, scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr,
@@ -495,6 +497,7 @@ def _jvp_attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn = _hint_aligned(stride_kb, stride_kh, stride_kn, ROWS_ALIGNED)
     stride_vb, stride_vh, stride_vn = _hint_aligned(stride_vb, stride_vh, stride_vn, ROWS_ALIGNED)
     stride_gb, stride_gh, stride_gm = _hint_aligned(stride_gb, stride_gh, stride_gm, ROWS_ALIGNED)
+    stride_ob, stride_oh, stride_om = _hint_aligned(stride_ob, stride_oh, stride_om, ROWS_ALIGNED)
     pid_m, pid_bh = split_program_id(tl.cdiv(n_queries, BLOCK_M))
     batch, head = pid_bh // n_heads, pid_bh % n_heads
     kv_head = head // group
@@ -512,9 +515,13 @@ def _jvp_attention_bwd_dq_kernel(
                    n_queries, HEAD_DIM, EVEN_M)
     grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh + q_start * stride_gm, offs_m, offs_dv,
                           stride_gm, n_queries, VALUE_DIM, EVEN_M)
+    out = _load_tile(Out + batch * stride_ob + head * stride_oh + q_start * stride_om, offs_m, offs_dv, stride_om,
+                     n_queries, VALUE_DIM, EVEN_M)
+    # Δ = rowsum(dO ⊙ O) for this block's rows, in float32; the dK/dV kernel, launched next, reads it.
+    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
     row_base = batch * stride_lb + head * stride_lh + q_start
     lse = tl.load(Lse + row_base + offs_m, mask=offs_m < n_queries, other=float("inf"))
-    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < n_queries, other=0.0)
+    tl.store(Delta + row_base + offs_m, delta, mask=offs_m < n_queries)
     k_base = K + batch * stride_kb + kv_head * stride_kh + k_start * stride_kn
     v_base = V + batch * stride_vb + kv_head * stride_vh + k_start * stride_vn
     mask_base = Mask + batch * stride_mb + head * stride_mh
@@ -717,13 +724,13 @@ def jvp_attention_backward(
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # read with lse's strides
+    delta = torch.empty_like(lse)  # Δ, written by the dQ kernel, read with lse's strides
     packed = cu_seqlens_q is not None
     dq = _empty_rows(q, head_dim, packed)
     dk, dv = _empty_rows(k, head_dim, packed), _empty_rows(v, value_dim, packed)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)
     check_head_spans(grad_output=grad_out)  # the inputs were checked in the forward
-    aligned = _rows_aligned(q, k, v, grad_out)
+    aligned = _rows_aligned(q, k, v, grad_out, out)
     programs, rows_q, rows_k, cu_q, cu_k = _sequence_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                          max_seqlen_k)
     common = (
@@ -735,12 +742,13 @@ def jvp_attention_backward(
         IS_CAUSAL=is_causal, MASK_KIND=mask_kind, MASK_BOOL=mask_bool, PRECISION=_precision(q.dtype),
         VARLEN=packed, BLOCK_D=_head_block(head_dim), BLOCK_DV=_head_block(value_dim),
     )
+    # dQ first: its programs also compute Δ, which every dK/dV program reads for all its queries.
+    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(rows_q, meta["BLOCK_M"]) * programs * n_heads,)](
+        q, k, v, mask_t, grad_out, out, lse, delta, dq, cu_q, cu_k, *common, *_strides3(out, out, aligned),
+        *dq.stride()[:3], n_heads, rows_q, rows_k, group, scale, **flags,
+    )
     _jvp_attention_bwd_dkdv_kernel[lambda meta: (cdiv(rows_k, meta["BLOCK_N"]) * programs * n_kv_heads,)](
         q, k, v, mask_t, grad_out, lse, delta, dk, dv, cu_q, cu_k, *common, *dk.stride()[:3], *dv.stride()[:3],
         n_heads, n_kv_heads, rows_q, rows_k, group, scale, **flags,
-    )
-    _jvp_attention_bwd_dq_kernel[lambda meta: (cdiv(rows_q, meta["BLOCK_M"]) * programs * n_heads,)](
-        q, k, v, mask_t, grad_out, lse, delta, dq, cu_q, cu_k, *common, *dq.stride()[:3],
-        n_heads, rows_q, rows_k, group, scale, **flags,
     )
     return dq, dk, dv
