@@ -574,7 +574,8 @@ def check_head_spans(**tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None or t.numel() == 0:
             continue
-        span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
+        (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+        span = (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride)
         if span > _INT32_MAX:
             raise ValueError(f"{name}: the rows of one batch element and head span {span:,} elements "
                              f"(strides {tuple(t.stride())}), more than the 2^31 - 1 the Triton kernels "
@@ -587,7 +588,8 @@ def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if any(stride % 8 for stride in t.stride()[:-1]) or t.shape[-1] % 8 or t.data_ptr() % 16:
+        b, h, n, _ = t.stride()  # the kernels' tensors are 4-D
+        if (b | h | n | t.shape[-1]) % 8 or t.data_ptr() % 16:
             return False
     return True
 
@@ -603,9 +605,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _strides3(t: torch.Tensor | None, like: torch.Tensor, aligned: bool) -> tuple[int, int, int]:
     """(batch, head, row) strides, divided by 8 when rows are aligned (see _hint_aligned)."""
-    t = like if t is None else t
-    unit = 8 if aligned else 1
-    return t.stride(0) // unit, t.stride(1) // unit, t.stride(2) // unit
+    b, h, n, _ = (like if t is None else t).stride()
+    if aligned:
+        return b // 8, h // 8, n // 8
+    return b, h, n
 
 
 def _empty_rows(q: torch.Tensor, last_dim: int, packed: bool) -> torch.Tensor:
