@@ -582,6 +582,18 @@ def check_head_spans(**tensors: torch.Tensor | None) -> None:
                              "index; use a layout with a smaller row stride, or MEANFLOW_BACKEND=reference")
 
 
+def check_output_spans(packed: bool, **outputs: tuple[int, int, int]) -> None:
+    """``check_head_spans`` for outputs about to be allocated, each given as (rows, heads, dim):
+    (B, H, rows, dim) contiguous, or packed (rows, H, dim). An input broadcast along its rows
+    (stride 0) spans nothing, while its gradient, written densely, spans them all."""
+    for name, (rows, heads, dim) in outputs.items():
+        span = (rows - 1) * (heads * dim if packed else dim) + dim - 1
+        if rows and span > _INT32_MAX:
+            raise ValueError(f"{name}: the rows of one batch element and head would span {span:,} "
+                             "elements, more than the 2^31 - 1 the Triton kernels index; use "
+                             "MEANFLOW_BACKEND=reference")
+
+
 def _rows_aligned(*tensors: torch.Tensor | None) -> bool:
     """True when every row of every tensor starts on a 16-byte boundary (strides and the base
     pointer multiples of 8 elements, and of 16 bytes), which the kernels may then assume."""
@@ -666,6 +678,7 @@ def jvp_attention_forward(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     has_tangent = any(t is not None for t in (q_dot, k_dot, v_dot))
     packed = cu_seqlens_q is not None
+    check_output_spans(packed, output=(n_queries, n_heads, value_dim))
     out = _empty_rows(q, value_dim, packed)
     out_dot = _empty_rows(q, value_dim, packed) if has_tangent else None
     lse = torch.empty((batch, n_heads, n_queries), device=q.device, dtype=torch.float32)
@@ -724,11 +737,14 @@ def jvp_attention_backward(
     n_kv_heads, n_keys, value_dim = k.shape[1], k.shape[2], v.shape[3]
     group = n_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    packed = cu_seqlens_q is not None
+    check_output_spans(packed, query_gradient=(n_queries, n_heads, head_dim),
+                       key_gradient=(n_keys, n_kv_heads, head_dim),
+                       value_gradient=(n_keys, n_kv_heads, value_dim))
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)  # Δ, written by the dQ kernel, read with lse's strides
-    packed = cu_seqlens_q is not None
     dq = _empty_rows(q, head_dim, packed)
     dk, dv = _empty_rows(k, head_dim, packed), _empty_rows(v, value_dim, packed)
     mask_t, mask_strides, mask_kind, mask_bool = _mask_args(mask, (batch, n_heads, n_queries, n_keys), q)

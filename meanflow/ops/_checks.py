@@ -3,6 +3,7 @@ and the autocast rule of the ops that autocast (linear, attention)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -55,7 +56,7 @@ def check_tangent(name: str, tangent, primal: torch.Tensor | None, primal_name: 
 def check_number(name: str, value, *, positive: bool) -> float:
     """A finite real number (a bool is refused), > 0 if ``positive`` else >= 0."""
     bound = "> 0" if positive else ">= 0"
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value < 0 or (positive and value == 0)):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)

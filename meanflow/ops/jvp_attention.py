@@ -21,6 +21,7 @@ which has neither graph nor tangent) and double backward (``create_graph=True``)
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -110,7 +111,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
 
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if q.dim() == 4 else (q.shape[0], q.shape[1], k.shape[1])
@@ -188,7 +189,9 @@ def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                 raise ValueError(f"{name} must be an int of at least the longest sequence ({longest}), got {given!r}")
             longest = given
         lengths.append(longest)
-    cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32, non_blocking=True) for cu in (cu_seqlens_q, cu_seqlens_k))
+    # The kernels read the offsets at unit stride: a strided int32 view is copied, not read through.
+    cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
+                  for cu in (cu_seqlens_q, cu_seqlens_k))
     return backend, scale, cu_q, cu_k, *lengths
 
 

@@ -2,11 +2,13 @@
 
     y = x Wᵀ + b              ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ
 
-The Triton backend (CUDA) runs ONE GEMM over the stacked rows [x; ẋ] (cuBLAS: a Triton GEMM
-would not beat it), then adds b to the x rows only; x Ẇᵀ and ḃ, present only when forward AD
-runs through the parameters, are added to the tangent rows. The reference backend runs two
-GEMMs. The tangent is detached (no ``grad_fn``); gradients reach x, W, b through y only, by the
-standard linear backward from the saved x (dx = g W, dW = gᵀ x, db = Σ g), not a recompute.
+Both backends run two GEMMs, y = x Wᵀ + b (the bias in the GEMM's epilogue) and ẋ Wᵀ (cuBLAS
+on CUDA: a Triton GEMM would not beat it); x Ẇᵀ and ḃ, present only when forward AD runs
+through the parameters, are added to the tangent. On CUDA, ``MEANFLOW_LINEAR_STACKED=1`` runs
+one GEMM over the stacked rows [x; ẋ] instead, which measured slower on an H100 at FLUX's shapes
+(``meanflow.kernels.jvp_linear``). The tangent is detached (no ``grad_fn``); gradients reach x,
+W, b through y only, by the standard linear backward from the saved x (dx = g W, dW = gᵀ x,
+db = Σ g), not a recompute.
 
 Under autocast, x, W and b are cast to the autocast dtype first, as ``F.linear`` does (float64
 ones stay float64, as there).
@@ -61,7 +63,7 @@ def _validate(x, weight, bias) -> str:
 
 def jvp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` that works under ``torch.func.jvp`` / forward AD, its
-    tangent fused (one stacked GEMM on CUDA) and never recorded for backward.
+    tangent computed beside it (a second GEMM) and never recorded for backward.
 
     Args:
         x: (..., Din), float16 / bfloat16 / float32 / float64.

@@ -3,10 +3,13 @@
     r = rsqrt(mean(x²) + eps)      y = x·r·w      ẏ = w·(ẋ·r − x·r³·mean(x·ẋ)) + x·r·ẇ
 
 over the last dimension of x (any leading dims), statistics in float32 (float64 for float64
-inputs). A drop-in for ``torch.nn.RMSNorm`` / ``F.rms_norm(x, (D,), weight, eps)`` and
-diffusers' ``RMSNorm`` with an elementwise affine weight: the same output dtype
-(``promote_types(x, weight)``; x's without a weight) and the same values up to one rounding
-(they round x·r to the input dtype before the weight product; we round once).
+inputs). A drop-in for diffusers' ``RMSNorm`` (FLUX's q/k norm) with an elementwise affine
+weight, and for ``torch.nn.RMSNorm`` / ``F.rms_norm(x, (D,), weight, eps)`` where x and the
+weight share a dtype: the same values up to one rounding (they round x·r to the input dtype
+before the weight product; we round once). The output dtype is ``promote_types(x, weight)`` (x's
+without a weight), as diffusers gives for a float32 weight or one of x's dtype; torch 2.13's
+``F.rms_norm`` returns x's dtype whatever the weight's, so with mixed dtypes cast y (or the
+weight) to match it.
 
 Two forms, both on ``meanflow.ops.pair.apply_pair``:
 
@@ -85,8 +88,8 @@ def _validate(x, weight, eps) -> tuple[str, float]:
             raise ValueError(f"weight must have shape ({x.shape[-1]},) (x's last dim), "
                              f"got {tuple(weight.shape)}")
         check_same_device("weight", weight, "x", x)
-    if eps is None:  # torch.nn.RMSNorm's default
-        eps = torch.finfo(x.dtype).eps
+    if eps is None:  # torch's default: the epsilon of the float32 (float64) it computes in, not of x's dtype
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     eps = check_eps(eps)
     dtypes = {"x": x.dtype} if weight is None else {"x": x.dtype, "weight": weight.dtype}
     return check_backend(x.device, x.numel() == 0, dtypes, x.shape[-1]), eps
@@ -111,8 +114,9 @@ def jvp_rms_norm(
     Args:
         x: (..., D); float16, bfloat16, float32 (float64 on the reference backend).
         weight: (D,) elementwise affine weight, or None; any float dtype, x's device.
-        eps: added to the mean square (FLUX: 1e-6); None means ``torch.finfo(x.dtype).eps``,
-            as ``torch.nn.RMSNorm``.
+        eps: added to the mean square (FLUX: 1e-6); None means the epsilon of the dtype the
+            statistics are computed in (float32's for 16-bit x, float64's for float64), as
+            ``torch.nn.RMSNorm`` / ``F.rms_norm`` compute it.
 
     Returns:
         (..., D) in ``promote_types(x.dtype, weight.dtype)`` (x.dtype without a weight). Under

@@ -23,11 +23,12 @@ def jvp_gated_residual_forward(
     gate_dot: torch.Tensor | None = None,
     y_dot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, ȯut) (B, N, D) in h's dtype; ȯut is None when every tangent is None."""
+    """(out, ȯut) contiguous (B, N, D) in h's dtype; ȯut is None when every tangent is None."""
     dtype = _compute_dtype(h.dtype)
     g = gate.to(dtype)[:, None, :]
     yc = y.to(dtype)
-    out = (h.to(dtype) + g * yc).to(h.dtype)
+    # Contiguous whatever h's strides, as the kernel writes it (.to alone keeps a float32 view).
+    out = (h.to(dtype) + g * yc).to(h.dtype, memory_format=torch.contiguous_format).contiguous()
     if h_dot is None and gate_dot is None and y_dot is None:
         return out, None
     out_dot = torch.zeros(out.shape, dtype=dtype, device=out.device)
@@ -37,7 +38,7 @@ def jvp_gated_residual_forward(
         out_dot = out_dot + gate_dot.to(dtype)[:, None, :] * yc
     if y_dot is not None:
         out_dot = out_dot + g * y_dot.to(dtype)
-    return out, out_dot.to(h.dtype)
+    return out, out_dot.to(h.dtype, memory_format=torch.contiguous_format).contiguous()
 
 
 def jvp_gated_residual_backward(

@@ -28,7 +28,9 @@ def _rotate(x: torch.Tensor) -> torch.Tensor:
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(x, cos)
-    return (x.to(dtype) * cos.to(dtype) + _rotate(x).to(dtype) * sin.to(dtype)).to(x.dtype)
+    # Contiguous whatever x's strides (FLUX's transposed view), as the kernel writes it.
+    return (x.to(dtype) * cos.to(dtype) + _rotate(x).to(dtype) * sin.to(dtype)).to(
+        x.dtype, memory_format=torch.contiguous_format).contiguous()  # (.to alone keeps a float32 view)
 
 
 def jvp_rope_forward(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -388,6 +389,13 @@ def test_empty_key_sequence_gives_zeros_like_sdpa(backend):
     torch.testing.assert_close(jvp_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+def test_numpy_scale_is_accepted_like_sdpa(backend):
+    """A NumPy scalar scale (numbers.Real, not a float subclass) counts as its value, as in SDPA."""
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    expected = jvp_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(jvp_attention(q, k, v, scale=np.float32(0.25)), expected, rtol=0, atol=0)
+
+
 def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
@@ -484,6 +492,20 @@ def test_head_spans_beyond_32_bits_are_refused():
     with pytest.raises(ValueError, match="key: the rows of one batch element and head span 2,147,483,655"):
         check_head_spans(query=wide[..., :2, :], key=wide)
     check_head_spans(query=wide[..., :2, :], attn_mask=None)
+
+
+def test_gradient_spans_beyond_32_bits_are_refused():
+    """Keys broadcast along their rows (stride 0) span nothing, but their gradients, written
+    densely, would span 2^25 rows × 64: the backward launcher refuses before allocating them
+    (meta tensors: no memory, no launch)."""
+    from meanflow.kernels.jvp_attention import jvp_attention_backward
+
+    n_keys = 2**25 + 1
+    q, grad_out, out = (torch.empty(1, 1, 4, 64, device="meta") for _ in range(3))
+    k = torch.empty(1, 1, 1, 64, device="meta").expand(1, 1, n_keys, 64)
+    lse = torch.empty(1, 1, 4, device="meta")
+    with pytest.raises(ValueError, match="key_gradient: the rows of one batch element and head would span"):
+        jvp_attention_backward(grad_out, q, k, k, out, lse)
 
 
 def test_backend_errors(monkeypatch):

@@ -157,6 +157,22 @@ def test_offsets_on_the_cpu_and_a_larger_max_seqlen_change_nothing(backend):
     torch.testing.assert_close(given, expected, rtol=0, atol=0)
 
 
+def test_strided_offsets_are_read_by_value(backend):
+    """int32 offsets that are a strided view (every other element of a longer tensor) give what
+    their contiguous copy gives, forward and backward: the kernels read offsets at unit stride."""
+    case = CASES["cross_and_empty"]
+    primals, _, grad_out = case.inputs(torch.float32)
+    results = []
+    for cu_q, cu_k in (case.cu_seqlens(), tuple(torch.stack([cu, torch.full_like(cu, 99)], 1).flatten()[::2]
+                                               for cu in case.cu_seqlens())):
+        leaves = tuple(p.detach().requires_grad_() for p in primals)
+        out = jvp_attention_varlen(*leaves, cu_q, cu_k)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    assert results[1][0].shape == results[0][0].shape
+    for expected, given in zip(*results):
+        torch.testing.assert_close(given, expected, rtol=0, atol=0)
+
+
 def test_compiled_repeats_eager():
     """torch.compile runs it, with a graph break at the host check of the offsets (their values
     decide what is valid, which a graph cannot guard on)."""

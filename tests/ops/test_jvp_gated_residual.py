@@ -66,6 +66,16 @@ def test_gated_residual_hypothesis(monkeypatch, b, n, d, which, gate_3d, dtype, 
     check_gated((b, n, d), dtype, which=which, gate_3d=gate_3d)
 
 
+def test_outputs_are_contiguous_from_transposed_inputs(backend):
+    """out and ȯut come out contiguous (B, N, D) on both backends, whatever h's and y's strides."""
+    for dtype in backend_dtypes(backend):
+        h, h_dot, y, y_dot = (_randn(5, 2, 16, dtype=dtype).transpose(0, 1) for _ in range(4))
+        gate, gate_dot = _randn(2, 16, dtype=dtype), _randn(2, 16, dtype=dtype)
+        pair = jvp_gated_residual_pair(h, h_dot, gate, gate_dot, y, y_dot)
+        for t in (jvp_gated_residual(h, gate, y), *pair):
+            assert t.is_contiguous(), (dtype, t.stride())
+
+
 def test_gradcheck_float64(monkeypatch):
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
     h, y = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))

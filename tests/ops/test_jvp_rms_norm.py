@@ -130,6 +130,13 @@ def test_eps_none_is_dtype_epsilon(backend):
     torch.testing.assert_close(jvp_rms_norm(x, None, None), F.rms_norm(x, (32,)), rtol=1e-5, atol=1e-6)
 
 
+def test_eps_none_on_half_inputs_is_float32_epsilon_as_torch(backend):
+    """torch's default eps for 16-bit x is float32's (the dtype of its statistics), not x's own:
+    at rms 1e-3 the two differ by a factor of 3 in the output."""
+    x = (torch.randn(4, 64, device=DEVICE) * 1e-3).half()
+    torch.testing.assert_close(jvp_rms_norm(x, None, None), F.rms_norm(x, (64,)), rtol=2e-3, atol=2e-3)
+
+
 def test_output_dtype_promotes_with_the_weight(backend):
     x, w, x_dot, _ = make_inputs((3, 40), torch.float16)
     w32 = w.float()

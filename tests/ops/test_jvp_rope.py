@@ -69,6 +69,15 @@ def test_rope_matches_formula(backend, case):
         check_rope(dtype=dtype, **CASES[case])
 
 
+def test_outputs_are_contiguous_from_a_transposed_view(backend):
+    """y and ẏ come out contiguous (B, H, N, D) on both backends, from FLUX's transposed view too."""
+    for dtype in backend_dtypes(backend):
+        x, x_dot = (torch.randn(2, 7, 3, 8, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2))
+        cos, sin = flux_tables(7, 8)
+        for t in (jvp_rope(x, cos, sin), *jvp_rope_pair(x, x_dot, cos, sin)):
+            assert t.is_contiguous(), (dtype, t.stride())
+
+
 def test_reference_equals_diffusers_exactly(monkeypatch):
     apply_rotary_emb = pytest.importorskip("diffusers.models.embeddings").apply_rotary_emb
     monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
