@@ -177,8 +177,10 @@ def _load(args) -> "TrainConfig":
         # and the run checks that only run.*, sample.* and eval.* changed). The folder comes
         # from --out or --set run.out_dir alone: the other keys are checked against the run's
         # config, not the default preset's.
-        out_dir = args.out or parse_overrides(overrides).get("run", {}).get("out_dir") \
-            or load_config(DEFAULT_PRESET).run.out_dir
+        run_section = parse_overrides(overrides).get("run")
+        if run_section is not None and not isinstance(run_section, dict):
+            raise ConfigError("run", f"expected a mapping (a section of settings), got {run_section!r}")
+        out_dir = args.out or (run_section or {}).get("out_dir") or load_config(DEFAULT_PRESET).run.out_dir
         if not isinstance(out_dir, str):
             raise ConfigError("run.out_dir", f"expected a folder, got {out_dir!r}")
         recorded = os.path.join(out_dir, "config.yaml")

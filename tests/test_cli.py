@@ -89,3 +89,28 @@ def test_resume_without_a_config_yaml_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="has none"):
         cli._load(_namespace(resume=True, out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("section", ["run:\n#  max_steps: 100\n", "run: 5\n"])
+def test_a_section_that_is_not_a_mapping_is_refused_also_with_out(tmp_path, section):
+    """An empty (null) or scalar section is an error naming it, with --out as without: --out's
+    folder used to replace it, and the preset's whole section with it."""
+    from meanflow.train.config import ConfigError
+
+    path = tmp_path / "my.yaml"
+    path.write_text(section + "optim:\n  lr: 1.0e-4\n")
+    for out in (None, str(tmp_path / "run")):
+        with pytest.raises(ConfigError, match="^run: expected a mapping"):
+            cli._load(_namespace(preset="tiny", config=str(path), out=out))
+    with pytest.raises(ConfigError, match="^run: expected a mapping"):
+        cli._load(_namespace(preset="tiny", overrides=["run=null"], out=str(tmp_path / "run")))
+
+
+def test_resume_with_a_scalar_run_section_is_a_config_error(tmp_path):
+    from meanflow.train.config import ConfigError, load_config, save_yaml
+
+    save_yaml(load_config("tiny", None, [f"run.out_dir={tmp_path}"]), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="^run: expected a mapping"):
+        cli._load(_namespace(resume=True, overrides=["run=3"]))
+    with pytest.raises(ConfigError, match="^run: expected a mapping"):
+        cli._load(_namespace(resume=True, out=str(tmp_path), overrides=["run=null"]))

@@ -94,7 +94,8 @@ class RunConfig:
             optimizer states and EMA stay float32).
         max_steps: student optimizer steps in total (default 600); >= 1.
         log_every: metrics row every N steps (default 10); >= 1.
-        sample_every: preview samples every N steps (default 200); 0 = never.
+        sample_every: preview samples every N steps (default 200); 0 = never (the final grid is
+            still written).
         checkpoint_every: checkpoint every N steps (default 200); >= 1 (a final one is also
             written at the end).
         eval_at_end: run the evaluation (section ``eval``) after the last step (default True).
@@ -219,6 +220,12 @@ class DataConfig:
         _one_of(self, "source", ("dataset", "teacher"))
         _int_at_least(self, "batch_size", 1)
         _int_at_least(self, "num_teacher_latents", 1)
+        if self.latents_cache is not None:
+            if not isinstance(self.latents_cache, str) or not self.latents_cache:
+                raise ConfigError("latents_cache", f"expected a folder or None, got {self.latents_cache!r}")
+            if os.path.exists(self.latents_cache) and not os.path.isdir(self.latents_cache):
+                raise ConfigError("latents_cache", f"expected a folder (created when missing), got the file "
+                                                   f"{self.latents_cache!r}: give the folder that holds it")
 
 
 @dataclass
@@ -228,9 +235,11 @@ class OptimConfig:
     Attributes:
         lr: the student's learning rate (default 3e-4); > 0.
         betas: AdamW (β1, β2) (default (0.9, 0.99)); each in [0, 1).
-        weight_decay: AdamW's decoupled weight decay (default 0.0); >= 0.
+        weight_decay: AdamW's decoupled weight decay, student and fake network (default 0.0); >= 0.
         grad_clip: max global gradient norm (default 1.0); 0 = no clipping.
-        ema_decay: decay of the student's EMA (default 0.999); in [0, 1).
+        ema_decay: the largest decay of the student's EMA (default 0.999); in [0, 1). Update n
+            uses min(ema_decay, (1 + n) / (10 + n)) (a warm-up: 0.999 holds only after ~9,000
+            updates), so short runs are not pulled towards the initial weights.
         fake_lr: the fake velocity network's learning rate (alignment; default 3e-4); > 0.
         warmup_steps: linear learning-rate warm-up from 0 (default 0 = none); >= 0.
     """

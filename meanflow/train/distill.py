@@ -298,7 +298,7 @@ class Run:
                 progress.update(done, loss=result.loss, phase=result.phase)
                 interrupt.stop_if_requested()
                 d.check_finite()
-                if done % cfg.run.sample_every == 0:
+                if cfg.run.sample_every and done % cfg.run.sample_every == 0:  # 0: never
                     self.write_samples(f"step-{done:06d}")
                 if done % cfg.run.checkpoint_every == 0 or done == cfg.run.max_steps:
                     self.save()

@@ -140,7 +140,7 @@ class Distiller:
                                            betas=tuple(o.betas), weight_decay=o.weight_decay)
         if self.fake is not None:
             self.fake_optimizer = torch.optim.AdamW([p for p in self.fake.parameters() if p.requires_grad],
-                                                    lr=o.fake_lr, betas=tuple(o.betas))
+                                                    lr=o.fake_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.schedule = WarmupSchedule(config.method.schedule)
         # The step's forwards, compiled with model.compile; the modules stay as they are (EMA,
         # sampling and checkpoints use them directly). Each looks its model up at every call.
@@ -404,9 +404,11 @@ def _compiler(backend: str | None):
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """``clip_grad_norm_`` over the model's parameters; the norm of the whole (unsharded)
-    gradient as a float (FSDP2's DTensor gradients give a DTensor norm)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    """``clip_grad_norm_`` over the model's parameters (``max_norm`` 0: no clipping, the norm
+    only); the norm of the whole (unsharded) gradient as a float (FSDP2's DTensor gradients give
+    a DTensor norm)."""
+    # clip_grad_norm_ with 0 would scale every gradient by 0; with inf it scales by 1.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 

@@ -275,12 +275,20 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     return result
 
 
-def deep_merge(base: Mapping, override: Mapping) -> dict:
-    """A new dict: ``base`` with ``override`` merged in (mappings merge, everything else replaces)."""
+def deep_merge(base: Mapping, override: Mapping, _path: str = "") -> dict:
+    """A new dict: ``base`` with ``override`` merged in (mappings merge, everything else replaces).
+
+    Raises ConfigError naming the key where ``override`` brings a mapping (a section) but
+    ``base`` holds something else there (``run: 5``, or an empty ``run:`` section, which YAML
+    reads as null): replacing it would hide the bad value from validation.
+    """
     merged = dict(base)
     for key, value in override.items():
+        name = f"{_path}.{key}" if _path else str(key)
+        if isinstance(value, Mapping) and key in merged and not isinstance(merged[key], Mapping):
+            raise ConfigError(name, f"expected a mapping (a section of settings), got {merged[key]!r}")
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value, name)
         else:
             merged[key] = value
     return merged

@@ -141,6 +141,11 @@ def test_cross_field_rules(tmp_path):
     assert _error("digits", None, ["run.dtype=bfloat16"]).startswith("run.dtype:")
     assert _error("digits", None, ["method.guidance.scales=[1.5,2]"]).startswith(
         "method.guidance.scales: the cfg mode takes one guidance scale w")
+    cache_file = tmp_path / "teacher_latents.safetensors"
+    cache_file.write_bytes(b"x")
+    assert _error(None, None, [f"data.latents_cache={cache_file}"]).startswith(
+        "data.latents_cache: expected a folder (created when missing), got the file")
+    assert load_config(None, None, [f"data.latents_cache={tmp_path}"]).data.latents_cache == str(tmp_path)
     msg = _error(None, None, ["method.target.kind=alphaflow"])
     assert "method.schedule.discrete_kind" in msg and "method.target.kind" in msg
     load_config(None, None, ["method.target.kind=alphaflow", "method.schedule.discrete_kind=alphaflow"])

@@ -270,6 +270,13 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert (run / "checkpoints" / "latest").read_text().strip().endswith("2")  # the last good one
 
 
+def test_sample_every_zero_writes_no_previews(tmp_path):
+    run = tmp_path / "run"
+    assert _distill(run, "run.sample_every=0", "run.max_steps=3", "run.eval_at_end=false") == 0
+    assert len(_rows(run)) >= 1
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png"]  # no step-* previews
+
+
 def test_sample_and_eval_on_a_finished_run(tmp_path):
     run = tmp_path / "run"
     assert _distill(run, "run.eval_at_end=false") == 0

@@ -198,3 +198,25 @@ def test_compiled_steps_match_eager_ones(world, tmp_path):
 def test_compile_backend_is_checked(world, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.compile"):
         _distiller(world, tmp_path, "model.compile=no_such_backend")
+
+
+def test_grad_clip_zero_trains_unclipped(world, tmp_path):
+    """optim.grad_clip=0 means no clipping: the step moves the parameters (clip_grad_norm_ with
+    max_norm 0 would scale every gradient to 0), and the same step with a huge bound matches it."""
+    steps = {}
+    for clip in ("0", "1e30"):
+        d = _distiller(world, tmp_path / clip, f"optim.grad_clip={clip}")
+        before = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+        result = d.step()
+        steps[clip] = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+        assert not result.skipped
+        assert sum(not torch.equal(before[n], p) for n, p in steps[clip].items()) > len(before) // 2
+    for name, p in steps["0"].items():
+        torch.testing.assert_close(p, steps["1e30"][name], rtol=0, atol=0)
+
+
+def test_the_fake_optimizer_takes_the_configured_weight_decay(world, tmp_path):
+    for decay in (0.0, 0.05):
+        d = _distiller(world, tmp_path / str(decay), f"optim.weight_decay={decay}")
+        assert d.fake_optimizer is not None
+        assert {g["weight_decay"] for g in (*d.optimizer.param_groups, *d.fake_optimizer.param_groups)} == {decay}
