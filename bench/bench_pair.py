@@ -18,7 +18,8 @@ dispatch, output allocation, the launcher's arithmetic. Set beside an op's wall 
 ``device_ms`` on a GPU, it tells how much of a call is Triton's own launch.
 ``test_attention_route`` does the same for ``jvp_attention``: the pair form with and without its
 backward, and ``torch.func.jvp`` over the drop-in. ``test_loss_route`` does the same for the two
-losses, forward and backward (their kernels stubbed), beside the eager formula of ``bench/bench_<loss>.py`` on the same inputs (whose kernels are not stubbed).
+losses, forward and backward (their kernels stubbed), beside the eager formula of
+``bench/bench_<loss>.py`` on the same inputs (whose kernels are not stubbed).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def test_triton_route(benchmark, monkeypatch, op):
                target=lambda: call(*args), calls=CALLS)
 
 
-ATTENTION_KERNELS = ("_jvp_attention_fwd_kernel", "_jvp_attention_bwd_dq_kernel", "_jvp_attention_bwd_dkdv_kernel")
+ATTENTION_KERNELS = ("_jvp_attention_fwd_kernel", "_jvp_attention_bwd_dq_kernel",
+                     "_jvp_attention_bwd_dkdv_kernel")
 
 
 def _attention_target(case: str, q, k, v, tangents):

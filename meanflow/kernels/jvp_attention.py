@@ -515,8 +515,8 @@ def _jvp_attention_bwd_dq_kernel(
                    n_queries, HEAD_DIM, EVEN_M)
     grad_out = _load_tile(Grad_out + batch * stride_gb + head * stride_gh + q_start * stride_gm, offs_m, offs_dv,
                           stride_gm, n_queries, VALUE_DIM, EVEN_M)
-    out = _load_tile(Out + batch * stride_ob + head * stride_oh + q_start * stride_om, offs_m, offs_dv, stride_om,
-                     n_queries, VALUE_DIM, EVEN_M)
+    out = _load_tile(Out + batch * stride_ob + head * stride_oh + q_start * stride_om, offs_m, offs_dv,
+                     stride_om, n_queries, VALUE_DIM, EVEN_M)
     # Δ = rowsum(dO ⊙ O) for this block's rows, in float32; the dK/dV kernel, launched next, reads it.
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
     row_base = batch * stride_lb + head * stride_lh + q_start

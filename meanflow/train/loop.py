@@ -140,7 +140,8 @@ class Distiller:
                                            betas=tuple(o.betas), weight_decay=o.weight_decay)
         if self.fake is not None:
             self.fake_optimizer = torch.optim.AdamW([p for p in self.fake.parameters() if p.requires_grad],
-                                                    lr=o.fake_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+                                                    lr=o.fake_lr, betas=tuple(o.betas),
+                                                    weight_decay=o.weight_decay)
         self.schedule = WarmupSchedule(config.method.schedule)
         # The step's forwards, compiled with model.compile; the modules stay as they are (EMA,
         # sampling and checkpoints use them directly). Each looks its model up at every call.

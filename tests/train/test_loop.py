@@ -219,4 +219,5 @@ def test_the_fake_optimizer_takes_the_configured_weight_decay(world, tmp_path):
     for decay in (0.0, 0.05):
         d = _distiller(world, tmp_path / str(decay), f"optim.weight_decay={decay}")
         assert d.fake_optimizer is not None
-        assert {g["weight_decay"] for g in (*d.optimizer.param_groups, *d.fake_optimizer.param_groups)} == {decay}
+        groups = (*d.optimizer.param_groups, *d.fake_optimizer.param_groups)
+        assert {g["weight_decay"] for g in groups} == {decay}
