@@ -2,11 +2,14 @@
 
 - ``_timing.device_busy_us`` counts the GPU's events only;
 - ``summary.format_table`` shows the device-time column when rows carry it;
-- ``flux_memory.py --autocast`` runs a pair step and the baselines over float32 parameters.
+- ``flux_memory.py --autocast`` runs a pair step and the baselines over float32 parameters;
+- every benchmark runs with ``--benchmark-disable`` (once each, untimed).
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +72,15 @@ def test_flux_memory_refuses_autocast_over_half_parameters():
     proc = subprocess.run([sys.executable, str(BENCH / "flux_memory.py"), "--autocast", "bfloat16",
                            "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "use --dtype float32" in proc.stderr
+
+
+def test_every_benchmark_runs_with_timing_disabled():
+    """``pytest bench --benchmark-disable`` runs each provider once, untimed: a smoke test of the
+    whole suite on the CPU (it used to fail in ``_timing.run``, which read absent stats)."""
+    env = dict(os.environ, MEANFLOW_BENCH_COMPILE="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(BENCH), "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 40, proc.stdout[-2000:]  # every op's benches ran
