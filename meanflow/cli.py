@@ -167,7 +167,7 @@ def _config_args(parser: argparse.ArgumentParser, resume: bool = False) -> None:
 
 def _load(args) -> "TrainConfig":
     from meanflow.train.config import ConfigError, load_config
-    from meanflow.train.structured import parse_overrides
+    from meanflow.train.structured import parse_overrides, require_section
 
     overrides = list(args.overrides)
     # --out is a folder, taken as it is (through --set it would be read as YAML: "a #2" is "a").
@@ -178,9 +178,8 @@ def _load(args) -> "TrainConfig":
         # from --out or --set run.out_dir alone: the other keys are checked against the run's
         # config, not the default preset's.
         run_section = parse_overrides(overrides).get("run")
-        if run_section is not None and not isinstance(run_section, dict):
-            raise ConfigError("run", f"expected a mapping (a section of settings), got {run_section!r}")
-        out_dir = args.out or (run_section or {}).get("out_dir") or load_config(DEFAULT_PRESET).run.out_dir
+        run_section = {} if run_section is None else require_section(run_section, "run")
+        out_dir = args.out or run_section.get("out_dir") or load_config(DEFAULT_PRESET).run.out_dir
         if not isinstance(out_dir, str):
             raise ConfigError("run.out_dir", f"expected a folder, got {out_dir!r}")
         recorded = os.path.join(out_dir, "config.yaml")

@@ -275,6 +275,13 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
     return result
 
 
+def require_section(value: object, key: str) -> Mapping:
+    """``value`` if it is a mapping (a section of settings), else a ConfigError naming ``key``."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping (a section of settings), got {value!r}")
+    return value
+
+
 def deep_merge(base: Mapping, override: Mapping, _path: str = "") -> dict:
     """A new dict: ``base`` with ``override`` merged in (mappings merge, everything else replaces).
 
@@ -285,8 +292,8 @@ def deep_merge(base: Mapping, override: Mapping, _path: str = "") -> dict:
     merged = dict(base)
     for key, value in override.items():
         name = f"{_path}.{key}" if _path else str(key)
-        if isinstance(value, Mapping) and key in merged and not isinstance(merged[key], Mapping):
-            raise ConfigError(name, f"expected a mapping (a section of settings), got {merged[key]!r}")
+        if isinstance(value, Mapping) and key in merged:
+            require_section(merged[key], name)
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(merged[key], value, name)
         else:
