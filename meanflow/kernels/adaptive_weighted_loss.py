@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
+from meanflow.kernels.launch import cdiv, next_power_of_2, on_tensor_device, split_program_id
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 4096, 8
@@ -46,6 +46,7 @@ def _adaptive_weighted_loss_fwd_kernel(
     tl.store(partial_ptr + b * n_blocks + block, tl.sum(d * d, axis=0))
 
 
+@on_tensor_device
 def adaptive_weighted_loss_forward(
     u: torch.Tensor, u_tgt: torch.Tensor, need_residual: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,6 +66,7 @@ def adaptive_weighted_loss_forward(
     return partial.sum(1), d
 
 
+@on_tensor_device
 def adaptive_weighted_loss_backward(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad (B, N) in residual's dtype: scale[b] · residual[b, :] (scale (B,) float32)."""
     return per_sample_scale(residual, scale)

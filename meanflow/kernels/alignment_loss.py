@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
+from meanflow.kernels.launch import cdiv, next_power_of_2, on_tensor_device, split_program_id
 from meanflow.kernels.per_sample_scale import per_sample_scale, unit_last
 
 BLOCK, NUM_WARPS = 4096, 8
@@ -45,6 +45,7 @@ def _alignment_loss_fwd_kernel(
     tl.store(sq_partial_ptr + b * n_blocks + block, tl.sum(d * d, axis=0))
 
 
+@on_tensor_device
 def alignment_loss_forward(
     x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor, need_residual: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -67,6 +68,7 @@ def alignment_loss_forward(
     return abs_partial.sum(1), sq_partial.sum(1), d
 
 
+@on_tensor_device
 def alignment_loss_backward(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad (B, N) in residual's dtype: scale[b] · residual[b, :] (scale (B,) float32)."""
     return per_sample_scale(residual, scale)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv
+from meanflow.kernels.launch import cdiv, on_tensor_device
 
 KIND_GELU_TANH, KIND_SILU = 0, 1
 _KINDS = {"gelu_tanh": KIND_GELU_TANH, "silu": KIND_SILU}
@@ -68,6 +68,7 @@ def _launch(x, t, y, y_dot, kind, write_primal):
     )
 
 
+@on_tensor_device
 def jvp_activation_forward(
     x: torch.Tensor, x_dot: torch.Tensor | None, kind: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -83,6 +84,7 @@ def jvp_activation_forward(
     return y, y_dot
 
 
+@on_tensor_device
 def jvp_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     """dx = f'(x)·grad_y (contiguous); the forward kernel with grad_y as the tangent and no primal output."""
     if kind not in _KINDS:

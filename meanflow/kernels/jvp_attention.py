@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import autotuning, cdiv, interpreting, next_power_of_2, split_program_id
+from meanflow.kernels.launch import (autotuning, cdiv, interpreting, next_power_of_2, on_tensor_device,
+                                     split_program_id)
 from meanflow.reference.jvp_attention import MASK_FLOOR as _MASK_FLOOR
 
 LOG2E = 1.4426950408889634  # = 1 / ln 2
@@ -640,6 +641,7 @@ def _sequence_args(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor 
     return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k
 
 
+@on_tensor_device
 def jvp_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -708,6 +710,7 @@ def jvp_attention_forward(
     return out, out_dot, lse
 
 
+@on_tensor_device
 def jvp_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,

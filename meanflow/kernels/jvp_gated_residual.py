@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, split_program_id
+from meanflow.kernels.launch import cdiv, on_tensor_device, split_program_id
 
 # 8 tokens × 256 channels at 8 warps: one 16-byte vector per thread per tensor; the forward with
 # every tangent then takes 40 registers, 6 CTAs per SM (16 tokens: 73 registers, 3 CTAs per SM).
@@ -92,6 +92,7 @@ def _strides(t: torch.Tensor | None, like: torch.Tensor, n: int) -> tuple[int, .
     return tuple((t if t is not None else like).stride()[:n])
 
 
+@on_tensor_device
 def jvp_gated_residual_forward(
     h: torch.Tensor,
     gate: torch.Tensor,
@@ -119,6 +120,7 @@ def jvp_gated_residual_forward(
     return out, out_dot
 
 
+@on_tensor_device
 def jvp_gated_residual_backward(
     grad_out: torch.Tensor,
     gate: torch.Tensor,

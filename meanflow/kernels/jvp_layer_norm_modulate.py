@@ -34,7 +34,7 @@ import triton.language as tl
 
 from meanflow.kernels.jvp_rms_norm import (ROW_TILES, reduction_programs, row_block, row_configs, row_pruner,
                                            rows_per_program, sum3)
-from meanflow.kernels.launch import cdiv, split_program_id
+from meanflow.kernels.launch import cdiv, on_tensor_device, split_program_id
 
 
 @triton.jit
@@ -109,6 +109,7 @@ def _jvp_layer_norm_modulate_kernel(
         tl.store(Y_DOT + out, y_dot.to(Y_DOT.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def jvp_layer_norm_modulate_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -216,6 +217,7 @@ def _layer_norm_modulate_bwd_kernel(
         tl.store(DSHIFT_PARTIAL + partial, dshift, mask=col_ok)
 
 
+@on_tensor_device
 def jvp_layer_norm_modulate_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import autotuning, cdiv, interpreting, next_power_of_2
+from meanflow.kernels.launch import autotuning, cdiv, interpreting, next_power_of_2, on_tensor_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +156,7 @@ def _jvp_rms_norm_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
+@on_tensor_device
 def jvp_rms_norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -256,6 +257,7 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
 
 
+@on_tensor_device
 def jvp_rms_norm_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,

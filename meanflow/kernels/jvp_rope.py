@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meanflow.kernels.launch import cdiv, next_power_of_2, split_program_id
+from meanflow.kernels.launch import cdiv, next_power_of_2, on_tensor_device, split_program_id
 
 BLOCK_N = 16
 NUM_WARPS = 4
@@ -97,6 +97,7 @@ def _launch(x, t, cos, sin, transpose):
     return y, y_dot
 
 
+@on_tensor_device
 def jvp_rope_forward(
     x: torch.Tensor, x_dot: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,6 +106,7 @@ def jvp_rope_forward(
     return _launch(x, x_dot, cos, sin, False)
 
 
+@on_tensor_device
 def jvp_rope_backward(grad_y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """dx = g·cos − rot(g·sin), contiguous, in grad_y's dtype."""
     return _launch(grad_y, None, cos, sin, True)[0]

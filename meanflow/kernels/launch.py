@@ -1,5 +1,5 @@
 """Integer helpers for the launchers, the grid rule the kernels share, and how they run
-(interpreter, autotuning).
+(interpreter, autotuning), and the device they launch on.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects whose calls
 from Python cost about 5 µs each (argument unwrapping for use inside kernels); a launch makes
@@ -8,8 +8,11 @@ several, so the launchers use these plain versions instead. Inside ``@triton.jit
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable, TypeVar
 
+import torch
 import triton
 import triton.language as tl
 
@@ -44,3 +47,24 @@ def autotuning() -> bool:
     """MEANFLOW_AUTOTUNE=0 pins each autotuned kernel to its first (default) configuration: fast
     start-up and reproducible tiles; the interpreter cannot benchmark, so it always pins."""
     return not interpreting() and os.environ.get("MEANFLOW_AUTOTUNE", "1") != "0"
+
+
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def on_tensor_device(launcher: Launcher) -> Launcher:
+    """Runs ``launcher`` with the current CUDA device set to its first argument's (a tensor).
+
+    Triton launches on the current device and its current stream, whatever the tensors' device:
+    tensors on cuda:1 while cuda:0 is current fail to launch (or read another GPU's memory).
+    SDPA needs no ``torch.cuda.set_device``, so neither may a drop-in for it. The switch is
+    skipped when the device is already current (the usual case: one GPU per process)."""
+    @functools.wraps(launcher)
+    def launch_on_device(first: torch.Tensor, *args, **kwargs):
+        device = first.device
+        if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(first, *args, **kwargs)
+
+    return launch_on_device
