@@ -56,9 +56,14 @@ def plot_losses(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
-def write_report(out_dir: Path, config, result: dict, world) -> Path:
-    """Writes report.md (and loss.png, eval-*.png) into ``out_dir``; returns report.md's path."""
+def write_report(out_dir: Path, config, result: dict, world, phase_a_steps: int | None = None) -> Path:
+    """Writes report.md (and loss.png, eval-*.png) into ``out_dir``; returns report.md's path.
+
+    ``phase_a_steps``: how long phase A ran (the schedule's ``b_start``), which
+    ``method.schedule.switch="loss"`` may end before the configured ``phase_a_steps``; None:
+    the configured length."""
     from meanflow.eval.evaluate import markdown_table
+    from meanflow.train.atomic import atomic_write
 
     out_dir = Path(out_dir)
     loss_png = plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
@@ -71,12 +76,16 @@ def write_report(out_dir: Path, config, result: dict, world) -> Path:
                             nrow=len(prompts))
             grids[model] = (f"eval-{model}.png", [k.split("-")[1] for k in keys])
     rows = {(r["model"], r["steps"]): r for r in result["rows"]}
+    schedule = config.method.schedule
+    phase_a = f"A {schedule.phase_a_steps if phase_a_steps is None else phase_a_steps}"
+    if schedule.switch == "loss":
+        phase_a += f" (switch=loss: at most {schedule.phase_a_steps})"
     lines = [f"# MeanFlow distillation report: {config.model.kind}", "",
              f"Run folder `{out_dir}`; {config.run.max_steps} steps, batch {config.data.batch_size}, "
              f"guidance {config.method.guidance.mode} {list(config.method.guidance.scales)}; warm-up "
-             f"A {config.method.schedule.phase_a_steps} / B {config.method.schedule.phase_b_steps} steps "
+             f"{phase_a} / B {schedule.phase_b_steps} steps "
              f"(discrete target {config.method.target.kind}), then differential"
-             f"{' + alignment' if config.method.schedule.alignment else ''}.", "",
+             f"{' + alignment' if schedule.alignment else ''}.", "",
              f"{len(prompts)} prompts × {result['samples_per_prompt']} samples, the same noise for every row. "
              "Fréchet distance and accuracy use the digits classifier's features; the reference set is "
              "the held-out test split.", "", markdown_table(result), ""]
@@ -100,6 +109,4 @@ def write_report(out_dir: Path, config, result: dict, world) -> Path:
         lines += [f"## {model.capitalize()} samples (rows: {', '.join(steps)} steps; one column per prompt)", "",
                   f"![{model}]({png})", ""]
     lines += ["Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))

@@ -3,17 +3,19 @@
 :func:`atomic_write` writes into a temporary file in the same directory, flushes it to disk
 (``os.fsync``), renames it over the final name (``os.replace``, atomic on POSIX) and syncs the
 directory, so a killed process or a power loss never leaves a half-written file under the final
-name. :func:`fsync_path` / :func:`fsync_dir` are the building blocks (also used for checkpoint
-folders). No tensors here.
+name. :func:`atomic_folder` does the same for a folder of files (an exported model), swapping the
+new folder in for the old. :func:`fsync_path` / :func:`fsync_dir` are the building blocks (also
+used for checkpoint folders). No tensors here.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "fsync_path", "fsync_dir", "temp_name"]
+__all__ = ["atomic_folder", "atomic_write", "fsync_path", "fsync_dir", "temp_name"]
 
 
 def temp_name(path: Path, kind: str = "tmp") -> Path:
@@ -59,4 +61,42 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
             pass
         raise
     fsync_dir(path.parent)
+    return path
+
+
+def atomic_folder(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:
+    """Writes the folder ``path`` whole: ``write_fn(tmp_dir)`` fills a fresh hidden folder beside it.
+
+    Every file and folder in it is fsynced; an existing ``path`` is renamed aside, the new folder
+    renamed onto ``path``, and the old one deleted. If ``write_fn`` raises (a Ctrl-C included),
+    the temporary is removed, ``path`` keeps its old content and the exception propagates: a
+    reader never finds a half-written folder under ``path``. (Between the two renames ``path`` is
+    briefly absent; a kill there leaves the old folder under a hidden ``.<name>.trash-*`` name.)
+    Returns ``Path(path)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = temp_name(path), None
+    tmp.mkdir()
+    try:
+        write_fn(tmp)
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                fsync_path(os.path.join(folder, name))
+            fsync_dir(folder)
+        if path.exists() or path.is_symlink():
+            old = temp_name(path, "trash")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the new folder did not go in: the old one goes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     return path

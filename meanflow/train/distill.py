@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from meanflow.train.atomic import atomic_folder, atomic_write
 from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from meanflow.train.config import ConfigError, TrainConfig, load_config, save_yaml, to_dict
 from meanflow.train.distributed import Ranks, full_state_dict, init_ranks, silent
@@ -340,9 +341,9 @@ class Run:
             # Every rank evaluates (the models are sharded); rank 0 writes.
             result = evaluate(d.world, student, self.config, log=self.log, sampling=d.sampling_precision)
         if self.ranks.main:
-            with open(self.out_dir / "eval.json", "w") as f:
-                json.dump(json_ready(result), f, indent=2)
-            report = write_report(self.out_dir, self.config, result, d.world)
+            atomic_write(self.out_dir / "eval.json",
+                         lambda tmp: tmp.write_text(json.dumps(json_ready(result), indent=2), encoding="utf-8"))
+            report = write_report(self.out_dir, self.config, result, d.world, phase_a_steps=d.schedule.b_start)
             self.log(f"report: {report}")
         return result
 
@@ -350,7 +351,8 @@ class Run:
         """Writes the student as it is now, whole (``FluxStudent.save_pretrained``, adapters
         merged), and in ``meanflow_pipeline.json``, which ``MeanFlowFluxPipeline`` reads, the
         time grid it samples on (``sample.shift``) and, for FLUX, the teacher's pipeline as its
-        base, from rank 0. Every rank calls it; the weights are gathered on rank 0's CPU."""
+        base, from rank 0. Every rank calls it; the weights are gathered on rank 0's CPU. The
+        folder is replaced whole (``atomic_folder``): never half a new student beside an old one."""
         from meanflow.models.flux_student import FluxStudent
         from meanflow.models.lora import lora_scalings, merge_lora_state_dict
         from meanflow.models.pipeline import save_pipeline_config
@@ -363,11 +365,15 @@ class Run:
             with torch.device("meta"):  # the shapes only: the weights are assigned from `state`
                 whole = FluxStudent.from_config(dict(d.student.transformer.config))
             whole.load_state_dict(state, assign=True)
-            whole.save_pretrained(directory)
             model = self.config.model
             flux = model.kind == "flux"  # its teacher is the FLUX pipeline whose encoders and VAE sample with it
-            save_pipeline_config(directory, shift=self.config.sample.shift, base=model.teacher if flux else None,
-                                 revision=model.revision if flux else None)
+
+            def write(folder: Path) -> None:
+                whole.save_pretrained(folder)
+                save_pipeline_config(folder, shift=self.config.sample.shift, base=model.teacher if flux else None,
+                                     revision=model.revision if flux else None)
+
+            atomic_folder(directory, write)
         d.ranks.barrier()
 
 
@@ -380,8 +386,15 @@ def distill(config: TrainConfig, resume: bool = False, log=print) -> int:
     status = run.train()
     if status != 0:
         return status
-    run.write_samples("final")
-    run.finish()
+    try:
+        run.write_samples("final")
+        run.finish()
+    except KeyboardInterrupt:
+        # The final checkpoint is saved; the export and the eval are redone from it. Each of
+        # their files is written whole or not at all (atomic_folder, atomic_write).
+        run.log("\ninterrupted after training: the final checkpoint is saved; run again with --resume "
+                "to export and evaluate")
+        return 130
     run.log(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -197,6 +197,69 @@ def test_keyboard_interrupt_saves_and_resumes(tmp_path, monkeypatch):
     assert [int(r["step"]) for r in _rows(run)] == [0, 1, 2, 3]
 
 
+def _hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_ctrl_c_during_the_export_leaves_no_half_student_and_resume_finishes(tmp_path, monkeypatch):
+    """A Ctrl-C after training, while the student is written (here: between its weights and its
+    pipeline file), exits 130 with the final checkpoint saved and no ``student/`` (it used to
+    leave one holding only ``transformer/``, which ``eval`` and a re-run refused); --resume
+    exports it."""
+    from meanflow.models import pipeline
+    from meanflow.models.flux_student import FluxStudent
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    real = pipeline.save_pipeline_config
+    monkeypatch.setattr(pipeline, "save_pipeline_config", interrupted)
+    assert _distill(run) == 130
+    assert not (run / "student").exists() and _hidden(run) == []
+    assert not (run / "eval.json").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("4")
+    monkeypatch.setattr(pipeline, "save_pipeline_config", real)
+    assert _distill(run, resume=True) == 0
+    FluxStudent.from_pretrained(str(run / "student"))
+    assert json.loads((run / "eval.json").read_text())["rows"]
+
+
+class _InterruptedWhenSerialised(dict):
+    """A mapping whose serialisation is interrupted: json reads its items, and a Ctrl-C lands."""
+
+    def items(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_eval_json_is_written_keeps_the_old_one(tmp_path, monkeypatch):
+    """A Ctrl-C halfway through writing eval.json leaves the previous file (it used to leave a
+    truncated one) and exits 130; a re-export on --resume goes in whole."""
+    from meanflow.eval import evaluate as evaluate_module
+    from meanflow.models.flux_student import FluxStudent
+
+    run = tmp_path / "run"
+    assert _distill(run) == 0
+    before = (run / "eval.json").read_bytes()
+    real = evaluate_module.json_ready
+    monkeypatch.setattr(evaluate_module, "json_ready",
+                        lambda result: {**real(result), "zz": _InterruptedWhenSerialised(a=1)})
+    assert _distill(run, resume=True) == 130
+    assert (run / "eval.json").read_bytes() == before and _hidden(run) == []
+    FluxStudent.from_pretrained(str(run / "student"))
+
+
+def test_report_shows_the_phase_a_that_ran_under_switch_loss(tmp_path):
+    """switch=loss may end phase A before phase_a_steps; the report states the length that ran
+    (it used to print the configured maximum)."""
+    run = tmp_path / "run"
+    assert _distill(run, "run.max_steps=6", "method.schedule.switch=loss", "method.schedule.phase_a_steps=4",
+                    "method.schedule.loss_window=1", "method.schedule.loss_patience=1",
+                    "method.schedule.loss_threshold=1e9") == 0
+    assert [r["phase"] for r in _rows(run)][:3] == ["A", "A", "B"]
+    assert "warm-up A 2 (switch=loss: at most 4) / B" in (run / "report.md").read_text()
+
+
 def test_ctrl_c_inside_a_step_finishes_the_step_then_saves(tmp_path, monkeypatch, sigint_handler):
     """A real SIGINT after the optimizer step of step 2 but before its EMA update: the step
     completes, the checkpoint is at step 3, and the resumed run equals an uninterrupted one
