@@ -283,11 +283,31 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _check_eval_output(output: str) -> None:
+    """Refuses an --output that would overwrite a run's files or that cannot be a folder, before
+    the (minutes of) evaluation rather than after it."""
+    from meanflow.train.distill import CHECKPOINTS
+
+    real = os.path.realpath(output)
+    if any(os.path.exists(os.path.join(real, name)) for name in ("config.yaml", CHECKPOINTS)):
+        # A run's eval.json is what its report.md was built from: keep it.
+        raise ValueError(f"--output: {output!r} holds a run (config.yaml or {CHECKPOINTS}/); "
+                         "choose another folder, e.g. a new one inside the run")
+    existing = real  # the folder itself, or the nearest parent that exists (the writes create the rest)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output: {existing!r} is a file, not a folder")
+
+
 def cmd_eval(args) -> int:
     import json
 
     from meanflow.eval.evaluate import evaluate, json_ready, markdown_table
+    from meanflow.train.atomic import atomic_write
 
+    if args.output:
+        _check_eval_output(args.output)
     config, world, student = _world_and_student(args)
     if args.teacher_steps is not None:
         config.eval.teacher_steps = tuple(args.teacher_steps)
@@ -298,12 +318,11 @@ def cmd_eval(args) -> int:
     result = evaluate(world, student, config)
     table = markdown_table(result)
     print(table)
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "eval.json"), "w") as f:
-            json.dump(json_ready(result), f, indent=2)
-        with open(os.path.join(args.output, "eval.md"), "w") as f:
-            f.write(table + "\n")
+    if args.output:  # atomically: an interrupted write leaves the old file or none, never half of one
+        files = {"eval.json": json.dumps(json_ready(result), indent=2), "eval.md": table + "\n"}
+        for name, text in files.items():
+            atomic_write(os.path.join(args.output, name),
+                         lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return 0
 
 

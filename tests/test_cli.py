@@ -114,3 +114,82 @@ def test_resume_with_a_scalar_run_section_is_a_config_error(tmp_path):
         cli._load(_namespace(resume=True, overrides=["run=3"]))
     with pytest.raises(ConfigError, match="^run: expected a mapping"):
         cli._load(_namespace(resume=True, out=str(tmp_path), overrides=["run=null"]))
+
+
+@pytest.fixture
+def fake_eval(monkeypatch):
+    """`meanflow eval` with the world and the evaluation stubbed: returns the calls of evaluate."""
+    import meanflow.eval.evaluate as evaluate_module
+
+    calls = []
+    config = load_config("tiny", None, [])
+    monkeypatch.setattr(cli, "_world_and_student", lambda args: (config, "world", None))
+
+    def evaluate(world, student, config):
+        calls.append(config)
+        row = {"model": "teacher", "steps": 1, "nfe": 1, "fd": 2.5, "accuracy": 1.0, "diversity": 3.0,
+               "seconds": 0.1}
+        return {"rows": [row], "reference": {"fd": 0.5, "accuracy": 1.0, "diversity": 3.5}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    return calls
+
+
+def _eval_output(run, output):
+    return cli.main(["eval", "--run", str(run), "--teacher-steps", "1", "--output", str(output)])
+
+
+@pytest.mark.parametrize("target", ["the run", "a link to it", "another run"])
+def test_eval_output_holding_a_run_is_refused_before_evaluating(run_folder, fake_eval, tmp_path, capsys,
+                                                                 target):
+    """`--output <run>` silently replaced the eval.json the run's report.md was built from."""
+    (run_folder / "eval.json").write_text('{"rows": "from training"}')
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "eval.json").write_text('{"rows": "from training"}')
+    link = tmp_path / "link"
+    link.symlink_to(run_folder)
+    output = {"the run": run_folder, "a link to it": link, "another run": other}[target]
+    assert _eval_output(run_folder, output) == 2
+    assert "--output" in capsys.readouterr().err and not fake_eval  # refused before the evaluation
+    assert (output / "eval.json").read_text() == '{"rows": "from training"}'
+
+
+@pytest.mark.parametrize("name", ["eval.json", "eval.json/again"])
+def test_eval_output_that_is_a_file_is_a_clear_error(run_folder, fake_eval, capsys, name):
+    """It failed after the whole evaluation, with a FileExistsError traceback from makedirs."""
+    (run_folder / "eval.json").write_text("{}")
+    assert _eval_output(run_folder, run_folder / name) == 2
+    assert "--output" in capsys.readouterr().err and not fake_eval
+
+
+def test_eval_output_to_a_fresh_folder_writes_both_files(run_folder, fake_eval, tmp_path):
+    import json
+
+    output = tmp_path / "evals" / "again"
+    for _ in range(2):  # the second time over its own files: not a run, so allowed
+        assert _eval_output(run_folder, output) == 0
+    assert json.loads((output / "eval.json").read_text())["rows"][0]["fd"] == 2.5
+    assert (output / "eval.md").read_text().startswith("| model | steps |") and len(fake_eval) == 2
+
+
+def test_eval_output_interrupted_mid_write_keeps_the_old_file(run_folder, fake_eval, tmp_path, monkeypatch):
+    """The files were written in place: a Ctrl-C during the JSON dump left half an eval.json."""
+    import json
+
+    import meanflow.eval.evaluate as evaluate_module
+
+    output = tmp_path / "ev"
+    assert _eval_output(run_folder, output) == 0
+    before = (output / "eval.json").read_bytes()
+
+    def interrupted(encoder, value):
+        raise KeyboardInterrupt
+
+    # A Ctrl-C once the rows are dumped: at a value the encoder hands to its default().
+    monkeypatch.setattr(evaluate_module, "json_ready", lambda result: {**result, "late": object()})
+    monkeypatch.setattr(json.JSONEncoder, "default", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _eval_output(run_folder, output)
+    assert (output / "eval.json").read_bytes() == before
+    assert sorted(p.name for p in output.iterdir()) == ["eval.json", "eval.md"]  # no temporary left
