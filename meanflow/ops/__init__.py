@@ -7,8 +7,8 @@ tangent never carries autograd history. ``JVP_<OP>`` is the op's ``PairOp`` desc
 """
 from meanflow.ops.jvp_activation import (JVP_GELU_TANH, JVP_SILU, jvp_gelu_tanh, jvp_gelu_tanh_pair, jvp_silu,
                                          jvp_silu_pair)
-from meanflow.ops.jvp_attention import (JVP_ATTENTION, JVP_ATTENTION_VARLEN, jvp_attention, jvp_attention_pair,
-                                        jvp_attention_varlen, jvp_attention_varlen_pair)
+from meanflow.ops.jvp_attention import (JVP_ATTENTION, JVP_ATTENTION_VARLEN, JVPAttentionMode, jvp_attention,
+                                        jvp_attention_pair, jvp_attention_varlen, jvp_attention_varlen_pair)
 from meanflow.ops.jvp_gated_residual import JVP_GATED_RESIDUAL, jvp_gated_residual, jvp_gated_residual_pair
 from meanflow.ops.jvp_layer_norm_modulate import (JVP_LAYER_NORM_MODULATE, jvp_layer_norm_modulate,
                                                   jvp_layer_norm_modulate_pair)
@@ -19,7 +19,7 @@ from meanflow.ops.pair import PairOp, apply_pair
 
 __all__ = [
     "PairOp", "apply_pair",
-    "JVP_ATTENTION", "jvp_attention", "jvp_attention_pair",
+    "JVP_ATTENTION", "JVPAttentionMode", "jvp_attention", "jvp_attention_pair",
     "JVP_ATTENTION_VARLEN", "jvp_attention_varlen", "jvp_attention_varlen_pair",
     "JVP_GATED_RESIDUAL", "jvp_gated_residual", "jvp_gated_residual_pair",
     "JVP_GELU_TANH", "jvp_gelu_tanh", "jvp_gelu_tanh_pair",

@@ -17,6 +17,9 @@ wrapped tensors, and ``vmap`` one fused call per slice. Refused with a ValueErro
 ``torch.func.jvp`` (higher-order forward AD), any differentiation of the backward (``grad`` of
 ``grad``, ``jvp`` of ``grad``, a backward inside a dual level: it reads the saved log-sum-exp,
 which has neither graph nor tangent) and double backward (``create_graph=True``).
+
+``JVPAttentionMode`` routes every ``scaled_dot_product_attention`` call in a block to
+``jvp_attention``, for models whose code calls SDPA itself.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import numbers
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from meanflow.ops._checks import (TRITON_DTYPES, autocast, check_same_device, check_tangent, check_tensor,
                                   unit_last_stride)
@@ -380,3 +385,28 @@ def _varlen(q, k, v, tangents, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     pair_tangents = None if tangents is None else (*map(as_heads, tangents_cast), None, None, None)
     out, out_dot = apply_pair(JVP_ATTENTION_VARLEN, inputs, pair_tangents, (is_causal, scale, max_q, max_k, backend))
     return tuple(None if t is None else t.squeeze(0).transpose(0, 1) for t in (out, out_dot))
+
+
+class JVPAttentionMode(TorchFunctionMode):
+    """Inside ``with JVPAttentionMode():`` every ``F.scaled_dot_product_attention`` call runs
+    :func:`jvp_attention` instead, with the same arguments: a model that calls SDPA itself
+    (diffusers, transformers, timm blocks) works under ``torch.func.jvp`` and forward AD unchanged.
+
+    Example::
+
+        with JVPAttentionMode():
+            out, out_dot = torch.func.jvp(model, (x,), (x_dot,))
+
+    It is a ``TorchFunctionMode``, so it sees SDPA however the model's code refers to it (also
+    ``from torch.nn.functional import scaled_dot_product_attention`` at import), but it is also
+    called for every other torch function in the block (and passes them on): about a
+    microsecond of Python each. What ``jvp_attention`` refuses is refused here too, with the same
+    ValueError: notably ``dropout_p > 0`` (a model in training mode that applies attention
+    dropout) and inputs other than 3-D or 4-D.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Inside this method the mode is off, so jvp_attention's own torch calls pass straight on.
+        if func is F.scaled_dot_product_attention:
+            return jvp_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))

@@ -5,6 +5,7 @@ products are wrong, so bf16 kernels are checked by the `gpu` tests).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 
@@ -614,3 +615,71 @@ def test_zero_heads_give_empty_outputs_and_gradients_as_sdpa():
     assert out.shape == out_dot.shape == torch.nn.functional.scaled_dot_product_attention(q, k, k).shape
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+# --------------------------------------------------------------------------------------------
+# JVPAttentionMode: a model that calls SDPA itself, under torch.func.jvp and then backward
+# --------------------------------------------------------------------------------------------
+
+class _SelfAttention(torch.nn.Module):
+    """A block that calls SDPA itself, positional and keyword arguments mixed, as models do."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, mask, scale=0.3)
+        return self.out(y.transpose(1, 2).reshape(b, n, c))
+
+
+def test_mode_runs_a_model_that_calls_sdpa_under_func_jvp(backend):
+    """Inside JVPAttentionMode the block's SDPA call is jvp_attention: torch.func.jvp works (CPU
+    SDPA raises there without it), and the primal, its tangent and the parameters' gradients
+    match the same block over float64 math SDPA."""
+    from meanflow.ops import JVPAttentionMode
+
+    block = _SelfAttention()
+    x, x_dot = torch.randn(2, 19, 32), torch.randn(2, 19, 32)
+    mask = torch.rand(2, 1, 19, 19) > 0.3
+    mask[..., 0] = True
+
+    def run(model, dtype):
+        model.zero_grad()
+        out, out_dot = torch.func.jvp(lambda x: model(x, mask), (x.to(dtype),), (x_dot.to(dtype),))
+        (out * out_dot.detach()).sum().backward()
+        return out, out_dot, *(p.grad for p in model.parameters())
+
+    with JVPAttentionMode():
+        ours = run(block, torch.float32)
+    with sdpa_kernel(SDPBackend.MATH):
+        oracle = run(copy.deepcopy(block).double(), torch.float64)
+    for got, want in zip(ours, oracle, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_mode_routes_only_sdpa_and_only_inside(monkeypatch):
+    from meanflow.ops import JVPAttentionMode
+
+    module = importlib.import_module("meanflow.ops.jvp_attention")
+    calls = []
+    real = module.jvp_attention
+    monkeypatch.setattr(module, "jvp_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    with JVPAttentionMode():
+        torch.testing.assert_close(F.softmax(q, -1), torch.exp(q) / torch.exp(q).sum(-1, keepdim=True))
+        inside = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    outside = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert calls == [{"is_causal": True}]
+    torch.testing.assert_close(inside, outside)
+
+
+def test_mode_refuses_attention_dropout():
+    from meanflow.ops import JVPAttentionMode
+
+    q = torch.randn(1, 2, 5, 8)
+    with JVPAttentionMode(), pytest.raises(ValueError, match="dropout_p"):
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
