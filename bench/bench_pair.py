@@ -200,3 +200,24 @@ def test_loss_route(benchmark, monkeypatch, loss, provider):
 
     timing.run(benchmark, op=loss, case="host, fwd + bwd, launches stubbed", provider=provider,
                shape="(4, 64, 96) float32, 100 calls per round", target=target, calls=CALLS)
+
+
+@pytest.mark.parametrize("provider", ["plain", "in JVPAttentionMode"])
+def test_attention_mode_cost(benchmark, provider):
+    """What ``JVPAttentionMode`` adds to the torch calls it does not route: a small MLP (eight
+    elementwise and matmul calls, no attention) with the mode off and on, (64, 64) float32."""
+    import contextlib
+
+    gen = torch.Generator(device=timing.DEVICE).manual_seed(0)
+    x, w = (torch.randn((64, 64), generator=gen, device=timing.DEVICE) for _ in range(2))
+
+    def mlp():
+        h = torch.relu(x @ w + 1.0)
+        return torch.tanh(h @ w.t() * 0.5 - x).sum()
+
+    def target():
+        with (ops.JVPAttentionMode() if provider != "plain" else contextlib.nullcontext()):
+            return mlp()
+
+    timing.run(benchmark, op="JVPAttentionMode", case="an MLP of 8 torch calls", provider=provider,
+               shape="(64, 64) float32, 100 calls per round", target=target, calls=CALLS)

@@ -399,8 +399,8 @@ class JVPAttentionMode(TorchFunctionMode):
 
     It is a ``TorchFunctionMode``, so it sees SDPA however the model's code refers to it (also
     ``from torch.nn.functional import scaled_dot_product_attention`` at import), but it is also
-    called for every other torch function in the block (and passes them on): about a
-    microsecond of Python each. What ``jvp_attention`` refuses is refused here too, with the same
+    called for every other torch function in the block (and passes them on): 1–2 µs of
+    Python each. What ``jvp_attention`` refuses is refused here too, with the same
     ValueError: notably ``dropout_p > 0`` (a model in training mode that applies attention
     dropout) and inputs other than 3-D or 4-D.
     """
