@@ -100,7 +100,8 @@ class RunConfig:
             written at the end).
         eval_at_end: run the evaluation (section ``eval``) after the last step (default True).
         max_nonfinite_in_a_row: abort after this many consecutive steps with a non-finite loss
-            or gradient (skipped steps; default 10); >= 1.
+            or gradient (skipped steps; default 10), or as many fake-network updates (counted
+            apart); >= 1.
         threads: ``torch.set_num_threads`` (default 0 = leave torch's default).
     """
 
@@ -328,7 +329,8 @@ class EvalConfig:
     """The evaluation after training (``run.eval_at_end``): teacher vs student at few steps.
 
     Attributes:
-        samples_per_prompt: generated samples per prompt and per setting (default 50); >= 1.
+        samples_per_prompt: generated samples per prompt and per setting (default 50); >= 1,
+            and at least 2 samples in all (the Fréchet distance needs 2).
         teacher_steps: the teacher's sampler step counts (default (1, 2, 4, 32)); positive.
         student_steps: the student's (and its EMA's) step counts (default (1, 2, 4)); positive.
         batch_size: generation batch size (default 250); >= 1.
@@ -357,6 +359,8 @@ class TrainConfig:
       ``data.images`` when ``data.source="dataset"``.
     - ``run.dtype="bfloat16"`` needs a CUDA device (``run.device`` not ``"cpu"``).
     - ``sample.shift="flux"`` needs ``model.kind="flux"``.
+    - with ``run.eval_at_end``, the digits evaluation needs at least 2 samples in all (its
+      prompts × ``eval.samples_per_prompt``).
     """
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -389,6 +393,37 @@ class TrainConfig:
                                            "is 'cpu'; use float32 or device auto/cuda")
         if self.sample.shift == "flux" and m.kind != "flux":
             raise ConfigError("sample.shift", f"the flux shift needs model.kind 'flux', got {m.kind!r}")
+        if self.run.eval_at_end:
+            self._check_eval_sample_count()
+
+    def _check_eval_sample_count(self) -> None:
+        """The end-of-run Fréchet distance needs 2 samples or more: refused here, not after training."""
+        k = self.eval.samples_per_prompt
+        # Only the digits world evaluates (flux has no offline evaluator; the run skips its eval),
+        # and every prompt list holds a prompt or more, so only k = 1 needs the count.
+        if self.model.kind != "digits" or k >= 2:
+            return
+        prompts = _digits_eval_prompt_count(self.data.prompts)
+        if prompts * k < 2:
+            raise ConfigError("eval.samples_per_prompt",
+                              f"the evaluation needs at least 2 samples in all, got {prompts} prompt(s) × {k}: "
+                              "raise eval.samples_per_prompt or give more prompts (data.prompts)")
+
+
+def _digits_eval_prompt_count(prompts: str) -> int:
+    """How many prompts the digits world evaluates for ``data.prompts`` (as
+    :class:`~meanflow.train.world.DigitsWorld` reads them)."""
+    # Imported here: the world's modules are heavy, and this runs only for samples_per_prompt 1.
+    if prompts == BUILTIN:
+        from meanflow.digits import default_prompts
+
+        return len(default_prompts())
+    from .world import read_prompt_file
+
+    try:
+        return len(read_prompt_file(prompts))
+    except ValueError as err:  # its message starts with "data.prompts: "
+        raise ConfigError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ A training step, for a batch of clean latents x (B, N_img, C) with prompts c:
 
 Every random draw of the loop comes from one CPU ``torch.Generator`` that the checkpoint saves,
 so a resumed run repeats an uninterrupted one bit for bit on a CPU. A non-finite loss or
-gradient skips the step (counted); too many in a row stop the run with a clear message.
+gradient skips the step (counted); too many in a row stop the run with a clear message. The fake
+network's updates are guarded and counted the same way, apart from the student's steps.
 
 On several ranks (``torchrun``, :mod:`meanflow.train.distributed`) the student, teacher and
 fake network are sharded with FSDP2, every rank draws the whole global batch's random values
@@ -72,6 +73,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool
+    fake_skipped: int = 0  # the fake network's updates skipped this step (non-finite loss or gradient)
 
 
 class Distiller:
@@ -155,6 +157,9 @@ class Distiller:
         self.step_index = 0           # the next step to run
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.fake_nonfinite_in_a_row = 0   # the fake network's updates, counted apart
+        self.fake_nonfinite_total = 0
+        self.nonfinite_from_fake = False   # the last skipped step: the fake velocity broke its loss
 
     # -- pieces ------------------------------------------------------------------------------
     def autocast(self):
@@ -264,21 +269,26 @@ class Distiller:
             self.optimizer.step()
             self.ema.update(self.student)
             self.nonfinite_in_a_row = 0
+            self.nonfinite_from_fake = False
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
+            # The fake's clean estimate failed where the teacher's, at the same x_t′, did not: the
+            # fake network is to blame (the stop message then names optim.fake_lr, not optim.lr).
+            fake_ok = teacher_ok = True
+            if alignment is not None:
+                fake_ok = bool(torch.isfinite(alignment.x0_fake).all())
+                teacher_ok = bool(torch.isfinite(alignment.x0_teacher).all())
+            self.nonfinite_from_fake = not self.ranks.all(fake_ok or not teacher_ok)
 
-        fake_loss = float("nan")
+        fake_loss, fake_skipped = float("nan"), 0
         if alignment is not None and finite:
             for _ in range(m.alignment.fake_updates_per_student_step):
                 with self.autocast():
                     loss_fake = fake_flow_matching_loss(self.fake_forward, alignment.x_hat, m.alignment,
                                                         cond=cond, generator=rows)
-                self.fake_optimizer.zero_grad(set_to_none=True)
-                loss_fake.backward()
-                _clip_grad_norm(self.fake, cfg.optim.grad_clip)
-                self.fake_optimizer.step()
+                fake_skipped += not self._fake_update(loss_fake)
                 fake_loss = float(loss_fake.detach())
         # Figures of the whole batch: averages over ranks of equal shares.
         meanflow_value, loss_value, mse, align, fake_loss = self.ranks.mean(
@@ -288,7 +298,26 @@ class Distiller:
             self.schedule.observe(step, mse)
         self.step_index += 1
         return StepResult(step=step, phase=objective.phase, loss=loss_value, meanflow=meanflow_value, mse=mse,
-                          align=align, fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite)
+                          align=align, fake=fake_loss, grad_norm=grad_norm, lr=lr, skipped=not finite,
+                          fake_skipped=fake_skipped)
+
+    def _fake_update(self, loss: Tensor) -> bool:
+        """One optimizer step of the fake network on its scalar flow-matching ``loss``, guarded as
+        the student's step is: skipped (and counted) when the loss is non-finite on any rank or the
+        clipped gradient norm is non-finite, so NaNs never reach its weights. Returns whether it stepped."""
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        finite = self.ranks.all(bool(torch.isfinite(loss.detach())))  # every rank skips, or none
+        if finite:
+            loss.backward()
+            finite = math.isfinite(_clip_grad_norm(self.fake, self.config.optim.grad_clip))  # the global norm
+        if finite:
+            self.fake_optimizer.step()
+            self.fake_nonfinite_in_a_row = 0
+        else:
+            self.fake_optimizer.zero_grad(set_to_none=True)
+            self.fake_nonfinite_in_a_row += 1
+            self.fake_nonfinite_total += 1
+        return finite
 
     def alignment_grid(self) -> Tensor:
         """The (K + 1,) time grid alignment rolls the student out on: the grid the run samples on
@@ -297,14 +326,23 @@ class Distiller:
         return time_grid(config, image_seq_len=self.world.latent_shape[0])
 
     def check_finite(self) -> None:
-        """Raises :class:`NonFiniteLossError` once ``run.max_nonfinite_in_a_row`` steps in a row
-        were skipped."""
+        """Raises :class:`NonFiniteLossError` once ``run.max_nonfinite_in_a_row`` steps, or fake
+        network updates, in a row were skipped; the message names the network to blame."""
         limit = self.config.run.max_nonfinite_in_a_row
-        if self.nonfinite_in_a_row >= limit:
+        last = self.step_index - 1
+        fake_hint = "Lower optim.fake_lr (the alignment's fake velocity network), or use run.dtype float32."
+        if self.fake_nonfinite_in_a_row >= limit:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} steps in a row (up to step {self.step_index - 1}) had a non-finite "
-                f"loss or gradient; stopping (run.max_nonfinite_in_a_row = {limit}). Lower optim.lr, check "
-                "the teacher and the data, or use run.dtype float32.")
+                f"{self.fake_nonfinite_in_a_row} updates in a row of the fake network (up to step {last}) "
+                f"had a non-finite loss or gradient; stopping (run.max_nonfinite_in_a_row = {limit}). "
+                f"{fake_hint}")
+        if self.nonfinite_in_a_row >= limit:
+            hint = ("The fake network's velocity in the alignment term was non-finite. " + fake_hint
+                    if self.nonfinite_from_fake else
+                    "Lower optim.lr, check the teacher and the data, or use run.dtype float32.")
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row (up to step {last}) had a non-finite "
+                f"loss or gradient; stopping (run.max_nonfinite_in_a_row = {limit}). {hint}")
 
     # -- sampling ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -334,12 +372,19 @@ class Distiller:
     def state(self) -> dict:
         """JSON-able trainer state (without tensors): step, counters, schedule."""
         return {"step": self.step_index, "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "schedule": self.schedule.state_dict()}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "fake_nonfinite_total": self.fake_nonfinite_total,
+                "fake_nonfinite_in_a_row": self.fake_nonfinite_in_a_row,
+                "nonfinite_from_fake": self.nonfinite_from_fake, "schedule": self.schedule.state_dict()}
 
     def load_state(self, state: dict) -> None:
         self.step_index = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        # Checkpoints written before the fake network's updates were counted have none.
+        self.fake_nonfinite_total = int(state.get("fake_nonfinite_total", 0))
+        self.fake_nonfinite_in_a_row = int(state.get("fake_nonfinite_in_a_row", 0))
+        self.nonfinite_from_fake = bool(state.get("nonfinite_from_fake", False))
         self.schedule.load_state_dict(state["schedule"])
 
 

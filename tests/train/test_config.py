@@ -184,3 +184,16 @@ def test_config_error_forms():
     assert str(a) == str(b) == "run.out_dir: already holds a run" and a.key == b.key == "run.out_dir"
     assert isinstance(a, ValueError) and b.problem == "already holds a run"
     assert a.prefixed("x").key == "x.run.out_dir"
+
+
+def test_eval_needs_two_samples_in_all(tmp_path):
+    """One prompt × samples_per_prompt 1 is refused at load time (the Fréchet distance failed
+    on it after the whole run had trained); 2 per prompt, the builtin prompts, or no eval pass."""
+    one = tmp_path / "one.txt"
+    one.write_text("# a comment\na handwritten digit three\n\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^eval\.samples_per_prompt: .*1 prompt\(s\) × 1"):
+        load_config("tiny", None, [f"data.prompts={one}", "eval.samples_per_prompt=1"])
+    config = load_config("tiny", None, [f"data.prompts={one}", "eval.samples_per_prompt=2"])
+    assert config.eval.samples_per_prompt == 2
+    load_config("tiny", None, ["eval.samples_per_prompt=1"])  # the 10 builtin digits prompts
+    load_config("tiny", None, [f"data.prompts={one}", "eval.samples_per_prompt=1", "run.eval_at_end=false"])

@@ -221,3 +221,84 @@ def test_the_fake_optimizer_takes_the_configured_weight_decay(world, tmp_path):
         assert d.fake_optimizer is not None
         groups = (*d.optimizer.param_groups, *d.fake_optimizer.param_groups)
         assert {g["weight_decay"] for g in groups} == {decay}
+
+
+# Phase C (alignment, the fake network's updates) from step 0.
+PHASE_C = ("method.schedule.phase_a_steps=0", "method.schedule.phase_b_steps=0")
+
+
+def _poison_fake_loss(monkeypatch, calls: int):
+    """The first ``calls`` fake flow-matching losses of the run, times NaN (their graph kept, so
+    a backward would run)."""
+    from meanflow.train import loop as loop_module
+
+    real, seen = loop_module.fake_flow_matching_loss, []
+
+    def poisoned(*args, **kwargs):
+        seen.append(None)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(seen) <= calls else loss
+
+    monkeypatch.setattr(loop_module, "fake_flow_matching_loss", poisoned)
+
+
+def test_a_nonfinite_fake_loss_skips_that_fake_update(world, tmp_path, monkeypatch):
+    """A NaN fake loss no longer reaches the fake network's weights: that update is skipped and
+    counted, the next one steps, and the student's step is not blamed."""
+    _poison_fake_loss(monkeypatch, 1)
+    d = _distiller(world, tmp_path, *PHASE_C, "method.alignment.fake_updates_per_student_step=2")
+    before = {n: p.detach().clone() for n, p in d.fake.named_parameters()}
+    result = d.step()
+    assert all(torch.isfinite(p).all() for p in d.fake.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in d.fake.named_parameters())
+    assert result.phase == "C" and not result.skipped and result.fake_skipped == 1
+    assert (d.fake_nonfinite_total, d.fake_nonfinite_in_a_row) == (1, 0)  # the second update stepped
+    assert d.state()["fake_nonfinite_total"] == 1
+
+
+def test_a_nonfinite_fake_gradient_norm_skips_the_fake_step(world, tmp_path, monkeypatch):
+    """A finite fake loss with a non-finite gradient norm: no optimizer step, no gradient kept
+    (the norm used to be discarded and the step taken)."""
+    from meanflow.train import loop as loop_module
+
+    d = _distiller(world, tmp_path, *PHASE_C)
+    real = loop_module._clip_grad_norm
+    monkeypatch.setattr(loop_module, "_clip_grad_norm",
+                        lambda model, clip: float("inf") if model is d.fake else real(model, clip))
+    before = {n: p.detach().clone() for n, p in d.fake.named_parameters()}
+    result = d.step()
+    assert all(torch.equal(before[n], p) for n, p in d.fake.named_parameters())
+    assert all(p.grad is None for p in d.fake.parameters())
+    assert not result.skipped and result.fake_skipped == 1 and d.fake_nonfinite_in_a_row == 1
+
+
+def test_persistent_nonfinite_fake_updates_stop_the_run_naming_the_fake_network(world, tmp_path, monkeypatch):
+    from meanflow.train.loop import NonFiniteLossError
+
+    _poison_fake_loss(monkeypatch, 2)
+    d = _distiller(world, tmp_path, *PHASE_C, "method.alignment.fake_updates_per_student_step=2")
+    assert not d.step().skipped  # the student's step is fine; its 2 fake updates were not
+    with pytest.raises(NonFiniteLossError, match=r"2 updates in a row of the fake network .*optim\.fake_lr"):
+        d.check_finite()
+
+
+@pytest.mark.parametrize("broken", ["fake", "teacher"])
+def test_a_student_step_broken_by_the_fake_velocity_names_the_fake_network(world, tmp_path, monkeypatch,
+                                                                          broken):
+    """Fake weights already non-finite make the alignment term (so the student's loss) NaN: the
+    stop message says optim.fake_lr, not optim.lr (it sent users to the student's rate). A NaN
+    teacher velocity (NaN in both clean estimates) still names optim.lr."""
+    from meanflow.train.loop import NonFiniteLossError
+
+    d = _distiller(world, tmp_path, *PHASE_C)
+    if broken == "fake":
+        with torch.no_grad():
+            next(p for p in d.fake.parameters() if p.requires_grad).fill_(float("nan"))
+    else:
+        real = type(d.guided).__call__
+        monkeypatch.setattr(type(d.guided), "__call__", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    assert d.step().skipped and d.step().skipped
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row") as info:
+        d.check_finite()
+    assert ("optim.fake_lr" in str(info.value)) == (broken == "fake")
+    assert ("Lower optim.lr," in str(info.value)) == (broken == "teacher")
