@@ -180,6 +180,23 @@ def test_jvp_matches_stock_math_sdpa(backend, dtype, config):
     assert expected_tan.abs().max() > 1e-3  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), triton_param(torch.float32)],
+                         indirect=["backend"])
+def test_stock_model_under_jvp_attention_mode_matches_stock_math_sdpa(backend, dtype):
+    """The stock model with its stock processors (no enable_jvp_attention) inside
+    JVPAttentionMode: diffusers' own SDPA calls run jvp_attention, so torch.func.jvp works."""
+    from meanflow.ops import JVPAttentionMode
+
+    stock, _ = _models("deep", dtype)
+    inputs = _inputs(dtype)
+    expected_out, expected_tan = _jvp(stock, inputs, math_sdpa=True)
+    with JVPAttentionMode():
+        out, tan = _jvp(stock, inputs)
+    _assert_close(out, expected_out, dtype, "output")
+    _assert_close(tan, expected_tan, dtype, "tangent")
+    assert expected_tan.abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("mask_kind", ["key_padding_bool", "additive_4d"])
 def test_jvp_with_attention_mask(mask_kind, monkeypatch):
     """attention_mask reaches the processors through joint_attention_kwargs, as diffusers passes it."""
