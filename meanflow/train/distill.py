@@ -48,7 +48,8 @@ from meanflow.train.world import resolve_device
 
 CHECKPOINTS = "checkpoints"
 GRID_SEED = 4321
-LOG_COLUMNS = ("phase", "loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr", "skipped", "nonfinite_total")
+LOG_COLUMNS = ("phase", "loss", "meanflow", "mse", "align", "fake", "grad_norm", "lr", "skipped", "nonfinite_total",
+               "fake_skipped")
 
 
 # What a run writes into its folder besides checkpoints/: a folder holding any of them is another
@@ -292,10 +293,13 @@ class Run:
                 with interrupt.around_step():
                     result = d.step()
                     done = result.step + 1
-                    if result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped:
+                    # Every skipped step or fake update gets its row, whatever log_every says.
+                    if (result.step % cfg.run.log_every == 0 or done == cfg.run.max_steps or result.skipped
+                            or result.fake_skipped):
                         logger.log(result.step, phase=result.phase, loss=result.loss, meanflow=result.meanflow,
                                    mse=result.mse, align=result.align, fake=result.fake, grad_norm=result.grad_norm,
-                                   lr=result.lr, skipped=int(result.skipped), nonfinite_total=d.nonfinite_total)
+                                   lr=result.lr, skipped=int(result.skipped), nonfinite_total=d.nonfinite_total,
+                                   fake_skipped=result.fake_skipped)
                 progress.update(done, loss=result.loss, phase=result.phase)
                 interrupt.stop_if_requested()
                 d.check_finite()

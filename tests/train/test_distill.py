@@ -333,6 +333,25 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert (run / "checkpoints" / "latest").read_text().strip().endswith("2")  # the last good one
 
 
+def test_a_skipped_fake_update_gets_its_metrics_row(tmp_path, monkeypatch):
+    """A fake-network update skipped for a NaN loss is logged (column fake_skipped) even between
+    log_every rows, as skipped student steps are."""
+    real, calls = loop_module.fake_flow_matching_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(None)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(loop_module, "fake_flow_matching_loss", poisoned)
+    run = tmp_path / "run"
+    assert _distill(run, "run.eval_at_end=false", "run.log_every=100") == 0
+    assert calls, "the tiny preset's run made no fake update"
+    rows = {int(r["step"]): r for r in _rows(run)}
+    assert [int(r["fake_skipped"]) for r in rows.values()].count(1) == 1
+    assert int(rows[max(rows)]["skipped"]) == 0
+
+
 def test_sample_every_zero_writes_no_previews(tmp_path):
     run = tmp_path / "run"
     assert _distill(run, "run.sample_every=0", "run.max_steps=3", "run.eval_at_end=false") == 0
