@@ -286,13 +286,17 @@ def cmd_sample(args) -> int:
 def _check_eval_output(output: str) -> None:
     """Refuses an --output that would overwrite a run's files or that cannot be a folder, before
     the (minutes of) evaluation rather than after it."""
-    from meanflow.train.distill import CHECKPOINTS
+    from meanflow.train.distill import CHECKPOINTS, RUN_FILES
 
     real = os.path.realpath(output)
     if any(os.path.exists(os.path.join(real, name)) for name in ("config.yaml", CHECKPOINTS)):
         # A run's eval.json is what its report.md was built from: keep it.
         raise ValueError(f"--output: {output!r} holds a run (config.yaml or {CHECKPOINTS}/); "
                          "choose another folder, e.g. a new one inside the run")
+    parent, name = os.path.split(real)
+    if name in (CHECKPOINTS, *RUN_FILES) and os.path.exists(os.path.join(parent, "config.yaml")):
+        # The run's own folders: the student export (read by the pipeline), its checkpoints, ...
+        raise ValueError(f"--output: {output!r} is the run's own {name!r}; choose a new folder inside the run")
     existing = real  # the folder itself, or the nearest parent that exists (the writes create the rest)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

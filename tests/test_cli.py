@@ -163,6 +163,14 @@ def test_eval_output_that_is_a_file_is_a_clear_error(run_folder, fake_eval, caps
     assert "--output" in capsys.readouterr().err and not fake_eval
 
 
+@pytest.mark.parametrize("name", ["student", "checkpoints", "samples"])
+def test_eval_output_into_the_runs_own_folders_is_refused(run_folder, fake_eval, capsys, name):
+    """`--output <run>/student` put eval.json into the exported student's folder."""
+    assert (run_folder / "config.yaml").exists()
+    assert _eval_output(run_folder, run_folder / name) == 2
+    assert "--output" in capsys.readouterr().err and not fake_eval
+
+
 def test_eval_output_to_a_fresh_folder_writes_both_files(run_folder, fake_eval, tmp_path):
     import json
 
