@@ -14,6 +14,11 @@ rescaled by the same factor exp(m_old − m_new) because Ṡ does not enter the 
 Fully masked rows give O = 0, Ȯ = 0 and zero gradients, as SDPA does; their log-sum-exp is
 stored as +inf so that the backward's exp(S − lse) is 0 there.
 
+Packed sequences (``cu_seqlens_q`` / ``cu_seqlens_k``) are attended one at a time, each as a
+batch of one, so the cost is Σ nᵢ², not (Σ nᵢ)², whenever the offsets can be read on the host.
+Where they cannot (fake tensors while torch.compile traces, for the output shapes), every query
+meets every key under a mask that keeps its own sequence's: the same result, at the packed cost.
+
 Finite additive mask values below ``MASK_FLOOR`` (−1e4) count as ``MASK_FLOOR``; −inf stays −inf.
 Beside any key within 1e4 of the row's best, such a key's weight exp(−1e4 + ...) is exactly 0 in
 every float format, so nothing changes. A row whose every key is that low (padding masked with
@@ -32,6 +37,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import is_fake
 
 # Elements per (B·H·Nq × chunk) score buffer: 2^22 float32 is 16 MiB; a JVP step holds about
 # four such buffers, which keeps the reference far below 200 MiB of extra memory.
@@ -76,11 +83,29 @@ def _sum_groups(x: torch.Tensor, group: int) -> torch.Tensor:
 def _sequences(cu_seqlens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence index, position within it) of each of n_rows packed rows, int64 (n_rows,), from
     cu_seqlens (S + 1,): sequence i holds rows cu_seqlens[i] .. cu_seqlens[i + 1] − 1. Device ops
-    only (no host read), so it also runs on fake and wrapped tensors."""
+    only (no host read), so it also runs on fake tensors (``_host_sequences`` gives None)."""
     rows = torch.arange(n_rows, device=cu_seqlens.device)
     cu = cu_seqlens.to(torch.int64)
     index = torch.searchsorted(cu[1:], rows, right=True)
     return index, rows - cu[index]
+
+
+def _host_sequences(cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                    ) -> list[tuple[int, int, int, int]] | None:
+    """[(first query, end, first key, end)] of each packed sequence, read on the host; None when
+    not packed, or when the offsets have no values to read (fake or meta tensors, a graph being
+    traced): the masked path then, which needs no host read."""
+    if cu_seqlens_q is None:
+        return None
+    if torch.compiler.is_compiling() or any(
+            is_fake(cu) or cu.is_meta or is_functorch_wrapped_tensor(cu) for cu in (cu_seqlens_q, cu_seqlens_k)):
+        return None
+    q_offsets, k_offsets = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return list(zip(q_offsets, q_offsets[1:], k_offsets, k_offsets[1:]))
+
+
+def _rows(t: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if t is None else t[..., start:end, :]
 
 
 def _masked_scores(
@@ -155,6 +180,14 @@ def jvp_attention_forward(
         out (B, Hq, Nq, Dv) in q's dtype; out_dot (same) or None when every tangent is None;
         lse (B, Hq, Nq) float32 or float64, +inf on fully masked rows.
     """
+    sequences = _host_sequences(cu_seqlens_q, cu_seqlens_k)
+    if sequences is not None:
+        parts = [jvp_attention_forward(_rows(q, a, b), _rows(k, c, d), _rows(v, c, d), _rows(q_dot, a, b),
+                                       _rows(k_dot, c, d), _rows(v_dot, c, d), is_causal=is_causal, scale=scale)
+                 for a, b, c, d in sequences]
+        out, out_dot, lse = (None if part[0] is None else torch.cat(part, dim) for part, dim
+                             in zip(zip(*parts), (-2, -2, -1)))
+        return out, out_dot, lse
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = _group(q, k)
@@ -241,6 +274,14 @@ def jvp_attention_backward(
     Returns:
         dq, dk, dv shaped and typed like q, k, v.
     """
+    sequences = _host_sequences(cu_seqlens_q, cu_seqlens_k)
+    if sequences is not None:
+        # The sequences' keys tile [0, Nk) in order, so the key gradients concatenate too.
+        parts = [jvp_attention_backward(_rows(grad_out, a, b), _rows(q, a, b), _rows(k, c, d), _rows(v, c, d),
+                                        _rows(out, a, b), lse[..., a:b], is_causal=is_causal, scale=scale)
+                 for a, b, c, d in sequences]
+        dq, dk, dv = (torch.cat(grads, -2) for grads in zip(*parts))
+        return dq, dk, dv
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = _group(q, k)

@@ -104,6 +104,36 @@ def test_varlen_matches_math_sdpa_on_each_sequence(backend, case_name):
             assert_close_to_oracle(f"{name} ({dtype})", ours[i], oracle[i], None if baseline is None else baseline[i])
 
 
+@pytest.mark.parametrize("path", ["per_sequence", "masked"])
+@pytest.mark.parametrize("case_name", ["cross_and_empty", "causal_gqa"])
+def test_reference_paths_match_math_sdpa_on_each_sequence(monkeypatch, case_name, path):
+    """The reference attends each sequence alone when it can read the offsets (Σ nᵢ² work), else
+    (fake tensors while tracing) every query against every key under the sequence mask: both
+    give the oracle's numbers, and the per-sequence one never builds a packed score block."""
+    from meanflow.reference import jvp_attention as reference
+
+    monkeypatch.setenv("MEANFLOW_BACKEND", "reference")
+    packed_blocks, real_scores = [], reference._masked_scores
+
+    def scores(q, k_chunk, mask, is_causal, scale, key_start, sequences=None):
+        packed_blocks.append(sequences is not None)  # a score block over several sequences
+        return real_scores(q, k_chunk, mask, is_causal, scale, key_start, sequences)
+
+    monkeypatch.setattr(reference, "_masked_scores", scores)
+    if path == "masked":
+        monkeypatch.setattr(reference, "_host_sequences", lambda cu_q, cu_k: None)
+    case = CASES[case_name]
+    cu_q, cu_k = case.cu_seqlens()
+    primals, tangents, grad_out = case.inputs(torch.float64)
+    ours = _jvp_and_grads(lambda q, k, v: jvp_attention_varlen(q, k, v, cu_q, cu_k, is_causal=case.is_causal,
+                                                               enable_gqa=case.q_heads != case.kv_heads),
+                          primals, tangents, grad_out)
+    oracle = _per_sequence_math_sdpa(case, primals, tangents, grad_out)
+    for i, name in enumerate(("out", "out_dot", "dq", "dk", "dv")):
+        assert_close_to_oracle(name, ours[i], oracle[i], None)
+    assert any(packed_blocks) == (path == "masked") and packed_blocks
+
+
 def test_triton_writes_the_packed_layout(monkeypatch, poison_empty):
     """The kernels write out, out_dot and the gradients as (T, H, D) rows, the layout they came in
     (no copy when a caller flattens the heads)."""
