@@ -80,8 +80,19 @@ JVP_ATTENTION_VARLEN = PairOp("jvp_attention_varlen", _forward, _backward, save_
 # Validation
 # --------------------------------------------------------------------------------------------
 
+def as_heads(t: torch.Tensor | None) -> torch.Tensor | None:
+    """SDPA's layouts as the kernels' (B, H, N, D): (N, D) -> (1, 1, N, D), (B, N, D) ->
+    (B, 1, N, D), (*batch, H, N, D) -> (prod(batch), H, N, D) (a view where the strides allow)."""
+    if t is None or t.dim() == 4:
+        return t
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() == 2 else t.unsqueeze(1)
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
+
+
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """Checks SDPA-style arguments; returns (backend, scale, mask broadcastable to 4-D or None)."""
+    """Checks SDPA-style arguments; returns (backend, scale, mask as (B, H, Nq, Nk) or None), the
+    mask expanded (a view) from what broadcasts to SDPA's (..., Nq, Nk)."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         check_tensor(name, t)
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
@@ -90,8 +101,8 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         raise ValueError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
         raise ValueError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if q.dim() not in (3, 4):
-        raise ValueError(f"query must be (B, H, Nq, D) or (B, Nq, D), got shape {tuple(q.shape)}")
+    if q.dim() < 2:
+        raise ValueError(f"query must be (..., Nq, D), as SDPA's, got shape {tuple(q.shape)}")
     for name, t in (("key", k), ("value", v)):
         if t.dim() != q.dim():
             raise ValueError(f"{name} must have query's {q.dim()} dimensions, got shape {tuple(t.shape)}")
@@ -104,10 +115,12 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         raise ValueError("query and value must have a head dim of at least 1")
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"value's leading shape {tuple(v.shape[:-1])} must equal key's {tuple(k.shape[:-1])}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"key's batch size {k.shape[0]} must equal query's {q.shape[0]}")
-    if q.dim() == 4:
-        hq, hk = q.shape[1], k.shape[1]
+    batch_dims = q.dim() - 3 if q.dim() >= 4 else q.dim() - 2  # before the heads (4-D and up) or the rows
+    if k.shape[:batch_dims] != q.shape[:batch_dims]:
+        raise ValueError(f"key's batch shape {tuple(k.shape[:batch_dims])} must equal query's "
+                         f"{tuple(q.shape[:batch_dims])}")
+    if q.dim() >= 4:
+        hq, hk = q.shape[-3], k.shape[-3]
         if enable_gqa:
             if hk == 0 or hq % hk != 0:
                 raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key heads ({hk})")
@@ -119,7 +132,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if q.dim() == 4 else (q.shape[0], q.shape[1], k.shape[1])
+    target = (*q.shape[:-1], k.shape[-2])
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -138,9 +151,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             broadcast = None
         if broadcast != torch.Size(target):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
-        attn_mask = fwAD.unpack_dual(attn_mask).primal.expand(target)
-        if q.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
+        attn_mask = as_heads(fwAD.unpack_dual(attn_mask).primal.expand(target))
 
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     backend = "reference" if empty else resolve_backend(q.device)
@@ -221,12 +232,13 @@ def jvp_attention(
     """Scaled dot-product attention that supports forward-mode AD, as a drop-in for SDPA.
 
     Args:
-        query: (B, Hq, Nq, D) or (B, Nq, D); float16, bfloat16, float32 (float64 on the
+        query: (*batch, Hq, Nq, D) as SDPA takes it: (B, Hq, Nq, D), any number of batch dims,
+            or no heads, (B, Nq, D) and (Nq, D); float16, bfloat16, float32 (float64 on the
             reference backend).
-        key: (B, Hk, Nk, D) or (B, Nk, D), query's dtype and device; Hk = Hq unless enable_gqa.
-        value: (B, Hk, Nk, Dv) or (B, Nk, Dv).
+        key: (*batch, Hk, Nk, D), query's batch dims, dtype and device; Hk = Hq unless enable_gqa.
+        value: (*batch, Hk, Nk, Dv).
         attn_mask: None, or bool (True = attend) / floating (added to the scores), broadcastable
-            to (B, Hq, Nq, Nk). A key-padding mask (B, 1, 1, Nk) is read as one row per key.
+            to (*batch, Hq, Nq, Nk). A key-padding mask (B, 1, 1, Nk) is read as one row per key.
             No gradient or tangent flows to the mask. Finite values below −1e4 count as −1e4
             (a weight of exactly 0 beside any visible key; a row masked whole with −1e9 or
             ``finfo.min`` gets the softmax of its scores, consistently in forward and backward).
@@ -236,7 +248,7 @@ def jvp_attention(
         enable_gqa: allow Hq to be a multiple of Hk (query head h reads key head h // (Hq/Hk)).
 
     Returns:
-        (B, Hq, Nq, Dv) or (B, Nq, Dv) in query's dtype. Under ``torch.func.jvp`` or forward AD,
+        (*batch, Hq, Nq, Dv) in query's dtype. Under ``torch.func.jvp`` or forward AD,
         its tangent is computed in the same kernel as the output and carries no ``grad_fn``.
         Rows with no visible key give zeros (output, tangent and gradients), as SDPA.
 
@@ -245,13 +257,11 @@ def jvp_attention(
     """
     query, key, value = autocast(query, key, value)
     backend, scale, mask = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    squeeze = query.dim() == 3
-    if squeeze:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    inputs = tuple(unit_last_stride(t) for t in (query, key, value)) + (mask,)
+    shape = (*query.shape[:-1], value.shape[-1])
+    inputs = tuple(unit_last_stride(as_heads(t)) for t in (query, key, value)) + (mask,)
     # Tangents come from the dual inputs; the kernels read rows with unit stride.
     out, _ = apply_pair(JVP_ATTENTION, inputs, None, (is_causal, scale, backend))
-    return out.squeeze(1) if squeeze else out
+    return out.view(shape)
 
 
 def jvp_attention_pair(
@@ -281,18 +291,13 @@ def jvp_attention_pair(
         check_tangent(name, tangent, primal)
     q, k, v, q_dot, k_dot, v_dot = autocast(q, k, v, q_dot, k_dot, v_dot)
     backend, scale, mask = _validate(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)
-    tensors = [q, k, v, q_dot, k_dot, v_dot]
-    squeeze = q.dim() == 3
-    if squeeze:
-        tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
-    tensors = [unit_last_stride(t) for t in tensors]
+    shape = (*q.shape[:-1], v.shape[-1])
+    tensors = [unit_last_stride(as_heads(t)) for t in (q, k, v, q_dot, k_dot, v_dot)]
     out, out_dot = apply_pair(JVP_ATTENTION, (*tensors[:3], mask), (*tensors[3:], None),
                               (is_causal, scale, backend))
     if out_dot is None:
         out_dot = torch.zeros_like(out)
-    if squeeze:
-        out, out_dot = out.squeeze(1), out_dot.squeeze(1)
-    return out, out_dot
+    return out.view(shape), out_dot.view(shape)
 
 
 def jvp_attention_varlen(
@@ -402,7 +407,7 @@ class JVPAttentionMode(TorchFunctionMode):
     called for every other torch function in the block (and passes them on): 1–2 µs of
     Python each. What ``jvp_attention`` refuses is refused here too, with the same
     ValueError: notably ``dropout_p > 0`` (a model in training mode that applies attention
-    dropout) and inputs other than 3-D or 4-D.
+    dropout).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -418,6 +418,32 @@ def test_autocast_leaves_float64_alone_like_sdpa(monkeypatch):
 # Errors
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("layout", ["(N, D)", "(B, N, D)", "(B, T, H, N, D)", "(B, T, H, N, D) masked"])
+def test_every_sdpa_layout_matches_math_sdpa(backend, layout):
+    """SDPA takes (..., N, D) with any batch dims or none; so does jvp_attention, primal, tangent
+    and gradients, the pair form too (a mask broadcast over some batch dims included)."""
+    lead = {"(N, D)": (), "(B, N, D)": (2,)}.get(layout, (2, 3, 2))
+    for dtype in backend_dtypes(backend):
+        primals = tuple(torch.randn(*lead, n, 16, dtype=torch.float64).to(dtype) for n in (19, 23, 23))
+        tangents = tuple(torch.randn_like(t) for t in primals)
+        grad_out = torch.randn(*lead, 19, 16, dtype=torch.float64).to(dtype)
+        kwargs = {}
+        if layout.endswith("masked"):  # per outer batch and query row, shared by the middle dim and heads
+            mask = torch.rand(2, 1, 1, 19, 23) > 0.3
+            mask[..., 0] = True
+            kwargs["attn_mask"] = mask
+        ours = _jvp_and_grads(jvp_attention, primals, tangents, grad_out, **kwargs)
+        oracle = _jvp_and_grads(_math_sdpa, tuple(p.double() for p in primals), tuple(t.double() for t in tangents),
+                                grad_out.double(), **kwargs)
+        baseline = _jvp_and_grads(_math_sdpa, primals, tangents, grad_out, **kwargs)
+        for name, got, want, base in zip(("out", "out_dot", "dq", "dk", "dv"), ours, oracle, baseline):
+            assert got.shape == want.shape and got.dtype == dtype
+            assert_close_to_oracle(f"{name} ({dtype})", got, want, base)
+        out, out_dot = jvp_attention_pair(*primals, *tangents, **kwargs)
+        assert_close_to_oracle("pair out", out, oracle[0], baseline[0])
+        assert_close_to_oracle("pair out_dot", out_dot, oracle[1], baseline[1])
+
+
 def _qkv(**overrides):
     shapes = dict(q=(1, 2, 8, 16), k=(1, 2, 10, 16), v=(1, 2, 10, 16))
     shapes.update(overrides)
@@ -427,10 +453,11 @@ def _qkv(**overrides):
 @pytest.mark.parametrize("call, match", [
     (lambda: jvp_attention(*_qkv(), dropout_p=0.1), "dropout_p"),
     (lambda: jvp_attention(*_qkv(q=(2, 8, 16))), "key must have query's 3 dimensions"),
-    (lambda: jvp_attention(*_qkv(q=(8, 16), k=(10, 16), v=(10, 16))), "query must be"),
+    (lambda: jvp_attention(*_qkv(q=(16,), k=(16,), v=(16,))), "query must be"),
     (lambda: jvp_attention(*_qkv(k=(1, 2, 10, 8))), "head dim"),
     (lambda: jvp_attention(*_qkv(v=(1, 2, 11, 16))), "value's leading shape"),
-    (lambda: jvp_attention(*_qkv(k=(2, 2, 10, 16), v=(2, 2, 10, 16))), "batch size"),
+    (lambda: jvp_attention(*_qkv(k=(2, 2, 10, 16), v=(2, 2, 10, 16))), "batch shape"),
+    (lambda: jvp_attention(*_qkv(q=(2, 3, 2, 8, 16), k=(2, 1, 2, 10, 16), v=(2, 1, 2, 10, 16))), "batch shape"),
     (lambda: jvp_attention(*_qkv(k=(1, 1, 10, 16), v=(1, 1, 10, 16))), "enable_gqa"),
     (lambda: jvp_attention(*_qkv(q=(1, 3, 8, 16)), enable_gqa=True), "multiple of key heads"),
     (lambda: jvp_attention(_qkv()[0], _qkv()[1].half(), _qkv()[2]), "key must have query's dtype"),
