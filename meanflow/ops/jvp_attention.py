@@ -261,7 +261,7 @@ def jvp_attention(
     inputs = tuple(unit_last_stride(as_heads(t)) for t in (query, key, value)) + (mask,)
     # Tangents come from the dual inputs; the kernels read rows with unit stride.
     out, _ = apply_pair(JVP_ATTENTION, inputs, None, (is_causal, scale, backend))
-    return out.view(shape)
+    return out if query.dim() == 4 else out.view(shape)  # no view op on the usual layout
 
 
 def jvp_attention_pair(
@@ -297,7 +297,7 @@ def jvp_attention_pair(
                               (is_causal, scale, backend))
     if out_dot is None:
         out_dot = torch.zeros_like(out)
-    return out.view(shape), out_dot.view(shape)
+    return (out, out_dot) if q.dim() == 4 else (out.view(shape), out_dot.view(shape))
 
 
 def jvp_attention_varlen(
