@@ -293,10 +293,15 @@ def _check_eval_output(output: str) -> None:
         # A run's eval.json is what its report.md was built from: keep it.
         raise ValueError(f"--output: {output!r} holds a run (config.yaml or {CHECKPOINTS}/); "
                          "choose another folder, e.g. a new one inside the run")
-    parent, name = os.path.split(real)
-    if name in (CHECKPOINTS, *RUN_FILES) and os.path.exists(os.path.join(parent, "config.yaml")):
-        # The run's own folders: the student export (read by the pipeline), its checkpoints, ...
-        raise ValueError(f"--output: {output!r} is the run's own {name!r}; choose a new folder inside the run")
+    # Nor inside the run's own folders, at any depth: the next export replaces student/ whole,
+    # checkpoint rotation deletes checkpoints/step-*, and so on.
+    folder = real
+    while os.path.dirname(folder) != folder:
+        parent, name = os.path.split(folder)
+        if name in (CHECKPOINTS, *RUN_FILES) and os.path.exists(os.path.join(parent, "config.yaml")):
+            raise ValueError(f"--output: {output!r} is inside the run's own {name!r}; "
+                             "choose a new folder inside the run")
+        folder = parent
     existing = real  # the folder itself, or the nearest parent that exists (the writes create the rest)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -319,6 +324,7 @@ def cmd_eval(args) -> int:
         config.eval.student_steps = tuple(args.student_steps)
     if student is None:
         config.eval.student_steps = ()
+    config.check_eval_sample_count()  # also where the run did not evaluate at its end
     result = evaluate(world, student, config)
     table = markdown_table(result)
     print(table)

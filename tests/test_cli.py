@@ -163,9 +163,10 @@ def test_eval_output_that_is_a_file_is_a_clear_error(run_folder, fake_eval, caps
     assert "--output" in capsys.readouterr().err and not fake_eval
 
 
-@pytest.mark.parametrize("name", ["student", "checkpoints", "samples"])
+@pytest.mark.parametrize("name", ["student", "checkpoints", "samples", "student/eval", "checkpoints/step-000010"])
 def test_eval_output_into_the_runs_own_folders_is_refused(run_folder, fake_eval, capsys, name):
-    """`--output <run>/student` put eval.json into the exported student's folder."""
+    """`--output <run>/student` put eval.json into the exported student's folder (which the next
+    export replaces whole), at any depth."""
     assert (run_folder / "config.yaml").exists()
     assert _eval_output(run_folder, run_folder / name) == 2
     assert "--output" in capsys.readouterr().err and not fake_eval
@@ -201,3 +202,16 @@ def test_eval_output_interrupted_mid_write_keeps_the_old_file(run_folder, fake_e
         _eval_output(run_folder, output)
     assert (output / "eval.json").read_bytes() == before
     assert sorted(p.name for p in output.iterdir()) == ["eval.json", "eval.md"]  # no temporary left
+
+
+def test_eval_with_fewer_than_two_samples_is_refused_before_sampling(run_folder, fake_eval, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A run that did not evaluate at its end (run.eval_at_end=false) can hold an eval config that
+    cannot give a Fréchet distance; `meanflow eval` refuses it before sampling, naming the key."""
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a handwritten digit three\n")
+    config = load_config("tiny", None, [f"data.prompts={prompts}", "eval.samples_per_prompt=1",
+                                        "run.eval_at_end=false"])
+    monkeypatch.setattr(cli, "_world_and_student", lambda args: (config, "world", None))
+    assert cli.main(["eval", "--run", str(run_folder)]) == 2
+    assert "eval.samples_per_prompt" in capsys.readouterr().err and not fake_eval

@@ -402,12 +402,20 @@ class JVPAttentionMode(TorchFunctionMode):
         with JVPAttentionMode():
             out, out_dot = torch.func.jvp(model, (x,), (x_dot,))
 
-    It is a ``TorchFunctionMode``, so it sees SDPA however the model's code refers to it (also
-    ``from torch.nn.functional import scaled_dot_product_attention`` at import), but it is also
-    called for every other torch function in the block (and passes them on): 1–2 µs of
-    Python each. What ``jvp_attention`` refuses is refused here too, with the same
+    It is a ``TorchFunctionMode``, so it sees the model's own SDPA calls however its code refers
+    to SDPA (also ``from torch.nn.functional import scaled_dot_product_attention`` at import), but
+    it is also called for every other torch function in the block (and passes them on): 1–2 µs
+    of Python each. What ``jvp_attention`` refuses is refused here too, with the same
     ValueError: notably ``dropout_p > 0`` (a model in training mode that applies attention
     dropout).
+
+    Not seen, because torch runs them with the mode off:
+    - SDPA called from inside another torch function that takes overrides itself, notably
+      ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``), so ``nn.Transformer*``
+      layers still raise under ``torch.func.jvp``;
+    - the recomputation of a block under activation checkpointing (``torch.utils.checkpoint``),
+      which runs during the backward: its backward fails with a ``CheckpointError``. Turn
+      checkpointing off inside the mode, or call :func:`jvp_attention` in the model's code.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

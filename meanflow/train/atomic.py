@@ -72,10 +72,13 @@ def atomic_folder(path: str | os.PathLike, write_fn: Callable[[Path], object]) -
     the temporary is removed, ``path`` keeps its old content and the exception propagates: a
     reader never finds a half-written folder under ``path``. (Between the two renames ``path`` is
     briefly absent; a kill there leaves the old folder under a hidden ``.<name>.trash-*`` name.)
-    Returns ``Path(path)``.
+    A symlinked ``path`` is written where it points. One writer at a time is assumed: the
+    leftovers of a killed earlier call are removed first, and an old folder a kill left in the
+    trash goes back under ``path``. Returns ``Path(path)``.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_folder(path)
     tmp, old = temp_name(path), None
     tmp.mkdir()
     try:
@@ -95,8 +98,25 @@ def atomic_folder(path: str | os.PathLike, write_fn: Callable[[Path], object]) -
         raise
     fsync_dir(path.parent)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _recover_folder(path: Path) -> None:
+    """Clears what a killed :func:`atomic_folder` of ``path`` left beside it: half-written
+    temporaries are removed; of the old folders in the trash, the newest goes back under
+    ``path`` if a kill between the two renames left it absent, and the rest are removed."""
+    leftovers = sorted(path.parent.glob(f".{path.name}.*-*"), key=lambda p: p.stat().st_mtime)
+    trash = [p for p in leftovers if p.name.startswith(f".{path.name}.trash-")]
+    if trash and not (path.exists() or path.is_symlink()):
+        os.replace(trash.pop(), path)
+    for p in leftovers:
+        if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.trash-")) and p.exists():
+            _remove(p)

@@ -394,10 +394,11 @@ class TrainConfig:
         if self.sample.shift == "flux" and m.kind != "flux":
             raise ConfigError("sample.shift", f"the flux shift needs model.kind 'flux', got {m.kind!r}")
         if self.run.eval_at_end:
-            self._check_eval_sample_count()
+            self.check_eval_sample_count()
 
-    def _check_eval_sample_count(self) -> None:
-        """The end-of-run Fréchet distance needs 2 samples or more: refused here, not after training."""
+    def check_eval_sample_count(self) -> None:
+        """The evaluation's Fréchet distance needs 2 samples or more: refused before any sampling (at
+        config time with run.eval_at_end, and by ``meanflow eval``), not after training."""
         k = self.eval.samples_per_prompt
         # Only the digits world evaluates (flux has no offline evaluator; the run skips its eval),
         # and every prompt list holds a prompt or more, so only k = 1 needs the count.

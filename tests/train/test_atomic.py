@@ -49,3 +49,33 @@ def test_atomic_folder_replaces_a_file_of_that_name(tmp_path):
     target.write_text("not a folder")
     atomic_folder(target, _write({"a.json": "1"}))
     assert _contents(target) == {"a.json": "1"} and [p.name for p in tmp_path.iterdir()] == ["student"]
+
+
+def test_atomic_folder_clears_what_a_killed_write_left(tmp_path):
+    """A kill mid-write leaves a hidden temporary; a kill between the two renames leaves the old
+    folder in the trash and none under the name. The next write removes the first and puts the
+    second back first (a reader in between finds the old folder), then writes."""
+    target = tmp_path / "student"
+    (tmp_path / ".student.tmp-1-aa").mkdir()
+    (tmp_path / ".student.tmp-1-aa" / "w.bin").write_text("half")
+    (tmp_path / ".student.trash-1-bb").mkdir()
+    (tmp_path / ".student.trash-1-bb" / "a.json").write_text("old")
+    (tmp_path / ".other.tmp-1-cc").write_text("not ours")
+
+    def write(folder):
+        assert _contents(target) == {"a.json": "old"}  # restored before the new write
+        (folder / "a.json").write_text("new")
+
+    atomic_folder(target, write)
+    assert _contents(target) == {"a.json": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1-cc", "student"]
+
+
+def test_atomic_folder_writes_through_a_symlink(tmp_path):
+    (tmp_path / "disk" / "student").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "student").symlink_to(tmp_path / "disk" / "student")
+    atomic_folder(tmp_path / "run" / "student", _write({"a.json": "1"}))
+    assert (tmp_path / "run" / "student").is_symlink()
+    assert _contents(tmp_path / "disk" / "student") == {"a.json": "1"}
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["student"]
