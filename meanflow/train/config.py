@@ -415,14 +415,10 @@ def _digits_eval_prompt_count(prompts: str) -> int:
     """How many prompts the digits world evaluates for ``data.prompts`` (as
     :class:`~meanflow.train.world.DigitsWorld` reads them)."""
     # Imported here: the world's modules are heavy, and this runs only for samples_per_prompt 1.
-    if prompts == BUILTIN:
-        from meanflow.digits import default_prompts
-
-        return len(default_prompts())
-    from .world import read_prompt_file
+    from .world import digits_prompts
 
     try:
-        return len(read_prompt_file(prompts))
+        return len(digits_prompts(prompts))
     except ValueError as err:  # its message starts with "data.prompts: "
         raise ConfigError(str(err)) from None
 
@@ -480,11 +476,6 @@ def load_config(preset: str | None = None, config_file: str | os.PathLike | None
 
 def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
     """Writes the resolved ``config`` as YAML to ``path`` (atomically; sections in schema order)."""
-    from .atomic import atomic_write
+    from .atomic import atomic_write_text
 
-    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
-
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None))

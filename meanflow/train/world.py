@@ -58,6 +58,15 @@ class World:
         raise ValueError(f"eval: the {self.name} world has no offline evaluator")
 
 
+def digits_prompts(prompts: str) -> list[str]:
+    """The digits world's prompts for ``data.prompts``: its built-in ones, or a prompt file's."""
+    if prompts != "builtin":
+        return read_prompt_file(prompts)
+    from meanflow.digits import default_prompts  # imported here, as the digits world does
+
+    return default_prompts()
+
+
 def read_prompt_file(path: str) -> list[str]:
     """One prompt per line (UTF-8); blank lines and lines starting with ``#`` are skipped.
 
@@ -103,7 +112,7 @@ class DigitsWorld(World):
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.latent_shape = (16, 4)
         self._prompt_file = None if prompts == "builtin" else prompts
-        self._prompts = digits.default_prompts() if prompts == "builtin" else read_prompt_file(prompts)
+        self._prompts = digits_prompts(prompts)
         unknown = [p for p in self._prompts if digits.label_of(p) is None]
         if unknown:
             raise ValueError(f"data.prompts: the digits world needs prompts that name a digit; "
