@@ -313,7 +313,7 @@ def cmd_eval(args) -> int:
     import json
 
     from meanflow.eval.evaluate import evaluate, json_ready, markdown_table
-    from meanflow.train.atomic import atomic_write
+    from meanflow.train.atomic import atomic_write_text
 
     if args.output:
         _check_eval_output(args.output)
@@ -331,8 +331,7 @@ def cmd_eval(args) -> int:
     if args.output:  # atomically: an interrupted write leaves the old file or none, never half of one
         files = {"eval.json": json.dumps(json_ready(result), indent=2), "eval.md": table + "\n"}
         for name, text in files.items():
-            atomic_write(os.path.join(args.output, name),
-                         lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+            atomic_write_text(os.path.join(args.output, name), text)
     return 0
 
 

@@ -63,7 +63,7 @@ def write_report(out_dir: Path, config, result: dict, world, phase_a_steps: int 
     ``method.schedule.switch="loss"`` may end before the configured ``phase_a_steps``; None:
     the configured length."""
     from meanflow.eval.evaluate import markdown_table
-    from meanflow.train.atomic import atomic_write
+    from meanflow.train.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
     loss_png = plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
@@ -109,4 +109,4 @@ def write_report(out_dir: Path, config, result: dict, world, phase_a_steps: int 
         lines += [f"## {model.capitalize()} samples (rows: {', '.join(steps)} steps; one column per prompt)", "",
                   f"![{model}]({png})", ""]
     lines += ["Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
-    return atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines))

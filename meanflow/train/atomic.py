@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_folder", "atomic_write", "fsync_path", "fsync_dir", "temp_name"]
+__all__ = ["atomic_folder", "atomic_write", "atomic_write_text", "fsync_path", "fsync_dir", "remove_path",
+           "temp_name"]
 
 
 def temp_name(path: Path, kind: str = "tmp") -> Path:
@@ -64,6 +65,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` in UTF-8."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def atomic_folder(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:
     """Writes the folder ``path`` whole: ``write_fn(tmp_dir)`` fills a fresh hidden folder beside it.
 
@@ -98,11 +104,12 @@ def atomic_folder(path: str | os.PathLike, write_fn: Callable[[Path], object]) -
         raise
     fsync_dir(path.parent)
     if old is not None:
-        _remove(old)
+        remove_path(old)
     return path
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Removes a file, a link or a whole folder (a folder's errors ignored)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -119,4 +126,4 @@ def _recover_folder(path: Path) -> None:
         os.replace(trash.pop(), path)
     for p in leftovers:
         if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.trash-")) and p.exists():
-            _remove(p)
+            remove_path(p)

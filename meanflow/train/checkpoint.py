@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .atomic import atomic_write, fsync_dir, fsync_path, temp_name
+from .atomic import atomic_write, atomic_write_text, fsync_dir, fsync_path, remove_path, temp_name
 from .codec import (join_tensors, load_optimizer_state, read_json, save_optimizer, save_tensors,
                     split_tensors, write_json)
 from .rng import capture_rng, restore_rng
@@ -101,10 +101,7 @@ def _remove_leftovers(directory: Path) -> None:
     """Removes hidden temporaries of killed saves (single writer assumed)."""
     for p in directory.iterdir():
         if p.name.startswith(".") and (".tmp-" in p.name or ".trash-" in p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove_path(p)
 
 
 def _delete(folder: Path) -> None:
@@ -208,7 +205,7 @@ def _finish(final: Path, tmp: Path, step: int, files: list[Path], state: dict | 
         fsync_dir(folder)
     os.rename(tmp, final)
     fsync_dir(directory)
-    atomic_write(directory / LATEST, lambda p: Path(p).write_text(final.name + "\n", encoding="utf-8"))
+    atomic_write_text(directory / LATEST, final.name + "\n")
     if keep is not None:
         for old in existing[: max(0, len(existing) + 1 - keep)]:
             _delete(old)

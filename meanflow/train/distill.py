@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from meanflow.train.atomic import atomic_folder, atomic_write
+from meanflow.train.atomic import atomic_folder, atomic_write_text
 from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from meanflow.train.config import ConfigError, TrainConfig, load_config, save_yaml, to_dict
 from meanflow.train.distributed import Ranks, full_state_dict, init_ranks, silent
@@ -345,8 +345,7 @@ class Run:
             # Every rank evaluates (the models are sharded); rank 0 writes.
             result = evaluate(d.world, student, self.config, log=self.log, sampling=d.sampling_precision)
         if self.ranks.main:
-            atomic_write(self.out_dir / "eval.json",
-                         lambda tmp: tmp.write_text(json.dumps(json_ready(result), indent=2), encoding="utf-8"))
+            atomic_write_text(self.out_dir / "eval.json", json.dumps(json_ready(result), indent=2))
             report = write_report(self.out_dir, self.config, result, d.world, phase_a_steps=d.schedule.b_start)
             self.log(f"report: {report}")
         return result

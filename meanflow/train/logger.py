@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .atomic import atomic_write
+from .atomic import atomic_write_text
 
 __all__ = ["RunLogger", "Progress", "read_metrics"]
 
@@ -128,7 +128,7 @@ class RunLogger:
         if len(self.columns) > 1 or rows:
             w.writeheader()
         w.writerows(rows)
-        atomic_write(self.path, lambda p: Path(p).write_text(buf.getvalue(), encoding="utf-8"))
+        atomic_write_text(self.path, buf.getvalue())
         self._file = open(self.path, "a", newline="", encoding="utf-8")
 
     def log(self, step: int, **scalars) -> None:
